@@ -1,0 +1,24 @@
+# Two commands do all set-up (see README): `make demo` and `make test`.
+PYTHON ?= python3
+VENV   := .venv
+# The PyTorch build to install; on a CUDA machine the same pin gets the CUDA wheel from PyPI.
+TORCH  ?= torch==2.13.0
+
+.PHONY: setup demo test lint
+
+$(VENV)/.installed: pyproject.toml
+	$(PYTHON) -m venv $(VENV)
+	$(VENV)/bin/python -m pip install -q "$(TORCH)"
+	$(VENV)/bin/python -m pip install -q -e ".[dev]"
+	touch $@
+
+setup: $(VENV)/.installed
+
+demo: $(VENV)/.installed
+	$(VENV)/bin/gpt2-dutch preprocess --dataset-size builtin --chunk-size 256 --vocab-size 4096 --overwrite
+
+test: $(VENV)/.installed
+	$(VENV)/bin/python -m pytest -q
+
+lint: $(VENV)/.installed
+	$(VENV)/bin/ruff check src tests scripts

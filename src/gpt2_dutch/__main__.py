@@ -1,0 +1,66 @@
+"""`gpt2-dutch <command>`: maps each subcommand to its stage's config class and entry function."""
+
+from __future__ import annotations
+
+import argparse
+import importlib
+import os
+import sys
+
+from . import __version__
+from .config import add_arguments, from_namespace
+from .errors import UsageError
+
+# name -> (module, config class, entry function, one-line help)
+COMMANDS: dict[str, tuple[str, str, str, str]] = {
+    "preprocess": ("preprocess", "PreprocessConfig", "preprocess", "Dutch text -> tokenizer -> token chunks"),
+}
+
+
+def build_parser(prog: str = "gpt2-dutch") -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog=prog, description=__doc__)
+    parser.add_argument("--version", action="version", version=f"gpt2-dutch {__version__}")
+    sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
+    for name, (module, cls_name, _fn, help_text) in COMMANDS.items():
+        mod = importlib.import_module(f"gpt2_dutch.{module}")
+        cls = getattr(mod, cls_name)
+        p = sub.add_parser(name, help=help_text, description=(mod.__doc__ or help_text),
+                           formatter_class=argparse.RawDescriptionHelpFormatter)
+        add_arguments(p, cls)
+    return parser
+
+
+def run(command: str, argv: list[str], prog: str | None = None) -> int:
+    """Run one stage from command-line arguments; user errors become one line and exit status 2."""
+    module, cls_name, fn_name, help_text = COMMANDS[command]
+    mod = importlib.import_module(f"gpt2_dutch.{module}")
+    parser = argparse.ArgumentParser(prog=prog or f"gpt2-dutch {command}", description=mod.__doc__,
+                                     formatter_class=argparse.RawDescriptionHelpFormatter)
+    add_arguments(parser, getattr(mod, cls_name))
+    args = parser.parse_args(argv)
+    return _call(parser.prog, lambda: getattr(mod, fn_name)(from_namespace(getattr(mod, cls_name), args)))
+
+
+def _call(prog: str, fn) -> int:  # type: ignore[no-untyped-def]
+    os.environ.setdefault("TOKENIZERS_PARALLELISM", "true")
+    try:
+        fn()
+    except UsageError as e:
+        print(f"{prog}: error: {e}", file=sys.stderr)
+        return e.exit_code
+    except KeyboardInterrupt:
+        print(f"{prog}: interrupted", file=sys.stderr)
+        return 130
+    return 0
+
+
+def main(argv: list[str] | None = None) -> int:
+    argv = sys.argv[1:] if argv is None else argv
+    if argv and argv[0] in COMMANDS:
+        return run(argv[0], argv[1:])
+    build_parser().parse_args(argv)  # prints help / usage errors for anything else
+    return 2
+
+
+if __name__ == "__main__":
+    sys.exit(main())
