@@ -79,13 +79,27 @@ def assert_one_line_error(rc: int, err: str, message: str) -> None:
     assert sum("error" in line for line in lines) == 1 and "Traceback" not in err, err
 
 
+@pytest.fixture(scope="session")
+def tiny_dataset(tmp_path_factory: pytest.TempPathFactory, small_tokenizer: Path) -> Path:
+    """A processed dataset of the test documents: 300-token BPE, 32-token chunks (~50 train chunks)."""
+    from gpt2_dutch.preprocess import PreprocessConfig, preprocess
+
+    root = tmp_path_factory.mktemp("tiny_dataset")
+    corpus = write_jsonl(root / "corpus.jsonl", DOCS * 8)
+    return preprocess(PreprocessConfig(data_files=[str(corpus)], tokenizer=str(small_tokenizer), chunk_size=32,
+                                       output_dir=str(root / "out"), name="tiny"))
+
+
 class CLI:
     def __init__(self, capsys: pytest.CaptureFixture[str]):
         self.capsys = capsys
 
     def __call__(self, *args: str | Path) -> tuple[int, str, str]:
         self.capsys.readouterr()
-        rc = main([str(a) for a in args])
+        try:
+            rc = main([str(a) for a in args])
+        except SystemExit as e:  # argparse exits by itself on a bad flag
+            rc = e.code if isinstance(e.code, int) else 1
         out, err = self.capsys.readouterr()
         return rc, out, err
 

@@ -14,11 +14,19 @@ from .errors import UsageError
 # name -> (module, config class, entry function, one-line help)
 COMMANDS: dict[str, tuple[str, str, str, str]] = {
     "preprocess": ("preprocess", "PreprocessConfig", "preprocess", "Dutch text -> tokenizer -> token chunks"),
+    "train": ("train", "TrainConfig", "train", "train GPT-2 from scratch on a processed dataset"),
 }
 
 
+class OneLineArgumentParser(argparse.ArgumentParser):
+    """argparse, but a bad flag is one line (`prog: error: ...`) and exit status 2, without the usage block."""
+
+    def error(self, message: str) -> None:  # type: ignore[override]
+        self.exit(2, f"{self.prog}: error: {message} (see --help)\n")
+
+
 def build_parser(prog: str = "gpt2-dutch") -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog=prog, description=__doc__)
+    parser = OneLineArgumentParser(prog=prog, description=__doc__)
     parser.add_argument("--version", action="version", version=f"gpt2-dutch {__version__}")
     sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
     for name, (module, cls_name, _fn, help_text) in COMMANDS.items():
@@ -34,7 +42,7 @@ def run(command: str, argv: list[str], prog: str | None = None) -> int:
     """Run one stage from command-line arguments; user errors become one line and exit status 2."""
     module, cls_name, fn_name, help_text = COMMANDS[command]
     mod = importlib.import_module(f"gpt2_dutch.{module}")
-    parser = argparse.ArgumentParser(prog=prog or f"gpt2-dutch {command}", description=mod.__doc__,
+    parser = OneLineArgumentParser(prog=prog or f"gpt2-dutch {command}", description=mod.__doc__,
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
     add_arguments(parser, getattr(mod, cls_name))
     args = parser.parse_args(argv)

@@ -1,0 +1,55 @@
+"""GPT-2 model presets: GPT-2's own shapes plus `tiny`, a debug preset that trains on a laptop CPU in minutes."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+from .errors import UsageError
+
+
+@dataclass(frozen=True)
+class ModelPreset:
+    n_layer: int
+    n_embd: int
+    n_head: int
+    learning_rate: float  # peak LR; GPT-3 paper Table 2.1 for the GPT-2 shapes, higher for tiny (small models
+    # tolerate and need larger steps)
+
+
+MODEL_PRESETS: dict[str, ModelPreset] = {
+    "tiny": ModelPreset(n_layer=4, n_embd=128, n_head=4, learning_rate=2e-3),
+    "small": ModelPreset(n_layer=12, n_embd=768, n_head=12, learning_rate=6e-4),
+    "medium": ModelPreset(n_layer=24, n_embd=1024, n_head=16, learning_rate=3e-4),
+    "large": ModelPreset(n_layer=36, n_embd=1280, n_head=20, learning_rate=2.5e-4),
+    "xl": ModelPreset(n_layer=48, n_embd=1600, n_head=25, learning_rate=2e-4),
+}
+
+
+def preset(name: str) -> ModelPreset:
+    if name not in MODEL_PRESETS:
+        raise UsageError(f"unknown --model-size '{name}'; choose one of: {', '.join(MODEL_PRESETS)}")
+    return MODEL_PRESETS[name]
+
+
+def gpt2_config(size: str, vocab_size: int, context: int, eos_token_id: int):  # -> GPT2Config
+    """A GPT2Config for `size` with the dataset's vocabulary and context; no dropout (single-pass pretraining)."""
+    from transformers import GPT2Config
+
+    p = preset(size)
+    return GPT2Config(
+        vocab_size=vocab_size, n_positions=context, n_embd=p.n_embd, n_layer=p.n_layer, n_head=p.n_head,
+        resid_pdrop=0.0, embd_pdrop=0.0, attn_pdrop=0.0, bos_token_id=eos_token_id, eos_token_id=eos_token_id,
+        tie_word_embeddings=True,
+    )
+
+
+def flops_per_token(n_params: int, n_layer: int, n_embd: int, context: int) -> float:
+    """Training FLOPs per token as in PaLM (appendix B) and nanoGPT: 6N for the weight matmuls (forward 2N,
+    backward 4N) plus 12 * n_layer * n_embd * context for attention scores and values. N counts every parameter
+    that takes part in a matmul: all but the position embeddings (the tied token embedding is the LM head)."""
+    return 6 * n_params + 12 * n_layer * n_embd * context
+
+
+def matmul_params(model) -> int:  # noqa: ANN001 - a GPT2LMHeadModel
+    """Parameters that enter the FLOP count: everything except the position embedding table."""
+    return sum(p.numel() for p in model.parameters()) - model.transformer.wpe.weight.numel()
