@@ -15,6 +15,8 @@ from .errors import UsageError
 COMMANDS: dict[str, tuple[str, str, str, str]] = {
     "preprocess": ("preprocess", "PreprocessConfig", "preprocess", "Dutch text -> tokenizer -> token chunks"),
     "train": ("train", "TrainConfig", "train", "train GPT-2 from scratch on a processed dataset"),
+    "generate": ("generate", "GenerateConfig", "generate", "generate text: prompts, batch, --interactive, --benchmark"),
+    "evaluate": ("evaluate", "EvaluateConfig", "evaluate", "loss, perplexity, bits per byte of a model"),
 }
 
 

@@ -1,0 +1,280 @@
+"""Generate Dutch text with a trained model: prompts, a batch, an interactive REPL, or a speed benchmark.
+
+    gpt2-dutch generate --model-path trained_models/gpt2-dutch-small-latest --prompt "Er was eens"
+    gpt2-dutch generate --model-path M --prompt-file prompts.txt --greedy --json
+    gpt2-dutch generate --model-path M --interactive          # /temp 0.7, /topk 40, /max 200, /help, /quit
+    gpt2-dutch generate --model-path M --benchmark            # tokens/s at batch 1 and 16, latency
+
+Uses transformers `generate` (KV cache, logits processors). One prompt streams to the terminal as it is
+produced; several prompts run as one left-padded batch. Weights load from safetensors only; remote code never runs.
+"""
+
+from __future__ import annotations
+
+import json
+import statistics
+import sys
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from .config import option
+from .errors import UsageError, check
+from .train import cpu_has_fast_bf16
+
+DEFAULT_PROMPTS = ["Amsterdam is een stad", "Het weer in Nederland", "Er was eens een"]
+
+
+@dataclass
+class GenerateConfig:
+    model_path: str = option("trained_models/gpt2-dutch-small-latest/final_model",
+                             "a final_model directory, a run directory, or a *-latest link")
+    prompt: list[str] = option([], "a prompt (repeatable); default: three Dutch prompts")
+    prompt_file: str | None = option(None, "a file with one prompt per line")
+    interactive: bool = option(False, "a REPL: type prompts, change settings with /commands")
+    benchmark: bool = option(False, "measure tokens/s (batch 1 and --benchmark-batch), time to first token, latency")
+    benchmark_batch: int = option(16, "the larger batch size of --benchmark")
+    max_new_tokens: int = option(100, "tokens to generate per prompt")
+    temperature: float = option(0.8, "sampling temperature")
+    top_k: int = option(50, "sample from the k most likely tokens (0: off)")
+    top_p: float = option(0.95, "nucleus sampling: smallest set with this probability mass (1: off)")
+    repetition_penalty: float = option(1.0, "> 1 discourages repeating tokens")
+    num_return_sequences: int = option(1, "samples per prompt")
+    greedy: bool = option(False, "always take the most likely token (deterministic)")
+    seed: int | None = option(None, "seed for reproducible sampling")
+    device: str = option("auto", "cpu, cuda, cuda:1, ... (auto: cuda if available)")
+    dtype: str = option("auto", "auto: bf16 on GPUs and CPUs with fast bf16, else fp32",
+                        choices=["auto", "bf16", "fp16", "fp32"])
+    json: bool = option(False, "print results as JSON")
+
+    def __post_init__(self) -> None:
+        check(self.max_new_tokens > 0, f"--max-new-tokens must be positive (got {self.max_new_tokens})")
+        check(self.temperature > 0, f"--temperature must be positive (got {self.temperature}); use --greedy")
+        check(self.top_k >= 0, "--top-k must be >= 0")
+        check(0 < self.top_p <= 1, f"--top-p must be in (0, 1] (got {self.top_p})")
+        check(self.repetition_penalty > 0, "--repetition-penalty must be positive")
+        check(self.num_return_sequences > 0, "--num-return-sequences must be positive")
+        check(self.benchmark_batch > 0, "--benchmark-batch must be positive")
+
+
+# ------------------------------------------------------------------------------------------ loading
+
+def resolve_model_dir(path: str | Path) -> Path:
+    """A final_model directory, a run directory (-> its final_model), or a -latest link."""
+    p = Path(path).expanduser()
+    if not p.exists():
+        raise UsageError(f"model path {p} does not exist; train one with `gpt2-dutch train` or pass --model-path")
+    if not (p / "config.json").is_file() and (p / "final_model").is_dir():
+        p = p / "final_model"
+    if not (p / "config.json").is_file():
+        raise UsageError(f"{p} is not a model directory (no config.json); pass a final_model or run directory")
+    weights = list(p.glob("*.safetensors")) + list(p.glob("*.safetensors.index.json"))
+    if not weights:
+        pickles = [f.name for f in p.glob("*.bin")] + [f.name for f in p.glob("*.pt")]
+        raise UsageError(f"{p} has no safetensors weights" + (
+            f" (only {', '.join(pickles)}, which are not loaded for safety)" if pickles else "") +
+            "; save the model with save_pretrained (safetensors)")
+    return p
+
+
+def resolve_device(device: str) -> torch.device:
+    if device == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    try:
+        dev = torch.device(device)
+    except RuntimeError:
+        raise UsageError(f"unknown --device '{device}'; use cpu, cuda or cuda:N") from None
+    check(dev.type != "cuda" or torch.cuda.is_available(), f"--device {device}: no CUDA GPU is available")
+    return dev
+
+
+def resolve_dtype(dtype: str, device: torch.device) -> torch.dtype:
+    if dtype == "auto":
+        fast_bf16 = torch.cuda.is_bf16_supported() if device.type == "cuda" else cpu_has_fast_bf16()
+        return torch.bfloat16 if fast_bf16 else torch.float32
+    return {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}[dtype]
+
+
+def load_model(path: str | Path, device: str = "auto", dtype: str = "auto") -> tuple[Any, Any, Path]:
+    """(model, tokenizer, directory) for a causal LM; safetensors only, no remote code."""
+    from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer
+    from transformers.models.auto.modeling_auto import MODEL_FOR_CAUSAL_LM_MAPPING_NAMES
+
+    model_dir = resolve_model_dir(path)
+    try:
+        config = AutoConfig.from_pretrained(str(model_dir), trust_remote_code=False)
+    except Exception as e:  # noqa: BLE001
+        raise UsageError(f"{model_dir}/config.json cannot be read ({str(e).splitlines()[0][:200]})") from None
+    if config.model_type not in MODEL_FOR_CAUSAL_LM_MAPPING_NAMES:
+        raise UsageError(f"{model_dir} holds a '{config.model_type}' model, not a causal language model")
+    dev = resolve_device(device)
+    torch_dtype = resolve_dtype(dtype, dev)
+    try:
+        tokenizer = AutoTokenizer.from_pretrained(str(model_dir), trust_remote_code=False)
+        model = AutoModelForCausalLM.from_pretrained(str(model_dir), dtype=torch_dtype, use_safetensors=True,
+                                                     trust_remote_code=False)
+    except Exception as e:  # noqa: BLE001 - corrupt or truncated weights, missing tokenizer files, ...
+        raise UsageError(f"cannot load the model in {model_dir} ({(str(e).splitlines() or [type(e).__name__])[0][:200]})"
+                         "; is the directory complete?") from None
+    model.to(dev).eval()
+    if tokenizer.pad_token is None:
+        tokenizer.pad_token = tokenizer.eos_token  # only for left-padding batches; masked out by attention
+    tokenizer.padding_side = "left"
+    tokenizer.truncation_side = "left"
+    return model, tokenizer, model_dir
+
+
+# ------------------------------------------------------------------------------------------ generation
+
+def generation_kwargs(cfg: GenerateConfig, tokenizer: Any) -> dict[str, Any]:
+    kw: dict[str, Any] = {"max_new_tokens": cfg.max_new_tokens, "pad_token_id": tokenizer.pad_token_id,
+                          "eos_token_id": tokenizer.eos_token_id, "repetition_penalty": cfg.repetition_penalty,
+                          "num_return_sequences": cfg.num_return_sequences}
+    if cfg.greedy:
+        kw.update(do_sample=False, temperature=None, top_k=None, top_p=None)
+    else:
+        kw.update(do_sample=True, temperature=cfg.temperature, top_k=cfg.top_k or None, top_p=cfg.top_p)
+    return kw
+
+
+@torch.inference_mode()
+def generate_texts(model: Any, tokenizer: Any, prompts: list[str], cfg: GenerateConfig,
+                   streamer: Any = None) -> list[list[str]]:
+    """Continuations (without the prompt) per prompt, as one left-padded batch; stops at <|endoftext|>."""
+    if cfg.seed is not None:
+        torch.manual_seed(cfg.seed)
+    bos = tokenizer.bos_token or tokenizer.eos_token
+    # An empty prompt starts from <|endoftext|>, the document boundary the model was trained on.
+    texts = [p if p else bos for p in prompts]
+    ctx = model.config.n_positions
+    # Prompts longer than the context keep their end (truncation_side is left); the continuation is capped so
+    # prompt + new tokens fit the model's position table.
+    enc = tokenizer(texts, return_tensors="pt", padding=True, truncation=True, max_length=max(1, ctx - 1))
+    enc = enc.to(model.device)
+    kwargs = generation_kwargs(cfg, tokenizer)
+    kwargs["max_new_tokens"] = min(cfg.max_new_tokens, ctx - enc["input_ids"].shape[1])
+    out = model.generate(**enc, **kwargs, streamer=streamer)
+    new = out[:, enc["input_ids"].shape[1]:]
+    decoded = tokenizer.batch_decode(new, skip_special_tokens=True)
+    n = cfg.num_return_sequences
+    return [decoded[i * n:(i + 1) * n] for i in range(len(prompts))]
+
+
+def read_prompts(cfg: GenerateConfig) -> list[str]:
+    prompts = list(cfg.prompt)
+    if cfg.prompt_file:
+        path = Path(cfg.prompt_file)
+        check(path.is_file(), f"prompt file {path} not found")
+        try:
+            prompts += [line.rstrip("\n") for line in path.read_text(encoding="utf-8").splitlines() if line.strip()]
+        except UnicodeDecodeError:
+            raise UsageError(f"prompt file {path} is not UTF-8 text") from None
+        check(bool(prompts), f"prompt file {path} holds no prompts")
+    return prompts or list(DEFAULT_PROMPTS)
+
+
+def generate(cfg: GenerateConfig) -> Any:
+    model, tokenizer, model_dir = load_model(cfg.model_path, cfg.device, cfg.dtype)
+    if cfg.benchmark:
+        result = run_benchmark(model, tokenizer, cfg)
+        print(json.dumps(result, indent=2) if cfg.json else print_benchmark(result))
+        return result
+    if cfg.interactive:
+        from .interactive import repl
+
+        return repl(model, tokenizer, cfg, sys.stdin, sys.stdout)
+    prompts = read_prompts(cfg)
+    if cfg.json:
+        results = generate_texts(model, tokenizer, prompts, cfg)
+        print(json.dumps([{"prompt": p, "completions": c} for p, c in zip(prompts, results, strict=True)],
+                         ensure_ascii=False, indent=2))
+        return results
+    from transformers import TextStreamer
+
+    results = []
+    for prompt in prompts if cfg.num_return_sequences == 1 and len(prompts) <= 3 else []:
+        print(f"\n>>> {prompt}", end="", flush=True)  # stream each prompt's text as it is produced
+        results += generate_texts(model, tokenizer, [prompt], cfg, TextStreamer(tokenizer, skip_prompt=True,
+                                                                                  skip_special_tokens=True))
+    if not results:  # many prompts: one batch is much faster than streaming them one by one
+        results = generate_texts(model, tokenizer, prompts, cfg)
+        for prompt, completions in zip(prompts, results, strict=True):
+            for c in completions:
+                print(f"\n>>> {prompt}{c}")
+    return results
+
+
+# ------------------------------------------------------------------------------------------ benchmark
+
+class _TokenClock:
+    """A generate() streamer that only timestamps each step: put() is called once per generated token."""
+
+    def __init__(self) -> None:
+        self.times: list[float] = []
+
+    def put(self, value: Any) -> None:
+        self.times.append(time.perf_counter())
+
+    def end(self) -> None:
+        pass
+
+
+@torch.inference_mode()
+def _timed_generate(model: Any, enc: dict[str, torch.Tensor], new_tokens: int, pad_id: int) -> dict[str, Any]:
+    clock = _TokenClock()
+    start = time.perf_counter()
+    # min_new_tokens = max_new_tokens: every run produces exactly the same number of tokens (EOS ignored)
+    model.generate(**enc, max_new_tokens=new_tokens, min_new_tokens=new_tokens, do_sample=False,
+                   pad_token_id=pad_id, streamer=clock if enc["input_ids"].shape[0] == 1 else None)
+    total = time.perf_counter() - start
+    result: dict[str, Any] = {"seconds": total}
+    if clock.times:  # times[0] is the prompt being "put"; times[1] the first generated token
+        result["ttft_s"] = clock.times[1] - start
+        result["latencies_s"] = [b - a for a, b in zip(clock.times[1:], clock.times[2:], strict=False)]
+    return result
+
+
+def run_benchmark(model: Any, tokenizer: Any, cfg: GenerateConfig, prompt_tokens: int = 32,
+                  repeats: int = 3) -> dict[str, Any]:
+    """Decode speed at batch 1 and at a larger batch, after a warm-up run (not counted)."""
+    torch.manual_seed(0)
+    ctx = model.config.n_positions
+    new = min(cfg.max_new_tokens, ctx - prompt_tokens)
+    check(new > 0, f"the model's context ({ctx}) is too short for a {prompt_tokens}-token benchmark prompt")
+    vocab = model.config.vocab_size
+    out: dict[str, Any] = {"device": str(model.device), "dtype": str(model.dtype).replace("torch.", ""),
+                           "parameters": sum(p.numel() for p in model.parameters()), "prompt_tokens": prompt_tokens,
+                           "new_tokens": new, "threads": torch.get_num_threads()}
+    for batch in sorted({1, cfg.benchmark_batch}):
+        ids = torch.randint(0, vocab, (batch, prompt_tokens), device=model.device)
+        enc = {"input_ids": ids, "attention_mask": torch.ones_like(ids)}
+        _timed_generate(model, enc, min(new, 8), tokenizer.eos_token_id)  # warm-up
+        runs = [_timed_generate(model, enc, new, tokenizer.eos_token_id) for _ in range(repeats)]
+        secs = statistics.median(r["seconds"] for r in runs)
+        entry: dict[str, Any] = {"tokens_per_s": batch * new / secs, "seconds": secs}
+        if batch == 1:
+            lat = sorted(x for r in runs for x in r["latencies_s"])
+            entry.update(ttft_ms=1000 * statistics.median(r["ttft_s"] for r in runs),
+                         latency_p50_ms=1000 * lat[len(lat) // 2], latency_p90_ms=1000 * lat[int(len(lat) * 0.9)])
+        out[f"batch_{batch}"] = entry
+    if cfg.benchmark_batch != 1:
+        out["batch_speedup"] = out[f"batch_{cfg.benchmark_batch}"]["tokens_per_s"] / out["batch_1"]["tokens_per_s"]
+    return out
+
+
+def print_benchmark(r: dict[str, Any]) -> str:
+    lines = [f"device {r['device']}, {r['dtype']}, {r['parameters'] / 1e6:.1f}M parameters, {r['threads']} threads,"
+             f" {r['prompt_tokens']}-token prompt, {r['new_tokens']} new tokens (median of 3, warm-up excluded)",
+             f"{'batch':>6} {'tokens/s':>10} {'TTFT ms':>9} {'p50 ms/token':>13} {'p90 ms/token':>13}"]
+    for key in sorted((k for k in r if k.startswith("batch_") and k != "batch_speedup"),
+                      key=lambda k: int(k.split("_")[1])):
+        e = r[key]
+        extra = (f"{e['ttft_ms']:>9.1f} {e['latency_p50_ms']:>13.2f} {e['latency_p90_ms']:>13.2f}"
+                 if "ttft_ms" in e else f"{'':>9} {'':>13} {'':>13}")
+        lines.append(f"{key.split('_')[1]:>6} {e['tokens_per_s']:>10.1f} {extra}")
+    if "batch_speedup" in r:
+        lines.append(f"batch speed-up over batch 1: {r['batch_speedup']:.1f}x")
+    return "\n".join(lines)

@@ -1,0 +1,197 @@
+"""generate and evaluate on a tiny model that has memorised the test documents."""
+
+from __future__ import annotations
+
+import json
+import math
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+from conftest import DOCS, assert_one_line_error, write_jsonl
+
+from gpt2_dutch.evaluate import EvaluateConfig, evaluate
+from gpt2_dutch.generate import GenerateConfig, generate_texts, load_model
+from gpt2_dutch.train import TrainConfig, train
+
+
+@pytest.fixture(scope="session")
+def tiny_run(tiny_dataset, tmp_path_factory) -> Path:
+    out = tmp_path_factory.mktemp("runs")
+    return train(TrainConfig(dataset_path=str(tiny_dataset), model_size="tiny", batch_size=4, precision="fp32",
+                             output_dir=str(out), max_steps=300, learning_rate=3e-3, eval_every=300,
+                             save_every=300))
+
+
+@pytest.fixture(scope="session")
+def loaded(tiny_run):
+    return load_model(tiny_run, device="cpu", dtype="fp32")
+
+
+def test_model_path_accepts_run_dir_final_model_and_latest_link(tiny_run):
+    for path in (tiny_run, tiny_run / "final_model", tiny_run.parent / "gpt2-dutch-tiny-latest"):
+        assert load_model(path, "cpu", "fp32")[2] == tiny_run / "final_model" or \
+            load_model(path, "cpu", "fp32")[2].resolve() == (tiny_run / "final_model").resolve()
+
+
+def test_seeded_sampling_is_reproducible(loaded):
+    model, tok, _ = loaded
+    cfg = GenerateConfig(max_new_tokens=12, seed=7, temperature=1.5, top_k=0, top_p=1.0)
+    a = generate_texts(model, tok, ["De trein"], cfg)
+    b = generate_texts(model, tok, ["De trein"], cfg)
+    assert a == b
+    cfg.seed = 8
+    assert generate_texts(model, tok, ["De trein"], cfg) != a or True  # different seeds may coincide
+    cfg.num_return_sequences = 3
+    cfg.seed = 7
+    many = generate_texts(model, tok, ["De trein", "Het"], cfg)
+    assert [len(x) for x in many] == [3, 3]
+
+
+def test_greedy_batch_equals_one_by_one(loaded):
+    model, tok, _ = loaded
+    cfg = GenerateConfig(max_new_tokens=12, greedy=True)
+    prompts = ["De trein naar", "Oma bakt elke", "Het", "Kinderen leren op school"]  # all fit 12 new tokens
+    batch = generate_texts(model, tok, prompts, cfg)
+    single = [generate_texts(model, tok, [p], cfg)[0] for p in prompts]
+    assert batch == single
+
+
+def test_generation_stops_at_end_of_text(loaded):
+    model, tok, _ = loaded
+    doc = DOCS[10]  # memorised: greedy decoding finishes the document and then emits <|endoftext|>
+    prompt = "Rembrandt en"
+    ids = tok(prompt, return_tensors="pt")
+    room = 32 - ids["input_ids"].shape[1]
+    cfg = GenerateConfig(max_new_tokens=room, greedy=True)
+    completion = generate_texts(model, tok, [prompt], cfg)[0][0]
+    assert doc.endswith(prompt + completion) and completion == " Van Gogh."
+    out = model.generate(**ids, max_new_tokens=room, do_sample=False, eos_token_id=tok.eos_token_id,
+                         pad_token_id=tok.eos_token_id)
+    assert out[0, -1].item() == tok.eos_token_id and out.shape[1] < 32
+
+
+@pytest.fixture(scope="session")
+def long_context_model(tmp_path_factory, tiny_run) -> Path:
+    """An untrained tiny GPT-2 with a 4096-token context: generations long enough to interrupt."""
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    from gpt2_dutch.model import gpt2_config
+
+    tok = AutoTokenizer.from_pretrained(tiny_run / "final_model")
+    out = tmp_path_factory.mktemp("long") / "final_model"
+    AutoModelForCausalLM.from_config(gpt2_config("tiny", len(tok), 4096, tok.eos_token_id)).save_pretrained(out)
+    tok.save_pretrained(out)
+    return out
+
+
+def test_interactive_through_a_pseudo_terminal(long_context_model):
+    pexpect = pytest.importorskip("pexpect")
+    tiny_run = long_context_model
+    child = pexpect.spawn(sys.executable, ["-m", "gpt2_dutch", "generate", "--model-path", str(tiny_run),
+                                           "--interactive", "--dtype", "fp32", "--max-new-tokens", "4000"],
+                          encoding="utf-8", timeout=60, env={"HOME": str(tiny_run), "PATH": "/usr/bin:/bin",
+                                                             "GPT2_DUTCH_HISTORY": str(tiny_run / "hist")})
+    child.expect("/help for commands")
+    child.expect("> ")
+    child.sendline("/temp 0.7")
+    child.expect("temperature = 0.7")
+    child.sendline("/max 0")
+    child.expect("--max-new-tokens must be positive")
+    child.sendline("Het museum")  # ~4,000 tokens: still generating when Ctrl-C arrives
+    child.expect("Het museum")
+    child.expect(".{20}")  # text is streaming
+    child.sendintr()
+    child.expect(r"\[stopped\]")
+    child.expect("> ")
+    child.sendline("/max 5")
+    child.expect("max_new_tokens = 5")
+    child.sendline("De trein")
+    child.expect("De trein")
+    child.expect("> ")
+    child.sendeof()
+    child.expect(pexpect.EOF)
+    child.close()
+    assert child.exitstatus == 0
+
+
+def test_interactive_with_piped_stdin(tiny_run):
+    r = subprocess.run([sys.executable, "-m", "gpt2_dutch", "generate", "--model-path", str(tiny_run),
+                        "--interactive", "--greedy", "--max-new-tokens", "60", "--dtype", "fp32"],
+                       input="/topk 5\nDe trein naar\n/quit\nnever reached\n", capture_output=True, text=True)
+    assert r.returncode == 0, r.stderr
+    assert "top_k = 5" in r.stdout and "De trein naar Utrecht vertrekt" in r.stdout
+    assert "never reached" not in r.stdout
+
+
+def test_evaluate_dataset_equals_direct_computation(tiny_run, tiny_dataset, loaded):
+    result = evaluate(EvaluateConfig(model_path=str(tiny_run), dataset_path=str(tiny_dataset), batch_size=3))
+    model, _, _ = loaded
+    from datasets import load_from_disk
+
+    ids = torch.tensor(np.asarray(load_from_disk(str(tiny_dataset / "test"))["input_ids"]).astype(np.int64))
+    with torch.no_grad():
+        loss = model(input_ids=ids, labels=ids).loss.item()  # mean over every predicted token
+    m = json.loads((tiny_dataset / "manifest.json").read_text())["splits"]["test"]
+    assert result["loss"] == pytest.approx(loss, rel=1e-5)
+    assert result["perplexity"] == pytest.approx(math.exp(loss), rel=1e-5)
+    assert result["bits_per_byte"] == pytest.approx(loss / math.log(2) * m["tokens"] / m["bytes"], rel=1e-5)
+    assert result["tokens_per_word"] == pytest.approx(m["tokens"] / m["words"])
+    assert result["tokens_scored"] == ids.shape[0] * (ids.shape[1] - 1)
+
+
+def test_evaluate_raw_files_scores_each_document_after_eos(tiny_run, loaded, tmp_path):
+    model, tok, _ = loaded
+    long_doc = " ".join(DOCS)  # longer than the 32-token context: scored in overlapping windows
+    f = write_jsonl(tmp_path / "held_out.jsonl", [DOCS[1], long_doc])
+    result = evaluate(EvaluateConfig(model_path=str(tiny_run), data_files=[str(f)], batch_size=2))
+    eos = tok.eos_token_id
+    nats = tokens = 0.0
+    for doc in (DOCS[1], long_doc):
+        ids = [eos] + tok(doc)["input_ids"]
+        tokens += len(ids) - 1
+        for i in range(1, len(ids)):  # direct: each token given up to 32 tokens, windows starting at k*16
+            start = 0 if i < 32 else ((i - 32) // 16 + 1) * 16
+            with torch.no_grad():
+                logits = model(torch.tensor([ids[start:i]])).logits[0, -1]
+            nats -= torch.log_softmax(logits, -1)[ids[i]].item()
+    assert result["tokens_scored"] == tokens
+    assert result["loss"] == pytest.approx(nats / tokens, rel=1e-4)
+    n_bytes = len(DOCS[1].encode()) + len(long_doc.encode())
+    assert result["bits_per_byte"] == pytest.approx(nats / math.log(2) / n_bytes, rel=1e-4)
+    assert result["documents"] == 2
+
+
+def test_generate_and_evaluate_bad_inputs(tmp_path, cli, tiny_run):
+    (tmp_path / "empty").mkdir()
+    pickled = tmp_path / "pickled"
+    pickled.mkdir()
+    (pickled / "config.json").write_text((tiny_run / "final_model" / "config.json").read_text())
+    (pickled / "pytorch_model.bin").write_bytes(b"not loaded")
+    bert = tmp_path / "bert"
+    bert.mkdir()
+    (bert / "config.json").write_text(json.dumps({"model_type": "distilbert"}))
+    (bert / "model.safetensors").write_bytes(b"")
+    truncated = tmp_path / "truncated"
+    truncated.mkdir()
+    for f in (tiny_run / "final_model").iterdir():
+        (truncated / f.name).write_bytes(f.read_bytes()[:100] if f.suffix == ".safetensors" else f.read_bytes())
+    cases = [
+        (["generate", "--model-path", tmp_path / "nope"], "does not exist"),
+        (["generate", "--model-path", tmp_path / "empty"], "is not a model directory (no config.json)"),
+        (["generate", "--model-path", pickled], "has no safetensors weights (only pytorch_model.bin"),
+        (["generate", "--model-path", bert], "holds a 'distilbert' model, not a causal language model"),
+        (["generate", "--model-path", truncated], "cannot load the model in"),
+        (["generate", "--model-path", tiny_run, "--temperature", "0"], "--temperature must be positive"),
+        (["generate", "--model-path", tiny_run, "--top-p", "1.5"], "--top-p must be in (0, 1]"),
+        (["generate", "--model-path", tiny_run, "--prompt-file", tmp_path / "p.txt"], "prompt file"),
+        (["evaluate", "--model-path", tiny_run], "give exactly one of --dataset-path and --data-files"),
+        (["evaluate", "--model-path", tiny_run, "--data-files", tmp_path / "x.jsonl"], "not found"),
+        (["evaluate", "--model-path", tmp_path / "empty", "--dataset-path", tmp_path], "no config.json"),
+    ]
+    for args, message in cases:
+        rc, _, err = cli(*args)
+        assert_one_line_error(rc, err, message)
