@@ -15,7 +15,7 @@ $(VENV)/.installed: pyproject.toml
 setup: $(VENV)/.installed
 
 demo: $(VENV)/.installed
-	$(VENV)/bin/gpt2-dutch preprocess --dataset-size builtin --chunk-size 256 --vocab-size 4096 --overwrite
+	$(VENV)/bin/gpt2-dutch demo
 
 test: $(VENV)/.installed
 	$(VENV)/bin/python -m pytest -q

@@ -117,8 +117,8 @@ def load_model(path: str | Path, device: str = "auto", dtype: str = "auto") -> t
         model = AutoModelForCausalLM.from_pretrained(str(model_dir), dtype=torch_dtype, use_safetensors=True,
                                                      trust_remote_code=False)
     except Exception as e:  # noqa: BLE001 - corrupt or truncated weights, missing tokenizer files, ...
-        raise UsageError(f"cannot load the model in {model_dir} ({(str(e).splitlines() or [type(e).__name__])[0][:200]})"
-                         "; is the directory complete?") from None
+        cause = (str(e).splitlines() or [type(e).__name__])[0][:200]
+        raise UsageError(f"cannot load the model in {model_dir} ({cause}); is the directory complete?") from None
     model.to(dev).eval()
     if tokenizer.pad_token is None:
         tokenizer.pad_token = tokenizer.eos_token  # only for left-padding batches; masked out by attention
@@ -242,6 +242,7 @@ def run_benchmark(model: Any, tokenizer: Any, cfg: GenerateConfig, prompt_tokens
     """Decode speed at batch 1 and at a larger batch, after a warm-up run (not counted)."""
     torch.manual_seed(0)
     ctx = model.config.n_positions
+    prompt_tokens = min(prompt_tokens, max(1, ctx // 4))
     new = min(cfg.max_new_tokens, ctx - prompt_tokens)
     check(new > 0, f"the model's context ({ctx}) is too short for a {prompt_tokens}-token benchmark prompt")
     vocab = model.config.vocab_size

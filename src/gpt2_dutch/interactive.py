@@ -6,6 +6,7 @@ the prompt; Ctrl-D exits. With piped stdin it reads one prompt or command per li
 
 from __future__ import annotations
 
+import contextlib
 import os
 from pathlib import Path
 from typing import Any, TextIO
@@ -112,16 +113,12 @@ def _enable_readline() -> None:
     except ImportError:  # not on every platform; input() still works without editing
         return
     history = Path(os.environ.get("GPT2_DUTCH_HISTORY", Path.home() / ".gpt2_dutch_history"))
-    try:
+    with contextlib.suppress(OSError):
         readline.read_history_file(history)
-    except OSError:
-        pass
     readline.set_history_length(1000)
     atexit.register(lambda: _save_history(readline, history))
 
 
 def _save_history(readline: Any, history: Path) -> None:
-    try:
+    with contextlib.suppress(OSError):
         readline.write_history_file(history)
-    except OSError:
-        pass
