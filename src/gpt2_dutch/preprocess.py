@@ -94,7 +94,7 @@ class PreprocessConfig:
             self.dataset_size = sizes[self.dataset_size.lower()]
         check(self.chunk_size >= 2, f"--chunk-size must be at least 2 (got {self.chunk_size})")
         check(self.chunk_size <= MAX_CHUNK_SIZE, f"--chunk-size {self.chunk_size} is absurdly large; GPT-2 "
-              "uses 1024 (at most {MAX_CHUNK_SIZE})")
+              f"uses 1024 (at most {MAX_CHUNK_SIZE})")
         if self.tokenizer is None:
             check(self.vocab_size >= MIN_VOCAB_SIZE, f"--vocab-size {self.vocab_size} is too small: a "
                   f"byte-level BPE needs at least {MIN_VOCAB_SIZE} (256 bytes + <|endoftext|>)")
