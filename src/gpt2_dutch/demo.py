@@ -43,7 +43,6 @@ def demo(cfg: DemoConfig) -> dict:
 
     start = time.perf_counter()
     out = Path(cfg.output_dir)
-    step = _steps()
     step("1/4 preprocess: " + (", ".join(cfg.data_files) if cfg.data_files else "the built-in Dutch sample"))
     dataset = preprocess(PreprocessConfig(
         dataset_size=None if cfg.data_files else "builtin", data_files=cfg.data_files, vocab_size=4096,
@@ -70,8 +69,5 @@ def demo(cfg: DemoConfig) -> dict:
     return {"dataset": str(dataset), "run": str(run), "eval": result, "samples": texts}
 
 
-def _steps():  # noqa: ANN202
-    def step(message: str) -> None:
-        print(f"\n== {message}", file=sys.stderr, flush=True)
-
-    return step
+def step(message: str) -> None:
+    print(f"\n== {message}", file=sys.stderr, flush=True)

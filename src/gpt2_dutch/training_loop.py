@@ -22,7 +22,7 @@ import torch
 from transformers import Trainer, TrainerCallback, TrainingArguments
 from transformers.trainer_callback import ProgressCallback
 
-from .train import MIN_LR_RATIO, TrainConfig, WarmupCosine, is_main_process, warmup_steps_for, write_json_atomic
+from .train import TrainConfig, WarmupCosine, is_main_process, warmup_steps_for, write_json_atomic
 
 
 def build_training_arguments(cfg: TrainConfig, run_dir: Path, precision: str, lr: float, total_steps: int,
@@ -235,7 +235,3 @@ def plot_losses(run_dir: Path) -> None:
     fig.savefig(tmp)
     plt.close(fig)
     os.replace(tmp, run_dir / "loss.png")
-
-
-__all__ = ["GPT2Trainer", "build_training_arguments", "metrics_callbacks", "plot_losses", "MIN_LR_RATIO",
-           "attach_progress_bar"]
