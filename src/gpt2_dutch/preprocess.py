@@ -21,6 +21,7 @@ import shutil
 import sys
 import time
 from collections.abc import Callable, Iterator
+from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import asdict, dataclass
 from datetime import datetime, timezone
 from pathlib import Path
@@ -172,19 +173,14 @@ class SplitStats:
 
 
 class SplitEncoder:
-    """Tokenizes batches of documents, appends EOS after each, and feeds one split's ChunkWriter."""
+    """Appends the token ids of one split's documents, with EOS after each, to that split's ChunkWriter."""
 
-    def __init__(self, tokenizer: Any, writer: ChunkWriter):
-        self.backend = tokenizer.backend_tokenizer
-        self.eos = tokenizer.eos_token_id
+    def __init__(self, eos_token_id: int, writer: ChunkWriter):
+        self.eos = eos_token_id
         self.writer = writer
         self.stats = SplitStats()
-        # encode_batch_fast skips offsets/masks we never use: ~15% faster than encode_batch here.
-        self._encode = getattr(self.backend, "encode_batch_fast", self.backend.encode_batch)
 
-    def add(self, texts: list[str]) -> int:
-        encodings = self._encode(texts, add_special_tokens=False)
-        ids = [e.ids for e in encodings]
+    def add(self, texts: list[str], ids: list[list[int]]) -> int:
         eos = (self.eos,)
         n_tokens = sum(map(len, ids)) + len(ids)
         flat = np.fromiter(itertools.chain.from_iterable(itertools.chain(x, eos) for x in ids),
@@ -204,21 +200,41 @@ class SplitEncoder:
         return self.stats
 
 
-def encode_texts(texts: Iterator[str], encoders: dict[str, SplitEncoder], route: Callable[[], str] | None,
-                 desc: str) -> None:
-    """Tokenize `texts` into `encoders`; `route()` names the split of each document (default: the only one)."""
+def encode_texts(texts: Iterator[str], tokenizer: Any, encoders: dict[str, SplitEncoder],
+                 route: Callable[[], str] | None, desc: str) -> None:
+    """Tokenize `texts` into `encoders`; `route()` names the split of each document (default: the only one).
+
+    Pipelined: the Rust encoder (which releases the GIL and uses every core) works on batch k+1 in a
+    worker thread while this thread reads the text of batch k+2 and packs the ids of batch k. Measured
+    on 2 cores: this hides the Python-side work (JSON, packing, counting) that otherwise adds ~25% to the
+    encoder's own time.
+    """
+    backend = tokenizer.backend_tokenizer
+    # encode_batch_fast skips offsets/masks we never use: ~15% faster than encode_batch here.
+    encode = getattr(backend, "encode_batch_fast", backend.encode_batch)
     only = next(iter(encoders.values()))
-    with tqdm(desc=desc, unit="B", unit_scale=True, dynamic_ncols=True, mininterval=0.5) as bar:
+
+    def collect(batch: list[str], future: Future) -> int:
+        ids = [e.ids for e in future.result()]
+        if route is None:
+            return only.add(batch, ids)
+        parts: dict[str, tuple[list[str], list[list[int]]]] = {name: ([], []) for name in encoders}
+        for text, doc_ids in zip(batch, ids):
+            part = parts[route()]
+            part[0].append(text)
+            part[1].append(doc_ids)
+        return sum(encoders[name].add(*part) for name, part in parts.items() if part[0])
+
+    with ThreadPoolExecutor(max_workers=1) as pool, \
+            tqdm(desc=desc, unit="B", unit_scale=True, dynamic_ncols=True, mininterval=0.5) as bar:
+        pending: tuple[list[str], Future] | None = None
         for batch in batched(texts):
-            if route is None:
-                bar.update(only.add(batch))
-                continue
-            parts: dict[str, list[str]] = {name: [] for name in encoders}
-            for text in batch:
-                parts[route()].append(text)
-            for name, part in parts.items():
-                if part:
-                    bar.update(encoders[name].add(part))
+            future = pool.submit(encode, batch, add_special_tokens=False)
+            if pending is not None:
+                bar.update(collect(*pending))
+            pending = (batch, future)
+        if pending is not None:
+            bar.update(collect(*pending))
 
 
 def preprocess(cfg: PreprocessConfig) -> Path:
@@ -268,12 +284,12 @@ def _build(cfg: PreprocessConfig, source: Source, tmp: Path, start: float) -> di
     stats: dict[str, SplitStats] = {}
 
     def new_encoder(split: str) -> SplitEncoder:
-        return SplitEncoder(tokenizer, ChunkWriter(tmp / split, split, cfg.chunk_size, dtype))
+        return SplitEncoder(tokenizer.eos_token_id, ChunkWriter(tmp / split, split, cfg.chunk_size, dtype))
 
     if use_own_test:
         assert source.test is not None
         enc = new_encoder("test")
-        encode_texts(source.test(), {"test": enc}, None, "tokenize test")
+        encode_texts(source.test(), tokenizer, {"test": enc}, None, "tokenize test")
         stats["test"] = enc.finish()
         if stats["test"].chunks == 0:
             print(f"note: the dataset's test split has {stats['test'].tokens} tokens, fewer than one "
@@ -290,7 +306,7 @@ def _build(cfg: PreprocessConfig, source: Source, tmp: Path, start: float) -> di
 
         def route() -> str:
             return "test" if rng.random() < fraction else "train"
-    encode_texts(source.train(), encoders, route, "tokenize train" + (" + test" if route else ""))
+    encode_texts(source.train(), tokenizer, encoders, route, "tokenize train" + (" + test" if route else ""))
     for name, enc in encoders.items():
         stats[name] = enc.finish()
 
