@@ -4,7 +4,7 @@ VENV   := .venv
 # The PyTorch build to install; on a CUDA machine the same pin gets the CUDA wheel from PyPI.
 TORCH  ?= torch==2.13.0
 
-.PHONY: setup demo test lint
+.PHONY: setup demo test lint bench
 
 $(VENV)/.installed: pyproject.toml
 	$(PYTHON) -m venv $(VENV)
@@ -20,5 +20,8 @@ demo: $(VENV)/.installed
 test: $(VENV)/.installed
 	$(VENV)/bin/python -m pytest -q
 
+bench: $(VENV)/.installed
+	$(VENV)/bin/gpt2-dutch bench
+
 lint: $(VENV)/.installed
-	$(VENV)/bin/ruff check src tests scripts
+	$(VENV)/bin/ruff check src tests

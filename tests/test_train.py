@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import importlib.util
 import json
 import math
 import os
@@ -98,6 +99,20 @@ def test_golden_loss_of_the_tiny_preset(tiny_dataset, tmp_path):
 GOLDEN = (5.5692, 4.5405)  # measured with torch 2.13.0 (CPU); update only for an intended change
 
 
+@pytest.mark.slow
+def test_compile_trains_the_same_model_and_saves_plain_weights(tiny_dataset, tmp_path):
+    """--compile (torch.compile via the Trainer): same first losses as eager, a final model without compile's
+    `_orig_mod.` key prefix that loads with transformers."""
+    from transformers import AutoModelForCausalLM
+
+    run = train(tiny_cfg(tiny_dataset, tmp_path, max_steps=3, eval_every=3, log_every=1, compile=True))
+    losses = [r["loss"] for r in metrics(run) if "loss" in r]
+    assert losses[0] == pytest.approx(GOLDEN[0], abs=2e-3)
+    weights = load_file(str(run / "final_model" / "model.safetensors"))
+    assert weights and not any("_orig_mod" in k for k in weights)
+    assert AutoModelForCausalLM.from_pretrained(str(run / "final_model")).config.n_layer == 4
+
+
 def _train_cmd(dataset: Path, out: Path, *extra: str) -> list[str]:
     return [sys.executable, "-m", "gpt2_dutch", "train", "--dataset-path", str(dataset), *TINY,
             "--output-dir", str(out), "--max-steps", "16", "--save-every", "4", "--eval-every", "8",
@@ -157,6 +172,8 @@ def test_bad_inputs(tiny_dataset, tmp_path, cli):
         (["--dataset-path", tiny_dataset, "--report-to", "wandb"], "--report-to wandb"),
         ([], "--dataset-path is required"),
     ]
+    if importlib.util.find_spec("trackio") is None:  # not a dependency: a clear message, never a crash mid-run
+        cases.append((["--dataset-path", tiny_dataset, "--report-to", "trackio"], "trackio is not installed"))
     for args, message in cases:
         rc, _, err = cli("train", "--max-steps", "1", "--output-dir", tmp_path / "o", *args)
         assert_one_line_error(rc, err, message)
@@ -181,3 +198,18 @@ def test_max_time_fits_the_step_count_so_the_schedule_ends(tiny_dataset, tmp_pat
     lrs = [r["lr"] for r in m if "lr" in r]
     assert lrs[-1] == pytest.approx(1e-3 * 0.1, rel=0.15)  # the cosine reached its floor at the fitted end
     assert any("eval_loss" in r for r in m)
+
+
+def test_tensorboard_tracker_logs_into_the_run_directory(tiny_dataset, tmp_path):
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    run = train(tiny_cfg(tiny_dataset, tmp_path, max_steps=4, eval_every=4, log_every=1, report_to="tensorboard"))
+    event_dirs = {p.parent for p in (run / "tensorboard").rglob("events.out.tfevents.*")}
+    assert len(event_dirs) == 1
+    events = EventAccumulator(str(event_dirs.pop()))
+    events.Reload()
+    losses = [e.value for e in events.Scalars("train/loss")]
+    logged = [r["loss"] for r in metrics(run) if "loss" in r]
+    assert losses == pytest.approx(logged, abs=1e-4) and len(losses) == 4
+    assert [e.value for e in events.Scalars("eval/loss")] == pytest.approx(
+        [r["eval_loss"] for r in metrics(run) if "eval_loss" in r], abs=1e-4)

@@ -17,6 +17,7 @@ COMMANDS: dict[str, tuple[str, str, str, str]] = {
     "train": ("train", "TrainConfig", "train", "train GPT-2 from scratch on a processed dataset"),
     "generate": ("generate", "GenerateConfig", "generate", "generate text: prompts, batch, --interactive, --benchmark"),
     "evaluate": ("evaluate", "EvaluateConfig", "evaluate", "loss, perplexity, bits per byte of a model"),
+    "bench": ("bench", "BenchConfig", "bench", "our speed vs the standard recipes, side by side, with device limits"),
     "demo": ("demo", "DemoConfig", "demo", "the whole pipeline on the built-in Dutch sample in minutes"),
 }
 

@@ -15,7 +15,8 @@ from typing import Any
 
 
 def option(default: Any = None, help: str = "", **argparse_kwargs: Any) -> Any:
-    """A dataclass field with a help string and optional extra argparse settings (choices, nargs, ...)."""
+    """A dataclass field with a help string and optional extra argparse settings (choices, nargs, ...);
+    `positional=True` makes it an optional positional argument instead of a --flag."""
     metadata = {"help": help, **argparse_kwargs}
     if isinstance(default, list):
         return dataclasses.field(default_factory=lambda: list(default), metadata=metadata)
@@ -37,8 +38,12 @@ def add_arguments(parser: argparse.ArgumentParser, cls: type) -> None:
         if not f.init:
             continue
         meta = dict(f.metadata)
-        flags = [f"--{f.name.replace('_', '-')}", *meta.pop("aliases", [])]
-        kwargs: dict[str, Any] = {"help": meta.pop("help", ""), "dest": f.name}
+        if meta.pop("positional", False):  # `gpt2-dutch bench train`: an optional positional argument
+            flags: list[str] = [f.name]
+            kwargs: dict[str, Any] = {"help": meta.pop("help", ""), "nargs": "?"}
+        else:
+            flags = [f"--{f.name.replace('_', '-')}", *meta.pop("aliases", [])]
+            kwargs = {"help": meta.pop("help", ""), "dest": f.name}
         kwargs.update(meta)
         tp = _unwrap_optional(hints[f.name])
         default = f.default if f.default is not dataclasses.MISSING else f.default_factory()  # type: ignore[misc]

@@ -219,7 +219,7 @@ def encode_texts(texts: Iterator[str], tokenizer: Any, encoders: dict[str, Split
         if route is None:
             return only.add(batch, ids)
         parts: dict[str, tuple[list[str], list[list[int]]]] = {name: ([], []) for name in encoders}
-        for text, doc_ids in zip(batch, ids):
+        for text, doc_ids in zip(batch, ids, strict=True):
             part = parts[route()]
             part[0].append(text)
             part[1].append(doc_ids)

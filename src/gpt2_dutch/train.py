@@ -34,6 +34,7 @@ from .model import MODEL_PRESETS, flops_per_token, gpt2_config, matmul_params, p
 
 MAX_CONTEXT = 16384  # dense attention beyond this needs more memory than any preset is sized for
 MIN_LR_RATIO = 0.1  # cosine decay ends at 10% of the peak (GPT-3 / Chinchilla practice)
+_USER_TENSORBOARD_DIR = os.environ.get("TENSORBOARD_LOGGING_DIR")  # a directory the user chose wins
 
 
 @dataclass
@@ -202,12 +203,12 @@ def collate(rows: list[dict[str, Any]]) -> dict[str, torch.Tensor]:
     return {"input_ids": ids, "labels": ids}  # the model shifts labels itself; every token is a target
 
 
-def train(cfg: TrainConfig) -> Path:
-    """Run training; return the run directory."""
+def train(cfg: TrainConfig, callbacks: list[Any] | None = None) -> Path:
+    """Run training; return the run directory. `callbacks`: extra TrainerCallbacks (the benchmark's timer)."""
     maybe_relaunch_on_all_gpus()
     manifest = read_manifest(cfg.dataset_path)  # type: ignore[arg-type]
     try:
-        return _run(cfg, manifest)
+        return _run(cfg, manifest, callbacks or [])
     except torch.OutOfMemoryError:
         raise UsageError(_OOM_ADVICE) from None
     except RuntimeError as e:
@@ -242,7 +243,7 @@ def run_config_dict(cfg: TrainConfig, **extra: Any) -> dict[str, Any]:
     return d
 
 
-def _run(cfg: TrainConfig, manifest: dict[str, Any]) -> Path:
+def _run(cfg: TrainConfig, manifest: dict[str, Any], extra_callbacks: list[Any]) -> Path:
     from accelerate import PartialState
     from accelerate.utils import broadcast_object_list
     from transformers import AutoModelForCausalLM, AutoTokenizer, set_seed
@@ -296,6 +297,9 @@ def _run(cfg: TrainConfig, manifest: dict[str, Any]) -> Path:
     }
     if is_main_process():
         write_json_atomic(run_dir / "run_config.json", run_config_dict(cfg, max_time_s=cfg.max_time_s, **run_info))
+    if cfg.report_to == "tensorboard" and not _USER_TENSORBOARD_DIR:
+        # The Trainer would log under checkpoints/runs/<date>; keep the run's event files beside its metrics.
+        os.environ["TENSORBOARD_LOGGING_DIR"] = str(run_dir / "tensorboard")
 
     from .training_loop import GPT2Trainer, attach_progress_bar, build_training_arguments, metrics_callbacks
 
@@ -303,7 +307,7 @@ def _run(cfg: TrainConfig, manifest: dict[str, Any]) -> Path:
     trainer = GPT2Trainer(
         model=model, args=args, train_dataset=train_ds, eval_dataset=test_ds, data_collator=collate,
         callbacks=metrics_callbacks(cfg, run_dir, run_info, manifest, schedule, auto_eval=cfg.eval_every is None,
-                                    auto_save=cfg.save_every is None),
+                                    auto_save=cfg.save_every is None) + extra_callbacks,
         schedule=schedule, keep_checkpoints=cfg.keep_checkpoints, tokens_per_step=tokens_per_step,
         bytes_per_token=_bytes_per_token(manifest),
     )
