@@ -213,3 +213,28 @@ def test_tensorboard_tracker_logs_into_the_run_directory(tiny_dataset, tmp_path)
     assert losses == pytest.approx(logged, abs=1e-4) and len(losses) == 4
     assert [e.value for e in events.Scalars("eval/loss")] == pytest.approx(
         [r["eval_loss"] for r in metrics(run) if "eval_loss" in r], abs=1e-4)
+
+
+@pytest.mark.parametrize("argv", [["/venv/bin/gpt2-dutch", "train", "--dataset-path", "d"],
+                                  ["-m", "gpt2_dutch", "train", "--dataset-path", "d"],
+                                  ["training.py", "--dataset-path", "d", "--model-size", "small"]])
+def test_several_gpus_relaunch_the_same_command_under_torchrun(monkeypatch, argv):
+    """A plain `train` on a machine with N GPUs re-runs itself as N DDP processes (no GPU needed to check)."""
+    import gpt2_dutch.train as train_module
+
+    calls: list[list[str]] = []
+    monkeypatch.setattr(train_module.torch.cuda, "device_count", lambda: 4)
+    monkeypatch.setattr(train_module.sys, "orig_argv", [sys.executable, *argv])
+    monkeypatch.setattr(train_module.subprocess, "call", lambda cmd: calls.append(cmd) or 3)
+    monkeypatch.delenv("LOCAL_RANK", raising=False)
+    monkeypatch.delenv("GPT2_DUTCH_NO_RELAUNCH", raising=False)
+    with pytest.raises(SystemExit) as exit_info:
+        train_module.maybe_relaunch_on_all_gpus()
+    assert exit_info.value.code == 3  # the launcher's exit status is passed on
+    assert calls == [[sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=4", *argv]]
+    monkeypatch.setenv("LOCAL_RANK", "0")  # already one of torchrun's processes: no second launch
+    train_module.maybe_relaunch_on_all_gpus()
+    monkeypatch.delenv("LOCAL_RANK")
+    monkeypatch.setattr(train_module.torch.cuda, "device_count", lambda: 1)
+    train_module.maybe_relaunch_on_all_gpus()
+    assert len(calls) == 1
