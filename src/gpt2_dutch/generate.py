@@ -62,6 +62,39 @@ class GenerateConfig:
 
 # ------------------------------------------------------------------------------------------ loading
 
+CPU_ATTENTION = "gpt2_dutch_cpu_decode"
+
+
+def cpu_decode_attention(module: Any, query: torch.Tensor, key: torch.Tensor, value: torch.Tensor,
+                         attention_mask: torch.Tensor | None, dropout: float = 0.0, scaling: float | None = None,
+                         **kwargs: Any) -> tuple[torch.Tensor, None]:
+    """SDPA for the prompt, plain matmul + softmax for the one-token decoding steps on CPU.
+
+    Why: PyTorch's CPU flash-attention kernel costs ~0.6 ms per layer per step for a single query, more than the
+    attention maths itself; the plain path made batch-16 decoding of small 10% faster (343 vs 311 tokens/s,
+    bf16, 2 cores, median of 4 alternating runs) and batch 1 no slower. The mask is SDPA's boolean one.
+    """
+    from transformers.integrations.sdpa_attention import sdpa_attention_forward
+
+    if query.shape[2] != 1 or module.training:
+        return sdpa_attention_forward(module, query, key, value, attention_mask, dropout=dropout, scaling=scaling,
+                                      **kwargs)
+    scores = torch.matmul(query, key.transpose(-1, -2)).float() * (scaling or query.shape[-1] ** -0.5)
+    if attention_mask is not None:
+        scores = scores.masked_fill(~attention_mask, torch.finfo(scores.dtype).min)
+    probs = torch.softmax(scores, dim=-1).to(value.dtype)
+    return torch.matmul(probs, value).transpose(1, 2), None
+
+
+def _use_cpu_decode_attention(model: Any) -> None:
+    from transformers import AttentionInterface
+    from transformers.masking_utils import AttentionMaskInterface, sdpa_mask
+
+    AttentionInterface.register(CPU_ATTENTION, cpu_decode_attention)
+    AttentionMaskInterface.register(CPU_ATTENTION, sdpa_mask)
+    model.set_attn_implementation(CPU_ATTENTION)
+
+
 def resolve_model_dir(path: str | Path) -> Path:
     """A final_model directory, a run directory (-> its final_model), or a -latest link."""
     p = Path(path).expanduser()
@@ -120,6 +153,8 @@ def load_model(path: str | Path, device: str = "auto", dtype: str = "auto") -> t
         cause = (str(e).splitlines() or [type(e).__name__])[0][:200]
         raise UsageError(f"cannot load the model in {model_dir} ({cause}); is the directory complete?") from None
     model.to(dev).eval()
+    if dev.type == "cpu" and config.model_type == "gpt2":
+        _use_cpu_decode_attention(model)
     if tokenizer.pad_token is None:
         tokenizer.pad_token = tokenizer.eos_token  # only for left-padding batches; masked out by attention
     tokenizer.padding_side = "left"
