@@ -68,10 +68,25 @@ class BenchConfig:
 def bench(cfg: BenchConfig) -> dict[str, Any]:
     from .sample import builtin_sample_path
 
+    # One device, one process: no DDP relaunch and no Trainer DataParallel on a machine with several GPUs.
+    saved = {k: os.environ.get(k) for k in ("CUDA_VISIBLE_DEVICES", "GPT2_DUTCH_NO_RELAUNCH")}
+    os.environ.setdefault("CUDA_VISIBLE_DEVICES", "0")
+    os.environ["GPT2_DUTCH_NO_RELAUNCH"] = "1"
+    try:
+        return _bench(cfg, builtin_sample_path())
+    finally:
+        for key, value in saved.items():
+            if value is None:
+                os.environ.pop(key, None)
+            else:
+                os.environ[key] = value
+
+
+def _bench(cfg: BenchConfig, builtin: Path) -> dict[str, Any]:
     if cfg.data_file:
         text = Path(cfg.data_file)
     else:
-        text = REFERENCE_TEXT if REFERENCE_TEXT.is_file() and not cfg.quick else builtin_sample_path()
+        text = REFERENCE_TEXT if REFERENCE_TEXT.is_file() and not cfg.quick else builtin
     parts = PARTS[1:] if cfg.part == "all" else [cfg.part]
     results: dict[str, Any] = {"version": __version__, "quick": cfg.quick, "machine": machine_info(),
                                "text": {"file": str(text), "mb": text_megabytes(text)}}

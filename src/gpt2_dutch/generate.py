@@ -260,10 +260,13 @@ class _TokenClock:
 @torch.inference_mode()
 def _timed_generate(model: Any, enc: dict[str, torch.Tensor], new_tokens: int, pad_id: int) -> dict[str, Any]:
     clock = _TokenClock()
+    sync = torch.cuda.synchronize if model.device.type == "cuda" else (lambda: None)
+    sync()
     start = time.perf_counter()
     # min_new_tokens = max_new_tokens: every run produces exactly the same number of tokens (EOS ignored)
     model.generate(**enc, max_new_tokens=new_tokens, min_new_tokens=new_tokens, do_sample=False,
                    pad_token_id=pad_id, streamer=clock if enc["input_ids"].shape[0] == 1 else None)
+    sync()  # generate may return before the GPU has finished its last kernels
     total = time.perf_counter() - start
     result: dict[str, Any] = {"seconds": total}
     if clock.times:  # times[0] is the prompt being "put"; times[1] the first generated token
