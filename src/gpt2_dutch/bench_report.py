@@ -1,0 +1,150 @@
+"""The report of `gpt2-dutch bench`: ratios against the targets, the table (screen and markdown), the bar chart."""
+
+from __future__ import annotations
+
+import json
+import os
+from pathlib import Path
+from typing import Any
+
+# The targets for a 2-core CPU from the project's issues; the train and generate ones are for `small`.
+TARGETS = {"preprocess_speedup": 2.0, "train_small_speedup": 2.0, "train_small_mfu": 0.5,
+           "train_small_compile_speedup": 2.0, "train_small_compile_mfu": 0.5,
+           "generate_batch1_speedup": 1.5, "generate_batch16_over_batch1": 8.0}
+
+
+def ratios(r: dict[str, Any]) -> dict[str, dict[str, Any]]:
+    """name -> {value, target (or None), met}: what the bar chart and the summary show."""
+    out: dict[str, float] = {}
+    if "preprocess" in r:
+        out["preprocess_speedup"] = r["preprocess"]["speedup"]
+    for size, t in r.get("train", {}).items():
+        if isinstance(t, dict):
+            out[f"train_{size}_speedup"] = t["speedup"]
+            out[f"train_{size}_mfu"] = t["ours_mfu"]
+    if "generate" in r:
+        g = r["generate"]
+        suffix = "" if g["model_size"] == "small" else f"_{g['model_size']}"
+        out[f"generate_batch1_speedup{suffix}"] = g["batch1_speedup"]
+        out[f"generate_batch{g['batch']}_over_batch1{suffix}"] = g["batchN_over_batch1"]
+    # --quick runs on ~60 KB of text, where fixed start-up costs dominate: its ratios are not judged.
+    targets = {} if r["quick"] else TARGETS
+    return {k: {"value": v, "target": targets.get(k), "met": None if k not in targets else v >= targets[k]}
+            for k, v in out.items()}
+
+
+def table_rows(r: dict[str, Any]) -> list[tuple[str, str, str, str]]:
+    """(benchmark, gpt2-dutch, baseline, ratio) rows shared by the screen and markdown tables."""
+    rows = []
+    if "preprocess" in r:
+        p = r["preprocess"]
+        rows.append((f"preprocess {p['text_mb']:.3g} MB of text, MB/s", f"{p['ours_mb_per_s']:.2f}",
+                     f"{p['recipe_mb_per_s']:.2f}", f"{p['speedup']:.2f}x"))
+        rows.append(("preprocess, fraction of the bare encoder's speed", f"{p['ours_fraction_of_encoder']:.0%}",
+                     f"{p['recipe_fraction_of_encoder']:.0%}", f"of {p['encoder_mb_per_s']:.2f} MB/s"))
+        rows.append(("preprocess peak memory, MB", f"{p['ours_peak_rss_mb']:.0f}", f"{p['recipe_peak_rss_mb']:.0f}",
+                     f"{p['recipe_peak_rss_mb'] / p['ours_peak_rss_mb']:.2f}x less"))
+        less = p["recipe_bytes_per_token"] / p["ours_bytes_per_token"]
+        rows.append(("preprocess bytes per stored token", f"{p['ours_bytes_per_token']:.2f}",
+                     f"{p['recipe_bytes_per_token']:.2f}", f"{less:.1f}x less"))
+        if "ours_10x_mb_per_s" in p:
+            rows.append(("preprocess 10x the text (streamed): MB/s, peak MB", f"{p['ours_10x_mb_per_s']:.2f}, "
+                         f"{p['ours_10x_peak_rss_mb']:.0f}", "", ""))
+    for t in r.get("train", {}).values():
+        if isinstance(t, dict):
+            shape = f"{t['batch']}x{r['train']['sequence']}"
+            how = t["ours_precision"] + (" + compile" if t["compile"] else "")
+            rows.append((f"train {t['model_size']} {shape}, tokens/s ({how} vs fp32)",
+                         f"{t['ours_tokens_per_s']:.0f}", f"{t['recipe_tokens_per_s']:.0f}", f"{t['speedup']:.2f}x"))
+            rows.append((f"train {t['model_size']} MFU (of the dtype's matmul peak)", f"{t['ours_mfu']:.1%}",
+                         f"{t['recipe_mfu']:.1%}", ""))
+    if "generate" in r:
+        g = r["generate"]
+        rows.append((f"generate {g['model_size']} batch 1, tokens/s ({g['ours_dtype']} vs {g['recipe_dtype']})",
+                     f"{g['ours_batch1_tokens_per_s']:.1f}", f"{g['recipe_batch1_tokens_per_s']:.1f}",
+                     f"{g['batch1_speedup']:.2f}x"))
+        rows.append((f"generate {g['model_size']} batch {g['batch']}, tokens/s", f"{g['ours_batchN_tokens_per_s']:.1f}",
+                     f"{g['recipe_batchN_tokens_per_s']:.1f}",
+                     f"{g['ours_batchN_tokens_per_s'] / g['recipe_batchN_tokens_per_s']:.2f}x"))
+        rows.append((f"generate batch {g['batch']} / batch 1", f"{g['batchN_over_batch1']:.1f}x",
+                     f"{g['recipe_batchN_tokens_per_s'] / g['recipe_batch1_tokens_per_s']:.1f}x", ""))
+        rows.append(("generate time to first token, ms", f"{g['ours_ttft_ms']:.1f}", f"{g['recipe_ttft_ms']:.1f}",
+                     f"{g['recipe_ttft_ms'] / g['ours_ttft_ms']:.2f}x"))
+        rows.append(("generate batch 1, fraction of the bandwidth bound",
+                     f"{g['batch1_fraction_of_bandwidth_bound']:.0%} of {g['batch1_bandwidth_bound_tokens_per_s']:.0f}",
+                     "", ""))
+    return rows
+
+
+def limits_line(r: dict[str, Any]) -> str:
+    lim = r["limits"]
+    peaks = ", ".join(f"{k} {v / 1e9:.0f}" for k, v in lim["matmul_flops"].items())
+    return (f"{r['machine']['device']}; torch {r['machine']['torch']}; matmul peak GFLOP/s: {peaks}; memory "
+            f"bandwidth GB/s: copy {lim['copy_bytes_per_s'] / 1e9:.1f}, read {lim['read_bytes_per_s'] / 1e9:.1f}")
+
+
+def markdown(r: dict[str, Any]) -> str:
+    lines = [f"Measured by `gpt2-dutch bench{' --quick' if r['quick'] else ''}` (gpt2-dutch {r['version']}) on "
+             f"{limits_line(r)}.", "", "| benchmark | gpt2-dutch | baseline | ratio |", "|---|---:|---:|---:|"]
+    lines += [f"| {a} | {b} | {c} | {d} |" for a, b, c, d in table_rows(r)]
+    targets = [f"{k} {v['value']:.2f} (target {v['target']}: {'met' if v['met'] else 'missed'})"
+               for k, v in r["ratios"].items() if v["target"] is not None]
+    if targets:
+        lines += ["", "Targets: " + "; ".join(targets) + "."]
+    return "\n".join(lines) + "\n"
+
+
+def screen(r: dict[str, Any]) -> str:
+    rows = [("benchmark", "gpt2-dutch", "baseline", "ratio"), *table_rows(r)]
+    w = [max(len(row[i]) for row in rows) for i in range(4)]
+    lines = [limits_line(r)]
+    lines += [f"{a:<{w[0]}}  {b:>{w[1]}}  {c:>{w[2]}}  {d:>{w[3]}}" for a, b, c, d in rows]
+    return "\n".join(lines)
+
+
+def plot_ratios(r: dict[str, Any], path: Path) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    items = [(k, v) for k, v in r["ratios"].items() if not k.endswith("_mfu")]
+    fig, ax = plt.subplots(figsize=(7.5, 0.5 * len(items) + 1.6), dpi=110)
+    names = [k.replace("_", " ") for k, _ in items]
+    values = [v["value"] for _, v in items]
+    colors = ["tab:green" if v["met"] else "tab:red" if v["met"] is False else "tab:blue" for _, v in items]
+    ax.barh(names, values, color=colors)
+    for i, (_, v) in enumerate(items):
+        if v["target"] is not None:
+            ax.plot([v["target"]] * 2, [i - 0.4, i + 0.4], "k--", lw=1.2)
+        ax.text(v["value"], i, f" {v['value']:.2f}x", va="center")
+    ax.axvline(1.0, color="grey", lw=0.8)
+    ax.invert_yaxis()
+    ax.set_xlabel("gpt2-dutch / baseline (dashed: target)")
+    ax.set_title(f"gpt2-dutch bench on {r['machine']['device']}", fontsize=9)
+    fig.tight_layout()
+    tmp = path.with_name(f".{path.name}.tmp.png")
+    fig.savefig(tmp)
+    plt.close(fig)
+    os.replace(tmp, path)
+
+
+def _write(path: Path, text: str) -> None:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(f".{path.name}.tmp")
+    tmp.write_text(text)
+    os.replace(tmp, path)
+
+
+def write_outputs(r: dict[str, Any], paths: dict[str, Path]) -> None:
+    """Write the JSON, markdown and PNG (each atomically) to paths['json'|'markdown'|'plot']; print the table."""
+    _write(paths["json"], json.dumps(r, indent=2) + "\n")
+    _write(paths["markdown"], markdown(r))
+    paths["plot"].parent.mkdir(parents=True, exist_ok=True)
+    plot_ratios(r, paths["plot"])
+    print(screen(r))
+    met = [f"{k} {v['value']:.2f}/{v['target']} {'met' if v['met'] else 'MISSED'}" for k, v in r["ratios"].items()
+           if v["target"] is not None]
+    if met:
+        print("targets: " + "; ".join(met))
+    print("wrote " + ", ".join(str(p) for p in paths.values()))
