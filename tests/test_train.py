@@ -199,6 +199,11 @@ def test_max_time_fits_the_step_count_so_the_schedule_ends(tiny_dataset, tmp_pat
     # total // 100 steps, so the last record is within one interval of it
     assert [r["step"] for r in m if "eval_loss" in r][-1] == total
     assert total - max(1, total // 100) < [r["step"] for r in m if "loss" in r][-1] <= total
+    assert rc["length_set_by"] == "max_time"
+    # with a --max-steps the budget cannot reach, the budget still decides, and run_config.json says so
+    run = train(tiny_cfg(tiny_dataset, tmp_path / "capped", max_time="2s", max_steps=10**5))
+    rc = json.loads((run / "run_config.json").read_text())
+    assert rc["length_set_by"] == "max_time" and 0 < rc["total_steps"] < 10**5
     lrs = [r["lr"] for r in m if "lr" in r]
     assert lrs[-1] == pytest.approx(1e-3 * 0.1, rel=0.15)  # the cosine reached its floor at the fitted end
     assert any("eval_loss" in r for r in m)

@@ -182,6 +182,8 @@ class MaxTimeCallback(TrainerCallback):
             path = self.run_dir / "run_config.json"
             saved = json.loads(path.read_text())
             saved.update(total_steps=total, seconds_per_step=round(per_step, 4))
+            if total < self.upper_bound:  # the budget, not --max-steps/--max-tokens, ends this run
+                saved["length_set_by"] = "max_time"
             write_json_atomic(path, saved)
         bar = getattr(self, "progress", None)
         if bar is not None and getattr(bar, "training_bar", None) is not None:
