@@ -73,6 +73,23 @@ def test_cpu_decode_attention_equals_sdpa(loaded):
     assert torch.equal(ours, sdpa_attention_forward(module, prompt, k, v, None, scaling=0.125, is_causal=True)[0])
 
 
+def test_models_saved_with_gelu_new_load_with_the_fused_gelu_and_same_logits(tiny_run, tmp_path):
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    from gpt2_dutch.model import FAST_GELU
+
+    final = tiny_run / "final_model"
+    old = AutoModelForCausalLM.from_pretrained(str(final), activation_function="gelu_new").eval()
+    old.save_pretrained(str(tmp_path))
+    AutoTokenizer.from_pretrained(str(final)).save_pretrained(str(tmp_path))
+    assert json.loads((tmp_path / "config.json").read_text())["activation_function"] == "gelu_new"
+    model, tok, _ = load_model(tmp_path, device="cpu", dtype="fp32")
+    assert model.config.activation_function == FAST_GELU
+    ids = tok(["De trein naar Utrecht vertrekt"], return_tensors="pt")["input_ids"]
+    with torch.no_grad():
+        assert torch.allclose(model(ids).logits, old(ids).logits, atol=1e-5)
+
+
 def test_greedy_batch_equals_one_by_one(loaded):
     model, tok, _ = loaded
     cfg = GenerateConfig(max_new_tokens=12, greedy=True)

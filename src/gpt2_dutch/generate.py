@@ -23,6 +23,7 @@ import torch
 
 from .config import option
 from .errors import UsageError, check
+from .model import FAST_GELU
 from .train import cpu_has_fast_bf16
 
 DEFAULT_PROMPTS = ["Amsterdam is een stad", "Het weer in Nederland", "Er was eens een"]
@@ -147,8 +148,11 @@ def load_model(path: str | Path, device: str = "auto", dtype: str = "auto") -> t
     torch_dtype = resolve_dtype(dtype, dev)
     try:
         tokenizer = AutoTokenizer.from_pretrained(str(model_dir), trust_remote_code=False)
+        # Models saved with GPT-2's gelu_new run the same function through one fused op (see model.FAST_GELU).
+        fast_gelu = {"activation_function": FAST_GELU} if getattr(config, "activation_function", None) == \
+            "gelu_new" else {}
         model = AutoModelForCausalLM.from_pretrained(str(model_dir), dtype=torch_dtype, use_safetensors=True,
-                                                     trust_remote_code=False)
+                                                     trust_remote_code=False, **fast_gelu)
     except Exception as e:  # noqa: BLE001 - corrupt or truncated weights, missing tokenizer files, ...
         cause = (str(e).splitlines() or [type(e).__name__])[0][:200]
         raise UsageError(f"cannot load the model in {model_dir} ({cause}); is the directory complete?") from None

@@ -31,6 +31,9 @@ def preset(name: str) -> ModelPreset:
     return MODEL_PRESETS[name]
 
 
+FAST_GELU = "gelu_pytorch_tanh"
+
+
 def gpt2_config(size: str, vocab_size: int, context: int, eos_token_id: int):  # -> GPT2Config
     """A GPT2Config for `size` with the dataset's vocabulary and context; no dropout (single-pass pretraining)."""
     from transformers import GPT2Config
@@ -40,6 +43,10 @@ def gpt2_config(size: str, vocab_size: int, context: int, eos_token_id: int):  #
         vocab_size=vocab_size, n_positions=context, n_embd=p.n_embd, n_layer=p.n_layer, n_head=p.n_head,
         resid_pdrop=0.0, embd_pdrop=0.0, attn_pdrop=0.0, bos_token_id=eos_token_id, eos_token_id=eos_token_id,
         tie_word_embeddings=True,
+        # GPT-2's own GELU (the tanh approximation), as one fused op instead of gelu_new's seven elementwise ones:
+        # the same function (first loss equal to 1e-5); measured on 2 CPU cores for small, a bf16 training step
+        # took 6.1 instead of 8.2 s and decoding got ~5% faster.
+        activation_function=FAST_GELU,
     )
 
 
