@@ -1,14 +1,15 @@
 """Our speed against the standard recipes, side by side in one run, next to this device's measured limits.
 
-    gpt2-dutch bench                         # limits + preprocess + train + generate (~10 min on 2 CPU cores)
+    gpt2-dutch bench                         # limits + preprocess + train + generate (~7 min on 2 CPU cores)
     gpt2-dutch bench train                   # one part: preprocess, train or generate
-    gpt2-dutch bench --quick                 # every part on small inputs in about a minute (CI)
+    gpt2-dutch bench --quick                 # every part on small inputs in ~20 s (CI)
     gpt2-dutch bench --json b.json --markdown b.md --plot b.png
 
 Each of our results is measured next to its baseline (gpt2_dutch/baselines.py: run_clm.py's data path, a
 run_clm-style fp32 Trainer, plain fp32 `model.generate`) on the same data in the same run and reported as a
 ratio, so the figures hold on a noisy shared machine. Rates are also given as a fraction of the limit that
-bounds them: the matmul peak of the dtype for training (MFU), memory bandwidth for batch-1 decoding.
+bounds them: the bare tokenizer for preprocessing, the matmul peak of the dtype for training (MFU), memory
+bandwidth for batch-1 decoding.
 Text: --data-file, else ../shared/data/dutch/train.jsonl.gz when run from a checkout that has it, else the
 built-in sample. Tokenizer: --tokenizer, else a Dutch BPE trained on that text before any timing.
 """
@@ -41,12 +42,11 @@ PARTS = ["all", "preprocess", "train", "generate"]
 REFERENCE_TEXT = Path("../shared/data/dutch/train.jsonl.gz")  # the project's benchmark corpus, in a checkout
 
 
-
 @dataclass
 class BenchConfig:
     part: str = option("all", "what to measure: all, preprocess, train or generate", positional=True,
                        choices=PARTS)
-    quick: bool = option(False, "small inputs, the tiny model and few steps: every part in about a minute (CI)")
+    quick: bool = option(False, "small inputs, the tiny model and few steps: every part in ~20 s (CI)")
     data_file: str | None = option(None, "benchmark text: a .jsonl(.gz) file with a 'text' field (default: "
                                    f"{REFERENCE_TEXT} when present, else the built-in sample)")
     tokenizer: str | None = option(None, "tokenizer for every part (default: a Dutch BPE trained on the text)")
