@@ -18,6 +18,7 @@ from pathlib import Path
 from typing import Any
 
 import torch
+from transformers import TrainerCallback
 
 
 def preprocess_recipe(data_file: str, tokenizer_dir: str, output_dir: str, cache_dir: str, block_size: int) -> dict:
@@ -42,8 +43,8 @@ def preprocess_recipe(data_file: str, tokenizer_dir: str, output_dir: str, cache
     return {"tokens": sum(len(grouped[s]) for s in grouped) * block_size}
 
 
-class StepTimer:
-    """A TrainerCallback (duck-typed) recording the wall time of every optimizer step, data loading included."""
+class StepTimer(TrainerCallback):
+    """Records the wall time of every optimizer step, data loading included."""
 
     def __init__(self) -> None:
         self.ends: list[float] = []
@@ -54,11 +55,6 @@ class StepTimer:
     def on_step_end(self, *args: Any, **kwargs: Any) -> None:
         self.ends.append(time.perf_counter())
 
-    def __getattr__(self, name: str) -> Any:
-        if name.startswith("on_"):
-            return lambda *args, **kwargs: None
-        raise AttributeError(name)
-
     def median_step_s(self, warmup: int) -> float:
         durations = [b - a for a, b in zip(self.ends, self.ends[1:], strict=False)][warmup:]
         if not durations:
@@ -67,7 +63,7 @@ class StepTimer:
 
 
 def train_recipe(dataset_dir: str, model_size: str, batch_size: int, steps: int, output_dir: str,
-                 timer: StepTimer) -> dict:
+                 timer: StepTimer) -> None:
     """A run_clm-style Trainer run from scratch in fp32 eager; the timer gets the per-step times."""
     from datasets import load_from_disk
     from transformers import AutoModelForCausalLM, GPT2Config, Trainer, TrainingArguments, default_data_collator
@@ -87,8 +83,7 @@ def train_recipe(dataset_dir: str, model_size: str, batch_size: int, steps: int,
                              use_cpu=not torch.cuda.is_available(), seed=42, disable_tqdm=True,
                              remove_unused_columns=False)
     Trainer(model=model, args=args, train_dataset=data, data_collator=default_data_collator,
-            callbacks=[timer]).train()  # type: ignore[list-item]
-    return {"tokens_per_step": batch_size * context, "dtype": "fp32"}
+            callbacks=[timer]).train()
 
 
 @torch.inference_mode()

@@ -96,7 +96,7 @@ def _bench(cfg: BenchConfig, builtin: Path) -> dict[str, Any]:
         results["tokenizer"] = cfg.tokenizer or "Dutch BPE trained on the benchmark text"
         if "preprocess" in parts:
             say("preprocess: gpt2-dutch vs the run_clm.py recipe")
-            results["preprocess"] = bench_preprocess(text, tokenizer, tmp, cfg.quick)
+            results["preprocess"] = bench_preprocess(text, results["text"]["mb"], tokenizer, tmp, cfg.quick)
         if "train" in parts:
             results["train"] = bench_train(text, tokenizer, tmp, cfg.quick, results["limits"])
         if "generate" in parts:
@@ -219,8 +219,7 @@ def _run_child(side: str, text: Path, tokenizer: str, out: Path, chunk: int) -> 
     return json.loads(r.stdout.strip().splitlines()[-1])
 
 
-def bench_preprocess(text: Path, tokenizer: str, tmp: Path, quick: bool) -> dict[str, Any]:
-    mb = text_megabytes(text)
+def bench_preprocess(text: Path, mb: float, tokenizer: str, tmp: Path, quick: bool) -> dict[str, Any]:
     chunk = 128 if quick else 1024
     runs: dict[str, list[dict[str, Any]]] = {"ours": [], "recipe": [], "encoder": []}
     for i in range(1 if quick else 2):  # alternate the sides; keep each side's fastest run
@@ -301,7 +300,7 @@ def bench_generate(tokenizer_dir: str, tmp: Path, quick: bool, limits: dict[str,
 
     from .baselines import generate_recipe
     from .generate import GenerateConfig, load_model, run_benchmark
-    from .model import gpt2_config
+    from .model import gpt2_config, matmul_params
 
     size = "tiny" if quick else "small"
     new_tokens, repeats, batch = (16, 1, 16) if quick else (64, 3, 16)
@@ -315,8 +314,7 @@ def bench_generate(tokenizer_dir: str, tmp: Path, quick: bool, limits: dict[str,
     model, tokenizer, _ = load_model(model_dir)
     ours = run_benchmark(model, tokenizer, GenerateConfig(max_new_tokens=new_tokens, benchmark_batch=batch),
                          repeats=repeats)
-    weight_bytes = sum(p.numel() * p.element_size() for p in model.parameters()) - (
-        model.transformer.wpe.weight.numel() * model.transformer.wpe.weight.element_size())
+    weight_bytes = matmul_params(model) * model.transformer.wte.weight.element_size()  # all but the position table
     del model
     gc.collect()
     recipe = generate_recipe(str(model_dir), ours["prompt_tokens"], ours["new_tokens"], [1, batch], repeats)
