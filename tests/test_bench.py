@@ -28,8 +28,10 @@ def test_bench_quick_writes_complete_results(cli, tmp_path, monkeypatch):
     assert _positive(lim["copy_bytes_per_s"]) and _positive(lim["read_bytes_per_s"])
     p = r["preprocess"]
     for key in ("ours_mb_per_s", "recipe_mb_per_s", "speedup", "ours_peak_rss_mb", "recipe_peak_rss_mb",
-                "encoder_mb_per_s", "ours_fraction_of_encoder"):
+                "encoder_mb_per_s", "ours_fraction_of_encoder", "recipe_encoder_mb_per_s",
+                "recipe_fraction_of_encoder"):
         assert _positive(p[key]), key
+    assert p["encoder"] == "tiktoken"  # the sample's BPE is GPT-2-style: the fast encoder is the one measured
     assert math.isclose(p["speedup"], p["ours_mb_per_s"] / p["recipe_mb_per_s"], rel_tol=1e-9)
     # uint16 ids (plus Arrow framing) against the recipe's int64 input_ids + attention_mask + labels
     assert 2.0 <= p["ours_bytes_per_token"] < 2.5 and p["recipe_bytes_per_token"] > 3 * p["ours_bytes_per_token"]

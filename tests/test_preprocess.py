@@ -173,6 +173,15 @@ def test_reuse_tokenizer_of_a_dataset(tmp_path, corpus):
     assert json.loads((second / "manifest.json").read_text())["tokenizer"]["origin"] == str(first)
 
 
+def test_both_encoders_write_identical_chunks(tmp_path, corpus, small_tokenizer):
+    fast = run_preprocess(tmp_path / "a", corpus, small_tokenizer, chunk_size=16)
+    plain = run_preprocess(tmp_path / "b", corpus, small_tokenizer, chunk_size=16, encoder="tokenizers")
+    for split in ("train", "test"):
+        assert np.array_equal(all_ids(fast, split), all_ids(plain, split))
+    assert [json.loads((p / "manifest.json").read_text())["tokenizer"]["encoded_with"] for p in (fast, plain)] == [
+        "tiktoken", "tokenizers"]
+
+
 def make_hub_like(root: Path, test_docs: list[str]) -> Path:
     """A local dataset laid out like the Hub's (configs in README.md) so `datasets.load_dataset` reads it."""
     (root / "10k").mkdir(parents=True)
@@ -230,6 +239,7 @@ BAD_INPUTS = [
     (["--data-files", "{tmp}/corpus.jsonl", "--test-split", "0"], "--test-split must be in (0, 0.5]"),
     (["--data-files", "{tmp}/short.jsonl", "--chunk-size", "512"], "the train split has only"),
     (["--data-files", "{tmp}/corpus.jsonl", "--tokenizer", "{tmp}"], "holds no tokenizer"),
+    (["--data-files", "{tmp}/corpus.jsonl", "--encoder", "fast"], "invalid choice: 'fast'"),
 ]
 
 

@@ -180,22 +180,24 @@ def train_bench_tokenizer(text: Path, out: Path, vocab_size: int) -> str:
 
 # Each side runs in a fresh process (its peak RSS is its own), libraries imported before the clock starts.
 _CHILD = r"""
-import json, resource, sys, time
+import json, os, resource, sys, time
 from pathlib import Path
 import datasets, transformers, tokenizers
 from gpt2_dutch.baselines import preprocess_recipe
 from gpt2_dutch.data import iter_local_texts
 from gpt2_dutch.preprocess import PreprocessConfig, preprocess
-from gpt2_dutch.tokenizer import load_tokenizer
+from gpt2_dutch.tokenizer import BatchEncoder, load_tokenizer
 side, text, tok, out, cache, chunk = sys.argv[1:7]
-if side == "encoder":  # the limit: the bare Rust batch encoder on texts already in memory
-    texts, encoder = list(iter_local_texts([Path(text)], "text", "paragraph")), load_tokenizer(tok).backend_tokenizer
+if side in ("encoder", "tokenizers"):  # the limits: bare batch encoders on texts already in memory
+    texts = list(iter_local_texts([Path(text)], "text", "paragraph"))
+    encoder = BatchEncoder(load_tokenizer(tok), os.cpu_count(), "auto" if side == "encoder" else "tokenizers")
+    encoder(texts[:64])  # the one-time check against tokenizers happens here, not on the clock
 t0 = time.perf_counter()
 if side == "recipe":
     stored = preprocess_recipe(text, tok, out, cache, int(chunk))
-elif side == "encoder":
-    stored = {"tokens": sum(len(e.ids) for i in range(0, len(texts), 1000)
-                            for e in encoder.encode_batch_fast(texts[i:i + 1000], add_special_tokens=False))}
+elif side in ("encoder", "tokenizers"):
+    stored = {"tokens": sum(len(ids) for i in range(0, len(texts), 1000) for ids in encoder(texts[i:i + 1000])),
+              "encoder": encoder.name}
 else:
     path = preprocess(PreprocessConfig(data_files=[text], tokenizer=tok, output_dir=out, name="d",
                                        chunk_size=int(chunk), streaming=True))
@@ -221,18 +223,21 @@ def _run_child(side: str, text: Path, tokenizer: str, out: Path, chunk: int) -> 
 
 def bench_preprocess(text: Path, mb: float, tokenizer: str, tmp: Path, quick: bool) -> dict[str, Any]:
     chunk = 128 if quick else 1024
-    runs: dict[str, list[dict[str, Any]]] = {"ours": [], "recipe": [], "encoder": []}
+    runs: dict[str, list[dict[str, Any]]] = {"ours": [], "recipe": [], "encoder": [], "tokenizers": []}
     for i in range(1 if quick else 2):  # alternate the sides; keep each side's fastest run
         for side in runs:
             runs[side].append(_run_child(side, text, tokenizer, tmp / f"pre-{side}-{i}", chunk))
-    ours, recipe, encoder = (min(runs[s], key=lambda r: r["seconds"]) for s in runs)
+    ours, recipe, encoder, tokenizers = (min(runs[s], key=lambda r: r["seconds"]) for s in runs)
     result: dict[str, Any] = {
         "text_mb": mb, "chunk_size": chunk,
         "ours_mb_per_s": mb / ours["seconds"], "recipe_mb_per_s": mb / recipe["seconds"],
         "speedup": recipe["seconds"] / ours["seconds"],
-        # The bound: tokenizing is most of the work, so no pipeline on this encoder beats its bare speed.
-        "encoder_mb_per_s": mb / encoder["seconds"], "ours_fraction_of_encoder": encoder["seconds"] / ours["seconds"],
-        "recipe_fraction_of_encoder": encoder["seconds"] / recipe["seconds"],
+        # The bounds: tokenizing is most of the work, so neither side beats the bare speed of its encoder
+        # (ours: tiktoken for a GPT-2-style BPE; the recipe: tokenizers).
+        "encoder": encoder["encoder"], "encoder_mb_per_s": mb / encoder["seconds"],
+        "ours_fraction_of_encoder": encoder["seconds"] / ours["seconds"],
+        "recipe_encoder_mb_per_s": mb / tokenizers["seconds"],
+        "recipe_fraction_of_encoder": tokenizers["seconds"] / recipe["seconds"],
         "ours_bytes_per_token": ours["bytes_on_disk"] / ours["tokens"],
         "recipe_bytes_per_token": recipe["bytes_on_disk"] / recipe["tokens"],
         "ours_peak_rss_mb": ours["peak_rss_mb"], "recipe_peak_rss_mb": recipe["peak_rss_mb"],

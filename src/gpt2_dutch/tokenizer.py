@@ -9,9 +9,11 @@ exactly as in GPT-2, so every saved tokenizer opens with `AutoTokenizer.from_pre
 from __future__ import annotations
 
 import json
+import sys
 import tempfile
 from collections.abc import Iterable
 from pathlib import Path
+from typing import Any
 
 from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
 from transformers import AutoTokenizer, GPT2TokenizerFast, PreTrainedTokenizerBase
@@ -93,6 +95,101 @@ def load_tokenizer(name_or_dir: str) -> PreTrainedTokenizerBase:
     if tok.bos_token is None:
         tok.bos_token = tok.eos_token
     return tok
+
+
+# ------------------------------------------------------------------------------------------ batch encoding
+
+# The pre-tokenizer pattern of GPT-2, used by `tokenizers`' ByteLevel(use_regex=True) and by tiktoken's gpt2.
+GPT2_PATTERN = r"""'s|'t|'re|'ve|'m|'ll|'d| ?\p{L}+| ?\p{N}+| ?[^\s\p{L}\p{N}]+|\s+(?!\S)|\s+"""
+ENCODERS = ["auto", "tokenizers"]
+VERIFY_DOCS = 64  # documents of the first batch encoded both ways before the fast encoder is trusted
+
+
+class BatchEncoder:
+    """Token ids of a batch of documents, exactly as `tokenizer(texts, add_special_tokens=False)` gives them.
+
+    For a GPT-2-style byte-level BPE (what `preprocess` trains, and GPT-2 itself) tiktoken's encoder gives the
+    same ids 3-3.5x faster than `tokenizers`' encode_batch_fast: 14 MB of Dutch text in 0.6 s against 2.1 s
+    on 2 cores, with the benchmark's Dutch BPE; identical ids on all 8.6 M tokens of ../shared/data/dutch
+    with that BPE and with the English GPT-2 one. The two algorithms agree only when the vocabulary's ids
+    follow the merge order (tiktoken merges the pair whose result has the lowest id, tokenizers the pair
+    with the earliest merge), so `_tiktoken_for` checks that and the rest of the tokenizer's shape, and the
+    first documents are encoded both ways: any difference switches to `tokenizers` for the whole run.
+    """
+
+    def __init__(self, tokenizer: Any, threads: int, engine: str = "auto"):
+        self.backend = tokenizer.backend_tokenizer
+        self.threads = threads
+        self.fast = _tiktoken_for(self.backend) if engine == "auto" else None
+        self._verified = False
+
+    @property
+    def name(self) -> str:
+        return "tiktoken" if self.fast is not None else "tokenizers"
+
+    def __call__(self, texts: list[str]) -> list[list[int]]:
+        if self.fast is not None:
+            ids = self.fast.encode_batch(texts, num_threads=self.threads, allowed_special="all")
+            if self._verified or self._agrees(texts, ids):
+                return ids
+        # encode_batch_fast skips the offsets and masks we never use: ~15% faster than encode_batch.
+        encode = getattr(self.backend, "encode_batch_fast", self.backend.encode_batch)
+        return [e.ids for e in encode(texts, add_special_tokens=False)]
+
+    def _agrees(self, texts: list[str], ids: list[list[int]]) -> bool:
+        self._verified = True
+        reference = self.backend.encode_batch(texts[:VERIFY_DOCS], add_special_tokens=False)
+        for i, (ours, theirs) in enumerate(zip(ids, reference, strict=False)):
+            if ours != theirs.ids:
+                print(f"note: tiktoken and tokenizers encode document {i + 1} differently; encoding with "
+                      "tokenizers (slower) from here on", file=sys.stderr)
+                self.fast = None
+                return False
+        return True
+
+
+def _byte_symbols() -> dict[str, int]:
+    """The byte-level alphabet: printable bytes stand for themselves, the other 68 are shifted to 256 and up."""
+    printable = [*range(ord("!"), ord("~") + 1), *range(0xA1, 0xAC + 1), *range(0xAE, 0xFF + 1)]
+    symbols = {chr(b): b for b in printable}
+    shifted = (b for b in range(256) if b not in set(printable))
+    symbols.update({chr(256 + i): b for i, b in enumerate(shifted)})
+    return symbols
+
+
+def _tiktoken_for(backend: Tokenizer) -> Any | None:
+    """A tiktoken Encoding equivalent to `backend`, or None when the tokenizer is not a plain GPT-2-style BPE."""
+    pre, model = backend.pre_tokenizer, backend.model
+    if (backend.normalizer is not None or not isinstance(pre, pre_tokenizers.ByteLevel)
+            or pre.add_prefix_space or not pre.use_regex or not isinstance(model, models.BPE)
+            or model.dropout or model.byte_fallback or model.continuing_subword_prefix
+            or model.end_of_word_suffix):
+        return None
+    try:
+        import tiktoken
+    except ImportError:
+        return None
+    added = backend.get_added_tokens_decoder()
+    if any(not t.special or t.normalized or t.lstrip or t.rstrip or t.single_word for t in added.values()):
+        return None
+    symbols = _byte_symbols()
+    vocab = {t: i for t, i in backend.get_vocab(with_added_tokens=False).items() if i not in added}
+    if not set("".join(vocab)) <= symbols.keys():
+        return None
+    to_latin1 = str.maketrans({c: chr(b) for c, b in symbols.items()})  # then .encode("latin-1") = the bytes
+    ranks = {t.translate(to_latin1).encode("latin-1"): i for t, i in vocab.items()}
+    with tempfile.TemporaryDirectory() as tmp:
+        model.save(tmp)
+        lines = (Path(tmp) / "merges.txt").read_text(encoding="utf-8").splitlines()
+    merges = [line.partition(" ") for line in lines if line and not line.startswith("#version")]
+    merged_ids = [vocab.get(a + b, -1) for a, _, b in merges]
+    # Every non-special token is a byte or the result of exactly one merge, and ids rise with merge order.
+    if (len(ranks) != 256 + len(merges) or sum(len(b) == 1 for b in ranks) != 256 or min(merged_ids, default=0) < 0
+            or any(x >= y for x, y in zip(merged_ids, merged_ids[1:], strict=False))
+            or any(i < max(vocab[a], vocab[b]) for (a, _, b), i in zip(merges, merged_ids, strict=True))):
+        return None
+    return tiktoken.Encoding("gpt2-dutch", pat_str=GPT2_PATTERN, mergeable_ranks=ranks,
+                             special_tokens={t.content: i for i, t in added.items()})
 
 
 def _one_line(error: BaseException) -> str:
