@@ -90,8 +90,27 @@ def test_models_saved_with_gelu_new_load_with_the_fused_gelu_and_same_logits(tin
         assert torch.allclose(model(ids).logits, old(ids).logits, atol=1e-5)
 
 
-def test_greedy_batch_equals_one_by_one(loaded):
-    model, tok, _ = loaded
+@pytest.mark.skipif(not torch.ops.mkldnn._is_mkldnn_bf16_supported(), reason="this CPU has no oneDNN bf16")
+def test_cpu_bf16_packs_every_linear_layer_with_the_same_logits(tiny_run):
+    from transformers import AutoModelForCausalLM
+
+    from gpt2_dutch.generate import PackedLinear, parameter_count
+
+    model, tok, _ = load_model(tiny_run, device="cpu", dtype="bf16")
+    packed = [m for m in model.modules() if isinstance(m, PackedLinear)]
+    assert len(packed) == 4 * model.config.n_layer + 1  # attention in/out, MLP in/out per block + the LM head
+    assert [m.counted for m in packed].count(False) == 1  # the LM head is the tied token embedding
+    plain = AutoModelForCausalLM.from_pretrained(str(tiny_run / "final_model"), dtype=torch.bfloat16).eval()
+    assert parameter_count(model) == sum(p.numel() for p in plain.parameters())
+    assert not any(isinstance(m, PackedLinear) for m in load_model(tiny_run, "cpu", "fp32")[0].modules())
+    enc = tok([d[:25] for d in DOCS[:3]], return_tensors="pt", padding=True)  # within the 32-token context
+    with torch.no_grad():
+        assert torch.equal(model(**enc).logits, plain(**enc).logits)
+
+
+@pytest.mark.parametrize("dtype", ["fp32", "bf16"])
+def test_greedy_batch_equals_one_by_one(tiny_run, dtype):
+    model, tok, _ = load_model(tiny_run, device="cpu", dtype=dtype)
     cfg = GenerateConfig(max_new_tokens=12, greedy=True)
     prompts = ["De trein naar", "Oma bakt elke", "Het", "Kinderen leren op school"]  # all fit 12 new tokens
     batch = generate_texts(model, tok, prompts, cfg)

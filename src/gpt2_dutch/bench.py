@@ -313,13 +313,14 @@ def bench_generate(tokenizer_dir: str, tmp: Path, quick: bool, limits: dict[str,
     model_dir = tmp / f"generate-{size}"
     torch.manual_seed(0)  # random weights: decoding speed does not depend on their values
     model = AutoModelForCausalLM.from_config(gpt2_config(size, len(tok), 1024, tok.eos_token_id))
+    n_matmul = matmul_params(model)  # all but the position table; counted before load_model packs the layers
     model.save_pretrained(str(model_dir))
     tok.save_pretrained(str(model_dir))
     del model
     model, tokenizer, _ = load_model(model_dir)
     ours = run_benchmark(model, tokenizer, GenerateConfig(max_new_tokens=new_tokens, benchmark_batch=batch),
                          repeats=repeats)
-    weight_bytes = matmul_params(model) * model.transformer.wte.weight.element_size()  # all but the position table
+    weight_bytes = n_matmul * model.transformer.wte.weight.element_size()
     del model
     gc.collect()
     recipe = generate_recipe(str(model_dir), ours["prompt_tokens"], ours["new_tokens"], [1, batch], repeats)
