@@ -8,8 +8,8 @@
 Each of our results is measured next to its baseline (gpt2_dutch/baselines.py: run_clm.py's data path, a
 run_clm-style fp32 Trainer, plain fp32 `model.generate`) on the same data in the same run and reported as a
 ratio, so the figures hold on a noisy shared machine. Rates are also given as a fraction of the limit that
-bounds them: the bare tokenizer for preprocessing, the matmul peak of the dtype for training (MFU), memory
-bandwidth for batch-1 decoding.
+bounds them: the bare encoder for preprocessing (ours and the recipe's), the matmul peak of the dtype for
+training (MFU), memory bandwidth for batch-1 decoding.
 Text: --data-file, else ../shared/data/dutch/train.jsonl.gz when run from a checkout that has it, else the
 built-in sample. Tokenizer: --tokenizer, else a Dutch BPE trained on that text before any timing.
 """
