@@ -173,6 +173,18 @@ def test_reuse_tokenizer_of_a_dataset(tmp_path, corpus):
     assert json.loads((second / "manifest.json").read_text())["tokenizer"]["origin"] == str(first)
 
 
+def test_a_lone_surrogate_escape_in_json_is_read_as_the_replacement_character(tmp_path):
+    from gpt2_dutch.data import iter_local_texts
+
+    broken = 'Een half emoji-paar \\ud83c hier, een heel paar \\ud83c\\udf89 daar.'
+    lines = '{"text": "' + broken + '"}\n{"text": "Gewoon."}\n'
+    (tmp_path / "s.jsonl").write_text(lines, encoding="utf-8")
+    (tmp_path / "s.json").write_text("[" + ", ".join(lines.strip().splitlines()) + "]", encoding="utf-8")
+    for name in ("s.jsonl", "s.json"):
+        texts = list(iter_local_texts([tmp_path / name], "text", "paragraph"))
+        assert texts == ["Een half emoji-paar \ufffd hier, een heel paar \U0001f389 daar.", "Gewoon."]
+
+
 def test_both_encoders_write_identical_chunks(tmp_path, corpus, small_tokenizer):
     fast = run_preprocess(tmp_path / "a", corpus, small_tokenizer, chunk_size=16)
     plain = run_preprocess(tmp_path / "b", corpus, small_tokenizer, chunk_size=16, encoder="tokenizers")

@@ -20,6 +20,7 @@ import hashlib
 import io
 import json
 import os
+import re
 from collections.abc import Iterator
 from dataclasses import asdict
 from pathlib import Path
@@ -38,6 +39,9 @@ STREAMING_FROM = "1B"  # configs from this size up are streamed: never held whol
 TEXT_EXTENSIONS = (".jsonl", ".json", ".parquet", ".txt")
 MANIFEST = "manifest.json"
 BATCH_DOCS = 1000  # documents per batch handed to the tokenizer: large enough to keep its threads busy
+# JSON may escape half of a UTF-16 surrogate pair ("\ud800"): valid JSON, but no character, and no UTF-8 encoder
+# or tokenizer accepts it. Each one is read as U+FFFD, the replacement character.
+_LONE_SURROGATE = re.compile("[\ud800-\udfff]")
 
 
 # ----------------------------------------------------------------------------------------------- raw text
@@ -130,6 +134,8 @@ def _jsonl_texts(path: Path, f: io.TextIOBase, text_column: str) -> Iterator[str
         except json.JSONDecodeError as e:
             raise UsageError(f"{path}:{lineno}: not valid JSON ({e.msg} at column {e.colno})") from None
         text = _text_of(record, path, f":{lineno}", text_column)
+        if text and ("\\ud" in line or "\\uD" in line):  # a cheap test on the raw line first: it is rare
+            text = _LONE_SURROGATE.sub("\ufffd", text)
         if text and text.strip():
             yield text
 
@@ -141,6 +147,8 @@ def _json_array_texts(path: Path, f: io.TextIOBase, text_column: str) -> Iterato
         raise UsageError(f"{path}:{e.lineno}: not valid JSON ({e.msg} at column {e.colno})") from None
     for i, record in enumerate(records):
         text = _text_of(record, path, f" (record {i})", text_column)
+        if text:
+            text = _LONE_SURROGATE.sub("\ufffd", text)
         if text and text.strip():
             yield text
 
