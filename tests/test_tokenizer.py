@@ -56,6 +56,17 @@ def test_encoder_tokenizers_is_never_tiktoken(small_tokenizer):
     assert encode.name == "tokenizers" and encode(DOCS) == reference_ids(tok, DOCS)
 
 
+@pytest.mark.parametrize("engine", ["auto", "tokenizers"])
+def test_truncation_or_padding_saved_in_a_tokenizer_never_cuts_documents(small_tokenizer, engine):
+    tok = load_tokenizer(str(small_tokenizer))
+    full = reference_ids(tok, DOCS[:2])
+    tok.backend_tokenizer.enable_truncation(max_length=4)
+    tok.backend_tokenizer.enable_padding(length=200)
+    encode = BatchEncoder(tok, threads=1, engine=engine)
+    assert encode(DOCS[:2]) == full and all(len(ids) > 4 for ids in full)
+    assert tok.backend_tokenizer.truncation["max_length"] == 4  # the caller's tokenizer is left as it was
+
+
 def _bpe(vocab: dict[str, int], merges: list[tuple[str, str]], **byte_level) -> SimpleNamespace:
     tok = Tokenizer(models.BPE(vocab, merges))
     tok.pre_tokenizer = pre_tokenizers.ByteLevel(**{"add_prefix_space": False, **byte_level})

@@ -119,6 +119,11 @@ class BatchEncoder:
 
     def __init__(self, tokenizer: Any, threads: int, engine: str = "auto"):
         self.backend = tokenizer.backend_tokenizer
+        if self.backend.truncation or self.backend.padding:  # baked into some tokenizer.json files
+            # Whole documents, never cut or padded: a copy with both off (the caller's tokenizer is untouched).
+            self.backend = Tokenizer.from_str(self.backend.to_str())
+            self.backend.no_truncation()
+            self.backend.no_padding()
         self.threads = threads
         self.fast = _tiktoken_for(self.backend) if engine == "auto" else None
         self._verified = False
