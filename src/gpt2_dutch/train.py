@@ -46,8 +46,9 @@ class TrainConfig:
     gradient_accumulation_steps: int = option(1, "micro-batches per optimizer step")
     max_steps: int | None = option(None, "stop after this many optimizer steps")
     max_tokens: float | None = option(None, "stop after this many training tokens (e.g. 5e8)")
-    max_time: str | None = option(None, "wall-clock budget (e.g. 90s, 30m, 2h): speed is measured over the "
-                                  "first steps, then the step count is fixed so the schedule ends properly")
+    max_time: str | None = option(None, "wall-clock budget for the training steps (e.g. 90s, 30m, 2h; evaluations "
+                                  "and checkpoints come on top): speed is measured over the first steps, then the "
+                                  "step count is fixed so the schedule ends properly")
     learning_rate: float | None = option(None, "peak learning rate (default per size: tiny 2e-3, small 6e-4, "
                                          "medium 3e-4, large 2.5e-4, xl 2e-4)")
     warmup: float = option(0.05, "linear warmup: a fraction of the run if < 1, else a number of steps")
