@@ -108,6 +108,21 @@ def test_cpu_bf16_packs_every_linear_layer_with_the_same_logits(tiny_run):
         assert torch.equal(model(**enc).logits, plain(**enc).logits)
 
 
+@pytest.mark.parametrize("failure", ["wrong results", "op error"])
+def test_packing_that_fails_its_check_keeps_the_plain_model(tiny_run, monkeypatch, failure):
+    from gpt2_dutch import generate
+
+    def broken(self, x):
+        if failure == "op error":
+            raise RuntimeError("mkldnn::_linear_pointwise: no such signature")
+        return torch.zeros(*x.shape[:-1], self.out_features, dtype=x.dtype)
+
+    monkeypatch.setattr(generate.PackedLinear, "forward", broken)
+    model, tok, _ = load_model(tiny_run, device="cpu", dtype="bf16")
+    assert not any(isinstance(m, generate.PackedLinear) for m in model.modules())
+    assert generate_texts(model, tok, ["De trein"], GenerateConfig(max_new_tokens=4, greedy=True))[0][0]
+
+
 @pytest.mark.parametrize("dtype", ["fp32", "bf16"])
 def test_greedy_batch_equals_one_by_one(tiny_run, dtype):
     model, tok, _ = load_model(tiny_run, device="cpu", dtype=dtype)
