@@ -102,7 +102,7 @@ def load_tokenizer(name_or_dir: str) -> PreTrainedTokenizerBase:
 # The pre-tokenizer pattern of GPT-2, used by `tokenizers`' ByteLevel(use_regex=True) and by tiktoken's gpt2.
 GPT2_PATTERN = r"""'s|'t|'re|'ve|'m|'ll|'d| ?\p{L}+| ?\p{N}+| ?[^\s\p{L}\p{N}]+|\s+(?!\S)|\s+"""
 ENCODERS = ["auto", "tokenizers"]
-VERIFY_DOCS = 64  # documents of the first batch encoded both ways before the fast encoder is trusted
+VERIFY_DOCS = 64  # the first documents of a run, encoded both ways before the fast encoder is trusted
 
 
 class BatchEncoder:
@@ -126,7 +126,7 @@ class BatchEncoder:
             self.backend.no_padding()
         self.threads = threads
         self.fast = _tiktoken_for(self.backend) if engine == "auto" else None
-        self._verified = False
+        self._unverified = VERIFY_DOCS  # documents still to be compared
 
     @property
     def name(self) -> str:
@@ -135,21 +135,23 @@ class BatchEncoder:
     def __call__(self, texts: list[str]) -> list[list[int]]:
         if self.fast is not None:
             ids = self.fast.encode_batch(texts, num_threads=self.threads, allowed_special="all")
-            if self._verified or self._agrees(texts, ids):
+            if not self._unverified or self._agrees(texts, ids):
                 return ids
         # encode_batch_fast skips the offsets and masks we never use: ~15% faster than encode_batch.
         encode = getattr(self.backend, "encode_batch_fast", self.backend.encode_batch)
         return [e.ids for e in encode(texts, add_special_tokens=False)]
 
     def _agrees(self, texts: list[str], ids: list[list[int]]) -> bool:
-        self._verified = True
-        reference = self.backend.encode_batch(texts[:VERIFY_DOCS], add_special_tokens=False)
+        n = min(len(texts), self._unverified)
+        reference = self.backend.encode_batch(texts[:n], add_special_tokens=False)
         for i, (ours, theirs) in enumerate(zip(ids, reference, strict=False)):
             if ours != theirs.ids:
-                print(f"note: tiktoken and tokenizers encode document {i + 1} differently; encoding with "
-                      "tokenizers (slower) from here on", file=sys.stderr)
+                done = VERIFY_DOCS - self._unverified
+                print(f"note: tiktoken and tokenizers encode document {done + i + 1} differently; encoding "
+                      "with tokenizers (slower) from here on", file=sys.stderr)
                 self.fast = None
                 return False
+        self._unverified -= n
         return True
 
 
@@ -157,7 +159,7 @@ def _byte_symbols() -> dict[str, int]:
     """The byte-level alphabet: printable bytes stand for themselves, the other 68 are shifted to 256 and up."""
     printable = [*range(ord("!"), ord("~") + 1), *range(0xA1, 0xAC + 1), *range(0xAE, 0xFF + 1)]
     symbols = {chr(b): b for b in printable}
-    shifted = (b for b in range(256) if b not in set(printable))
+    shifted = sorted(set(range(256)) - set(printable))
     symbols.update({chr(256 + i): b for i, b in enumerate(shifted)})
     return symbols
 
@@ -188,8 +190,10 @@ def _tiktoken_for(backend: Tokenizer) -> Any | None:
         lines = (Path(tmp) / "merges.txt").read_text(encoding="utf-8").splitlines()
     merges = [line.partition(" ") for line in lines if line and not line.startswith("#version")]
     merged_ids = [vocab.get(a + b, -1) for a, _, b in merges]
-    # Every non-special token is a byte or the result of exactly one merge, and ids rise with merge order.
-    if (len(ranks) != 256 + len(merges) or sum(len(b) == 1 for b in ranks) != 256 or min(merged_ids, default=0) < 0
+    # Every non-special token is a byte or the result of exactly one merge of two tokens, and ids rise with
+    # merge order (each merged token after its parts).
+    if (len(ranks) != 256 + len(merges) or sum(len(b) == 1 for b in ranks) != 256
+            or any(a not in vocab or b not in vocab for a, _, b in merges) or min(merged_ids, default=0) < 0
             or any(x >= y for x, y in zip(merged_ids, merged_ids[1:], strict=False))
             or any(i < max(vocab[a], vocab[b]) for (a, _, b), i in zip(merges, merged_ids, strict=True))):
         return None
