@@ -114,7 +114,7 @@ class BatchEncoder:
     with that BPE and with the English GPT-2 one. The two algorithms agree only when the vocabulary's ids
     follow the merge order (tiktoken merges the pair whose result has the lowest id, tokenizers the pair
     with the earliest merge), so `_tiktoken_for` checks that and the rest of the tokenizer's shape, and the
-    first documents are encoded both ways: any difference switches to `tokenizers` for the whole run.
+    first 64 documents are encoded both ways: any difference switches to `tokenizers` for the rest of the run.
     """
 
     def __init__(self, tokenizer: Any, threads: int, engine: str = "auto"):
