@@ -9,7 +9,7 @@ import sys
 
 from . import __version__
 from .config import add_arguments, from_namespace
-from .errors import UsageError
+from .errors import UsageError, is_disk_full
 
 # name -> (module, config class, entry function, one-line help)
 COMMANDS: dict[str, tuple[str, str, str, str]] = {
@@ -60,14 +60,36 @@ def _call(prog: str, fn) -> int:  # type: ignore[no-untyped-def]
     except UsageError as e:
         print(f"{prog}: error: {e}", file=sys.stderr)
         return e.exit_code
+    except OSError as e:
+        if not is_disk_full(e):
+            raise
+        # A stage that missed its own `disk_faults` guard still ends in one line; its temp files are its own.
+        print(f"{prog}: error: no space left on the device ({e.filename or e.strerror}); free some space and "
+              "run the same command again", file=sys.stderr)
+        return 1
     except KeyboardInterrupt:
         print(f"{prog}: interrupted", file=sys.stderr)
         return 130
     return 0
 
 
+def undecodable_argument(argv: list[str]) -> str | None:
+    """The first argument holding bytes that are not UTF-8 (Python keeps them as lone surrogates), if any."""
+    for arg in argv:
+        try:
+            arg.encode("utf-8")
+        except UnicodeEncodeError:
+            return arg.encode("utf-8", "backslashreplace").decode("ascii", "replace")
+    return None
+
+
 def main(argv: list[str] | None = None) -> int:
     argv = sys.argv[1:] if argv is None else argv
+    bad = undecodable_argument(argv)
+    if bad is not None:
+        print(f"gpt2-dutch: error: the argument '{bad}' is not valid UTF-8; pass paths and text as UTF-8 "
+              "(rename the file or set a UTF-8 locale)", file=sys.stderr)
+        return 2
     if argv and argv[0] in COMMANDS:
         return run(argv[0], argv[1:])
     build_parser().parse_args(argv)  # prints help / usage errors for anything else
