@@ -45,10 +45,11 @@ from .data import (
     iter_local_texts,
     token_dtype,
 )
-from .errors import UsageError, check
+from .errors import UsageError, check, check_number, check_seed
 from .tokenizer import DEFAULT_VOCAB_SIZE, ENCODERS, MIN_VOCAB_SIZE, BatchEncoder, load_tokenizer, train_bpe
 
 MAX_CHUNK_SIZE = 1 << 20
+MAX_NUM_PROC = 1024
 # Fraction of training documents held out when a source has no (big enough) test split of its own.
 DEFAULT_CARVE_FRACTION = 0.1
 
@@ -97,17 +98,23 @@ class PreprocessConfig:
             check(self.dataset_size.lower() in sizes, f"unknown --dataset-size '{self.dataset_size}'; valid "
                   f"sizes: {', '.join(HUB_CONFIGS)}, builtin")
             self.dataset_size = sizes[self.dataset_size.lower()]
+        # Integer flags: argparse already refuses inf/nan for them; the messages name the value as given.
         check(self.chunk_size >= 2, f"--chunk-size must be at least 2 (got {self.chunk_size})")
         check(self.chunk_size <= MAX_CHUNK_SIZE, f"--chunk-size {self.chunk_size} is absurdly large; GPT-2 "
               f"uses 1024 (at most {MAX_CHUNK_SIZE})")
-        if self.tokenizer is None:
-            check(self.vocab_size >= MIN_VOCAB_SIZE, f"--vocab-size {self.vocab_size} is too small: a "
-                  f"byte-level BPE needs at least {MIN_VOCAB_SIZE} (256 bytes + <|endoftext|>)")
-            check(self.vocab_size <= 2**32, f"--vocab-size {self.vocab_size} is too large")
+        # Checked with --tokenizer too (where it is unused): a nonsense value is a mistake either way.
+        check(self.vocab_size >= MIN_VOCAB_SIZE, f"--vocab-size {self.vocab_size} is too small: a "
+              f"byte-level BPE needs at least {MIN_VOCAB_SIZE} (256 bytes + <|endoftext|>)")
+        check(self.vocab_size <= 2**32, f"--vocab-size {self.vocab_size} is too large (uint32 ids: at most 2**32)")
+        check_number(self.test_split, "--test-split")
         if self.test_split is not None:
             check(0 < self.test_split <= 0.5, f"--test-split must be in (0, 0.5], got {self.test_split}")
-        check(self.num_proc is None or self.num_proc >= 1, "--num-proc must be at least 1")
-        check(self.tokenizer_train_mb > 0, "--tokenizer-train-mb must be positive")
+        check(self.num_proc is None or self.num_proc >= 1, f"--num-proc must be at least 1 (got {self.num_proc})")
+        # RAYON_NUM_THREADS is handed to the Rust pool as is: a billion would try to start a billion threads.
+        check(self.num_proc is None or self.num_proc <= MAX_NUM_PROC,
+              f"--num-proc must be at most {MAX_NUM_PROC} (got {self.num_proc})")
+        check_number(self.tokenizer_train_mb, "--tokenizer-train-mb", minimum=0, exclusive_minimum=True)
+        check_seed(self.seed)
         if self.streaming is None:
             self.streaming = bool(self.dataset_size) and self.dataset_size in HUB_CONFIGS and (
                 HUB_CONFIGS.index(self.dataset_size) >= HUB_CONFIGS.index(STREAMING_FROM))
