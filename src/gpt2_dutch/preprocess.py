@@ -14,6 +14,8 @@ tokenizer.
 from __future__ import annotations
 
 import argparse
+import contextlib
+import glob
 import itertools
 import json
 import os
@@ -45,11 +47,13 @@ from .data import (
     iter_local_texts,
     token_dtype,
 )
-from .errors import UsageError, check, check_number, check_seed
+from .errors import UsageError, check, check_number, check_seed, disk_faults
+from .files import pid_alive, replace_dir, temp_name
 from .tokenizer import DEFAULT_VOCAB_SIZE, ENCODERS, MIN_VOCAB_SIZE, BatchEncoder, load_tokenizer, train_bpe
 
 MAX_CHUNK_SIZE = 1 << 20
 MAX_NUM_PROC = 1024
+DATASET_FORMAT = "gpt2-dutch/chunks"  # the manifest's "format": what --overwrite may replace
 # Fraction of training documents held out when a source has no (big enough) test split of its own.
 DEFAULT_CARVE_FRACTION = 0.1
 
@@ -252,29 +256,82 @@ def preprocess(cfg: PreprocessConfig) -> Path:
         os.environ["RAYON_NUM_THREADS"] = str(cfg.num_proc)  # read when the Rust thread pool starts
     out_root = Path(cfg.output_dir)
     final = out_root / str(cfg.name)
-    if final.exists() and not cfg.overwrite:
-        raise UsageError(f"{final} already exists; pass --overwrite to replace it or --name to choose another")
+    check_replaceable(final, cfg.overwrite)
+    # The directories this run creates, removed again (when empty) if it fails: a failed run leaves nothing.
+    created = [p for p in (out_root, *out_root.parents) if not p.exists()]
     try:
         out_root.mkdir(parents=True, exist_ok=True)
     except OSError as e:
         raise UsageError(f"cannot create output directory {out_root} ({e.strerror})") from None
-    check(os.access(out_root, os.W_OK), f"output directory {out_root} is not writable")
-    source = resolve_source(cfg)
-    tmp = out_root / f".{cfg.name}.tmp-{os.getpid()}"
+    tmp = temp_name(final)
     try:
-        manifest = _build(cfg, source, tmp, start)
-        if final.exists():
-            trash = out_root / f".{cfg.name}.old-{os.getpid()}"
-            final.rename(trash)
-            tmp.rename(final)
-            shutil.rmtree(trash)
-        else:
-            tmp.rename(final)
-    finally:
-        if tmp.exists():
-            shutil.rmtree(tmp, ignore_errors=True)
+        check(os.access(out_root, os.W_OK), f"output directory {out_root} is not writable")
+        remove_leftovers(out_root, str(cfg.name))
+        source = resolve_source(cfg)
+        with disk_faults(f"the dataset {final}"):
+            manifest = _build(cfg, source, tmp, start)
+            # Checked again: the build can take hours, and the path may have changed meanwhile.
+            check_replaceable(final, cfg.overwrite)
+            replace_dir(tmp, final)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        for path in created:
+            with contextlib.suppress(OSError):  # not empty: something else was put there meanwhile
+                path.rmdir()
+        raise
     _print_summary(manifest, final, time.perf_counter() - start)
     return final
+
+
+def is_our_dataset(path: Path) -> bool:
+    """Whether `path` is a directory (not a link) holding the manifest that preprocess writes."""
+    if path.is_symlink() or not path.is_dir():
+        return False
+    try:
+        manifest = json.loads((path / MANIFEST).read_text(encoding="utf-8"))
+    except (OSError, ValueError):
+        return False
+    return isinstance(manifest, dict) and manifest.get("format") == DATASET_FORMAT
+
+
+def check_replaceable(final: Path, overwrite: bool) -> None:
+    """Refuse to write `final` unless nothing is there, or (with --overwrite) a dataset of ours is.
+
+    --overwrite deletes what it replaces, so it must never reach anything else: a user's folder that happens
+    to have the name, a file, or (through a symbolic link) a directory somewhere else.
+    """
+    if not final.exists() and not final.is_symlink():
+        return
+    if not overwrite:
+        raise UsageError(f"{final} already exists; pass --overwrite to replace it or --name to choose another")
+    if final.is_symlink():
+        raise UsageError(f"{final} is a symbolic link; --overwrite replaces only a dataset directory written by "
+                         "gpt2-dutch preprocess, so remove the link yourself or choose another --name")
+    if not final.is_dir():
+        raise UsageError(f"{final} is a file, not a dataset; --overwrite replaces only a dataset directory, so "
+                         "move the file away or choose another --name")
+    if not is_our_dataset(final):
+        raise UsageError(f"{final} is not a dataset written by gpt2-dutch preprocess (no {MANIFEST} of ours); "
+                         "--overwrite will not delete it: move it away or choose another --name")
+
+
+def remove_leftovers(out_root: Path, name: str) -> None:
+    """Delete the temporary directories (`.NAME.tmp-PID`) of earlier runs for this dataset that were killed.
+
+    A run's temporary directory is removed when it ends in any way but a kill; one whose process is gone (or
+    carries our own id: we have not made ours yet, so it is from an earlier process that had this id) can
+    never be finished. One of a live process is another run writing the same dataset now: left alone.
+    """
+    prefix = f".{name}.tmp-"
+    for path in out_root.glob(f"{glob.escape(prefix)}*"):
+        pid = path.name[len(prefix):]
+        if not pid.isdigit() or path.is_symlink() or not path.is_dir():
+            continue
+        if int(pid) != os.getpid() and pid_alive(int(pid)):
+            continue
+        shutil.rmtree(path, ignore_errors=True)
+        print(f"note: removed the unfinished output of an earlier preprocess that was killed: {path}",
+              file=sys.stderr)
 
 
 def _build(cfg: PreprocessConfig, source: Source, tmp: Path, start: float) -> dict[str, Any]:
@@ -332,7 +389,7 @@ def _build(cfg: PreprocessConfig, source: Source, tmp: Path, start: float) -> di
     (tmp / "dataset_dict.json").write_text(json.dumps({"splits": ["train", "test"]}))
     elapsed = time.perf_counter() - start
     manifest = {
-        "format": "gpt2-dutch/chunks",
+        "format": DATASET_FORMAT,
         "format_version": 1,
         "source": {**source.description,
                    "test_split": "own" if fraction is None else f"carved {fraction} of train (seed {cfg.seed})"},
