@@ -21,6 +21,7 @@ import io
 import json
 import os
 import re
+import zlib
 from collections.abc import Iterator
 from dataclasses import asdict
 from pathlib import Path
@@ -96,9 +97,34 @@ def iter_file_texts(path: Path, text_column: str = "text", sample_by: str = "par
             else:
                 yield from _jsonl_texts(path, f, text_column)
     except UnicodeDecodeError:
-        raise UsageError(f"{path}: not UTF-8 text; convert it with e.g. `iconv -t utf-8`") from None
-    except (OSError, EOFError) as e:
+        where = "" if fmt == "parquet" else _undecodable_line(path)
+        raise UsageError(f"{path}{where}: not UTF-8 text; convert it with e.g. `iconv -t utf-8`") from None
+    except (zlib.error, gzip.BadGzipFile) as e:  # damaged, not cut short: zlib.error is no OSError
+        raise UsageError(f"{path}: corrupt gzip data ({e}); download or compress the file again") from None
+    except EOFError as e:
+        raise UsageError(f"{path}: cannot read it ({e}: the file is truncated); download or copy it again") from None
+    except OSError as e:
         raise UsageError(f"{path}: cannot read it ({e})") from None
+
+
+def _undecodable_line(path: Path) -> str:
+    """':N' for the first line of `path` that is not UTF-8, or '' if none is found.
+
+    Looked for only after the text reader failed (it decodes blocks of 8 KB, so where it stopped says little):
+    the normal run pays nothing. Splitting at b"\\n" never cuts a UTF-8 character: no byte of a multi-byte
+    character is a newline.
+    """
+    opener = gzip.open if path.name.lower().endswith(".gz") else open
+    try:
+        with opener(path, "rb") as f:
+            for lineno, line in enumerate(f, 1):
+                try:
+                    line.decode("utf-8")
+                except UnicodeDecodeError:
+                    return f":{lineno}"
+    except (OSError, EOFError, zlib.error):
+        pass
+    return ""
 
 
 def _first_char(f: io.TextIOBase) -> str:
@@ -189,10 +215,27 @@ def _parquet_texts(path: Path, text_column: str) -> Iterator[str]:
         raise UsageError(
             f"{path}: no '{text_column}' column (it has: {', '.join(names)}); choose one with --text-column"
         )
-    for batch in pf.iter_batches(columns=[text_column], batch_size=BATCH_DOCS):
-        for text in batch.column(0).to_pylist():
-            if text and text.strip():
-                yield text
+    kind = pf.schema_arrow.field(text_column).type
+    if pa.types.is_dictionary(kind):
+        kind = kind.value_type
+    # Some writers store text as plain binary (no UTF-8 annotation): decoded here, checked like any text.
+    is_bytes = pa.types.is_binary(kind) or pa.types.is_large_binary(kind) or pa.types.is_binary_view(kind)
+    if not (is_bytes or pa.types.is_string(kind) or pa.types.is_large_string(kind) or pa.types.is_string_view(kind)):
+        raise UsageError(f"{path}: column '{text_column}' holds {kind}, not text; choose one with --text-column")
+    row = 0
+    try:
+        for batch in pf.iter_batches(columns=[text_column], batch_size=BATCH_DOCS):
+            for value in batch.column(0).to_pylist():
+                row += 1
+                try:
+                    text = value.decode("utf-8") if is_bytes and value is not None else value
+                except UnicodeDecodeError:
+                    raise UsageError(f"{path} (row {row}): not UTF-8 text; convert it with e.g. `iconv -t utf-8`"
+                                     ) from None
+                if text and text.strip():
+                    yield text
+    except pa.ArrowInvalid as e:  # a damaged page or footer further in (an I/O error is an OSError: caught above)
+        raise UsageError(f"{path}: not a valid Parquet file ({e})") from None
 
 
 def iter_local_texts(files: list[Path], text_column: str, sample_by: str) -> Iterator[str]:
@@ -391,10 +434,54 @@ def read_manifest(path: str | Path) -> dict[str, Any]:
 
 
 def load_split(path: str | Path, split: str) -> Any:
-    """One split of a processed dataset as a `datasets.Dataset` with numpy formatting."""
+    """One split of a processed dataset as a `datasets.Dataset` with numpy formatting.
+
+    A damaged split (a shard cut short by a full disk or an interrupted copy, overwritten, or missing) is a
+    one-line error naming the file, never a pyarrow traceback; a shard that lost whole record batches still
+    parses, so the number of chunks is also compared with the manifest's.
+    """
     from datasets import load_from_disk
 
     split_dir = Path(path) / split
     if not (split_dir / "state.json").is_file():
         raise UsageError(f"{path} has no '{split}' split; preprocess the data again")
-    return load_from_disk(str(split_dir)).with_format("numpy")
+    try:
+        ds = load_from_disk(str(split_dir)).with_format("numpy")
+    except (pa.ArrowException, OSError, ValueError) as e:  # ArrowInvalid and JSONDecodeError are ValueErrors
+        raise _damaged_split(split_dir, e) from None
+    expected = _manifest_chunks(Path(path), split)
+    if expected is not None and len(ds) != expected:
+        raise UsageError(f"{split_dir} holds {len(ds)} chunks where its {MANIFEST} says {expected}: a data-*.arrow "
+                         "file was cut short or replaced; preprocess the data again")
+    return ds
+
+
+def _damaged_split(split_dir: Path, error: Exception) -> UsageError:
+    """The one-line error for a split that does not load, naming its first unreadable shard."""
+    try:
+        shards = [split_dir / f["filename"] for f in json.loads((split_dir / "state.json").read_text())["_data_files"]]
+    except (OSError, ValueError, KeyError, TypeError):
+        return UsageError(f"{split_dir}/state.json is corrupt ({error}); preprocess the data again")
+    for shard in shards:
+        if not shard.is_file():
+            return UsageError(f"{shard} is missing; preprocess the data again")
+        try:
+            with pa.memory_map(str(shard)) as source:  # what load_from_disk does, one shard at a time
+                pa.ipc.open_stream(source).read_all()
+        except (pa.ArrowException, OSError) as e:
+            return UsageError(f"{shard} is truncated or corrupt ({_first_line(e)}); preprocess the data again")
+    return UsageError(f"{split_dir} cannot be read ({_first_line(error)}); preprocess the data again")
+
+
+def _first_line(error: BaseException) -> str:
+    lines = str(error).strip().splitlines()
+    return (lines[0] if lines else type(error).__name__)[:200]
+
+
+def _manifest_chunks(path: Path, split: str) -> int | None:
+    """The split's chunk count according to the manifest, or None where there is no readable count."""
+    try:
+        chunks = json.loads((path / MANIFEST).read_text())["splits"][split]["chunks"]
+    except (OSError, ValueError, KeyError, TypeError):
+        return None
+    return chunks if isinstance(chunks, int) else None
