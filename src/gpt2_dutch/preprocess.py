@@ -345,6 +345,11 @@ def _build(cfg: PreprocessConfig, source: Source, tmp: Path, start: float) -> di
         return source.train() if fraction is None else carve(source.train(), fraction, cfg.seed, False)
 
     tokenizer = _get_tokenizer(cfg, train_texts)
+    trained = cfg.tokenizer is None
+    if trained and len(tokenizer) < cfg.vocab_size:
+        # The trainer stops when no pair of tokens occurs twice more: small or repetitive text cannot fill it.
+        print(f"note: the training text supports only {len(tokenizer):,} tokens, not the {cfg.vocab_size:,} asked "
+              f"for with --vocab-size; the tokenizer and the dataset have {len(tokenizer):,}", file=sys.stderr)
     encode = BatchEncoder(tokenizer, cfg.num_proc or os.cpu_count() or 1, cfg.encoder)
     dtype = token_dtype(len(tokenizer))
     stats: dict[str, SplitStats] = {}
@@ -393,7 +398,9 @@ def _build(cfg: PreprocessConfig, source: Source, tmp: Path, start: float) -> di
         "format_version": 1,
         "source": {**source.description,
                    "test_split": "own" if fraction is None else f"carved {fraction} of train (seed {cfg.seed})"},
-        "tokenizer": {"origin": cfg.tokenizer or f"trained byte-level BPE (vocab {cfg.vocab_size})",
+        "tokenizer": {"origin": cfg.tokenizer or f"trained byte-level BPE (vocab {len(tokenizer)})",
+                      "vocab_size": len(tokenizer),
+                      **({"requested_vocab_size": cfg.vocab_size} if trained else {}),
                       "eos_token": tokenizer.eos_token, "eos_token_id": tokenizer.eos_token_id,
                       "encoded_with": encode.name},
         "vocab_size": len(tokenizer),
