@@ -136,3 +136,81 @@ def test_fast_encoder_matches_tokenizers_on_the_whole_real_corpus(which, gpt2_di
     for i in range(0, len(texts), 1000):  # 4,252 documents; ~3.1 M (Dutch BPE) or 5.5 M (GPT-2) tokens
         batch = texts[i:i + 1000]
         assert encode(batch) == reference_ids(tok, batch)
+
+
+# ------------------------------------------------------------------------------- long documents in pieces
+
+# Unicode's White_Space property (PropList.txt): what \s means to the Rust regex engines of tokenizers and tiktoken.
+UNICODE_WHITE_SPACE = [*range(0x09, 0x0E), 0x20, 0x85, 0xA0, 0x1680, *range(0x2000, 0x200B), 0x2028, 0x2029, 0x202F,
+                       0x205F, 0x3000]
+
+
+def test_every_unicode_white_space_is_python_whitespace():
+    """split_long_text decides "non-space" with Python's \\S: safe only if it is never wider than Rust's \\S."""
+    import re
+
+    assert all(re.fullmatch(r"\s", chr(c)) for c in UNICODE_WHITE_SPACE)
+
+
+def random_text(rng, n: int) -> str:
+    """Text that is hard on the pre-tokenizer: every kind of space next to letters, digits, contractions,
+    punctuation, emoji and <|endoftext|>, in runs of every length."""
+    atoms = ["de", "Zo'n", "'s", "'t", "'ll", "3,14", "1.000", "!", "\u201c", ".", "\u00e9", "e\u0301", "\U0001f389",
+             "\u65e5\u672c", EOS_TOKEN, " ", " ", " ", "  ", "\t", "\n", "\n\n", "\u00a0", "\u2009", "\u3000", "\x1c",
+             "\r\n", " '", "x"]
+    return "".join(rng.choice(atoms) for _ in range(n))
+
+
+@pytest.mark.parametrize("tokenizer", ["dutch bpe", "english gpt2"])
+def test_pieces_of_a_long_text_encode_to_the_ids_of_the_whole(tokenizer, small_tokenizer, request):
+    import random
+
+    from gpt2_dutch.tokenizer import split_long_text
+
+    path = small_tokenizer if tokenizer == "dutch bpe" else request.getfixturevalue("gpt2_dir")
+    tok = load_tokenizer(str(path))
+    backend = tok.backend_tokenizer
+    fast = BatchEncoder(tok, threads=1).fast
+    rng = random.Random(0)
+    cut = 0
+    for _ in range(200):
+        text = random_text(rng, rng.randrange(1, 400))
+        pieces = split_long_text(text, max_chars=rng.randrange(1, 40))  # tiny pieces: every boundary is used
+        assert "".join(pieces) == text
+        cut += len(pieces) - 1
+        whole = backend.encode(text, add_special_tokens=False).ids
+        assert [i for p in pieces for i in backend.encode(p, add_special_tokens=False).ids] == whole
+        assert [i for p in pieces for i in fast.encode(p, allowed_special="all")] == whole
+    assert cut > 1000  # the texts really were cut, many times
+
+
+@pytest.mark.parametrize("engine", ["auto", "tokenizers"])
+def test_batch_encoder_encodes_long_documents_in_pieces_with_the_same_ids(small_tokenizer, engine, monkeypatch):
+    import random
+
+    from gpt2_dutch import tokenizer as tokenizer_module
+
+    tok = load_tokenizer(str(small_tokenizer))
+    rng = random.Random(1)
+    texts = [random_text(rng, 3000), DOCS[0], " ".join(DOCS) * 30, random_text(rng, 2000)]
+    monkeypatch.setattr(tokenizer_module, "PIECE_CHARS", 500)
+    encode = BatchEncoder(tok, threads=2, engine=engine)
+    seen: list[int] = []
+    inner = encode._encode
+    monkeypatch.setattr(encode, "_encode", lambda batch: seen.append(max(map(len, batch))) or inner(batch))
+    assert encode(texts) == reference_ids(tok, texts)
+    assert seen and seen[0] < 700  # what reached the Rust encoders was pieces, not 30,000-character documents
+
+
+def test_a_bpe_trained_on_the_pieces_is_the_bpe_trained_on_the_whole():
+    import random
+
+    from gpt2_dutch.tokenizer import split_long_text
+
+    rng = random.Random(2)
+    text = " ".join(DOCS) * 5 + random_text(rng, 3000)
+    whole = train_bpe([text], 600, show_progress=False)
+    pieces = train_bpe(split_long_text(text, max_chars=50), 600, show_progress=False)
+    assert len(split_long_text(text, max_chars=50)) > 100
+    assert whole.get_vocab() == pieces.get_vocab()
+    assert whole.backend_tokenizer.to_str() == pieces.backend_tokenizer.to_str()

@@ -9,6 +9,7 @@ exactly as in GPT-2, so every saved tokenizer opens with `AutoTokenizer.from_pre
 from __future__ import annotations
 
 import json
+import re
 import sys
 import tempfile
 from collections.abc import Iterable
@@ -103,6 +104,46 @@ def load_tokenizer(name_or_dir: str) -> PreTrainedTokenizerBase:
 GPT2_PATTERN = r"""'s|'t|'re|'ve|'m|'ll|'d| ?\p{L}+| ?\p{N}+| ?[^\s\p{L}\p{N}]+|\s+(?!\S)|\s+"""
 ENCODERS = ["auto", "tokenizers"]
 VERIFY_DOCS = 64  # the first documents of a run, encoded both ways before the fast encoder is trusted
+# Documents longer than this are encoded (and trained on) in pieces: one 10 MB document encoded whole took
+# 2.0-2.5 GB (the Rust encoders keep per-byte alignments, offsets and token strings for the whole text).
+PIECE_CHARS = 1 << 16
+# A space with a non-space character on either side: GPT-2's pre-tokenizer (GPT2_PATTERN) always starts a new
+# pre-token there. The pre-token holding the character before it ends at it, because only the whitespace
+# alternatives match a space after their first character; the one starting at it is " " plus what follows
+# (` ?\p{L}+`, ` ?\p{N}+` or ` ?[^\s\p{L}\p{N}]+`), which never looks back. BPE merges never cross pre-tokens,
+# so the ids of the pieces, joined, are the ids of the whole. Python's \s (str.isspace) includes every
+# character of Unicode's White_Space, the \s of the Rust regex engines, so a Python \S is a Rust \S (tested).
+_PIECE_BOUNDARY = re.compile(r"(?<=\S) (?=\S)")
+
+
+def split_long_text(text: str, max_chars: int = PIECE_CHARS) -> list[str]:
+    """`text` cut into pieces of about `max_chars` at positions where GPT-2's pre-tokenizer always splits.
+
+    Only for GPT-2-style byte-level BPEs (`splits_like_gpt2`). A stretch with no such position (no spaces)
+    stays whole, however long.
+    """
+    if len(text) <= max_chars:
+        return [text]
+    pieces = []
+    start = 0
+    while len(text) - start > max_chars:
+        boundary = _PIECE_BOUNDARY.search(text, start + max_chars)
+        if boundary is None:
+            break
+        pieces.append(text[start:boundary.start()])
+        start = boundary.start()
+    pieces.append(text[start:])
+    return pieces
+
+
+def splits_like_gpt2(backend: Tokenizer) -> bool:
+    """Whether the ids of `split_long_text`'s pieces, joined, are the ids of the whole text for `backend`:
+    GPT-2's regex pre-tokenizer with nothing before it, and no added token that could straddle a piece
+    boundary (one containing a space)."""
+    pre = backend.pre_tokenizer
+    return (backend.normalizer is None and isinstance(pre, pre_tokenizers.ByteLevel) and pre.use_regex
+            and not pre.add_prefix_space and isinstance(backend.model, models.BPE) and not backend.model.dropout
+            and not any(" " in t.content for t in backend.get_added_tokens_decoder().values()))
 
 
 class BatchEncoder:
@@ -126,13 +167,28 @@ class BatchEncoder:
             self.backend.no_padding()
         self.threads = threads
         self.fast = _tiktoken_for(self.backend) if engine == "auto" else None
-        self._unverified = VERIFY_DOCS  # documents still to be compared
+        self.in_pieces = splits_like_gpt2(self.backend)
+        self._unverified = VERIFY_DOCS  # documents (pieces of long ones count one each) still to be compared
 
     @property
     def name(self) -> str:
         return "tiktoken" if self.fast is not None else "tokenizers"
 
     def __call__(self, texts: list[str]) -> list[list[int]]:
+        if not self.in_pieces or all(len(t) <= PIECE_CHARS for t in texts):
+            return self._encode(texts)
+        pieces: list[str] = []
+        owners: list[int] = []
+        for i, text in enumerate(texts):
+            split = split_long_text(text, PIECE_CHARS)
+            pieces += split
+            owners += [i] * len(split)
+        ids: list[list[int]] = [[] for _ in texts]
+        for owner, piece_ids in zip(owners, self._encode(pieces), strict=True):
+            ids[owner] += piece_ids
+        return ids
+
+    def _encode(self, texts: list[str]) -> list[list[int]]:
         if self.fast is not None:
             ids = self.fast.encode_batch(texts, num_threads=self.threads, allowed_special="all")
             if not self._unverified or self._agrees(texts, ids):
