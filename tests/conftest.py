@@ -71,9 +71,10 @@ def small_tokenizer(tmp_path_factory: pytest.TempPathFactory) -> Path:
     return out
 
 
-def assert_one_line_error(rc: int, err: str, message: str) -> None:
-    """Exit 2, the message on one final `error:` line (progress bars may precede it), no traceback."""
-    assert rc == 2, err
+def assert_one_line_error(rc: int, err: str, message: str, code: int = 2) -> None:
+    """Exit `code` (2: the user's input; 1: the machine, e.g. a full disk), the message on one final `error:`
+    line (progress bars may precede it), no traceback."""
+    assert rc == code, err
     lines = [line for line in err.replace("\r", "\n").splitlines() if line.strip()]
     assert lines and "error: " in lines[-1] and message in lines[-1], err
     assert sum("error" in line for line in lines) == 1 and "Traceback" not in err, err

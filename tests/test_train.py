@@ -185,7 +185,8 @@ def test_resume_from_an_incompatible_checkpoint_is_refused(tiny_dataset, tmp_pat
 
     other = preprocess(PreprocessConfig(data_files=[str(tiny_dataset.parent.parent / "corpus.jsonl")], chunk_size=16,
                                         tokenizer=str(small_tokenizer), output_dir=str(tmp_path / "d")))
-    rc, _, err = cli("train", "--dataset-path", other, *TINY, "--resume", run, "--output-dir", tmp_path)
+    rc, _, err = cli("train", "--dataset-path", other, *TINY, "--resume", run, "--max-steps", "5",
+                     "--output-dir", tmp_path)
     assert_one_line_error(rc, err, "context 32 vs the dataset's chunk size 16")
 
 

@@ -9,7 +9,7 @@ import sys
 
 from . import __version__
 from .config import add_arguments, from_namespace
-from .errors import UsageError, is_disk_full
+from .errors import Stopped, UsageError, is_disk_full
 
 # name -> (module, config class, entry function, one-line help)
 COMMANDS: dict[str, tuple[str, str, str, str]] = {
@@ -57,6 +57,9 @@ def _call(prog: str, fn) -> int:  # type: ignore[no-untyped-def]
     os.environ.setdefault("TOKENIZERS_PARALLELISM", "true")
     try:
         fn()
+    except Stopped as e:
+        print(f"{prog}: {e}", file=sys.stderr)
+        return e.exit_code
     except UsageError as e:
         print(f"{prog}: error: {e}", file=sys.stderr)
         return e.exit_code

@@ -28,6 +28,14 @@ class MachineError(UsageError):
     exit_code = 1
 
 
+class Stopped(UsageError):
+    """A run stopped on purpose (a signal) after saving its work: one line saying how to go on, no "error:"."""
+
+    def __init__(self, message: str, exit_code: int):
+        super().__init__(message)
+        self.exit_code = exit_code
+
+
 def check(condition: bool, message: str) -> None:
     """Raise `UsageError(message)` unless `condition` holds."""
     if not condition:

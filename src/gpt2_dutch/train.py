@@ -12,6 +12,7 @@ Every token, <|endoftext|> included, is a target; chunks need no padding and tra
 
 from __future__ import annotations
 
+import contextlib
 import json
 import math
 import os
@@ -19,6 +20,7 @@ import re
 import shutil
 import subprocess
 import sys
+from collections.abc import Iterator
 from dataclasses import asdict, dataclass
 from datetime import datetime
 from pathlib import Path
@@ -29,8 +31,22 @@ import torch
 
 from .config import option
 from .data import load_split, read_manifest
-from .errors import UsageError, check
+from .errors import MachineError, Stopped, UsageError, check, check_number, check_seed, is_disk_full
+from .files import replace_dir, temp_name, write_json_atomic
 from .model import MODEL_PRESETS, flops_per_token, gpt2_config, matmul_params, preset
+from .runs import (
+    FINISHED,
+    checkpoint_problem,
+    checkpoint_step,
+    create_run_dir,
+    latest_link,
+    newest_unfinished_run,
+    read_run_config,
+    run_status,
+    update_latest_link,
+    update_run_config,
+    usable_checkpoint,
+)
 
 MAX_CONTEXT = 16384  # dense attention beyond this needs more memory than any preset is sized for
 MIN_LR_RATIO = 0.1  # cosine decay ends at 10% of the peak (GPT-3 / Chinchilla practice)
@@ -55,9 +71,13 @@ class TrainConfig:
     weight_decay: float = option(0.1, "AdamW weight decay on weight matrices (not biases or LayerNorms)")
     seed: int = option(42, "seed for weights, data order and everything random")
     output_dir: str = option("trained_models", "where runs are written")
-    resume: str | None = option(None, "continue from a checkpoint: without a value the newest checkpoint of the "
-                                "latest run of --model-size; or a checkpoint or run directory", nargs="?",
-                                const="latest")
+    resume: str | None = option(None, "continue a run: without a value the newest unfinished run of --model-size "
+                                "in --output-dir; 'auto' the same, or a new run when there is none (for jobs that "
+                                "are requeued after preemption); or a run or checkpoint directory. A finished run "
+                                "is continued only with a --max-steps beyond the step it reached",
+                                nargs="?", const="latest")
+    init_from: str | None = option(None, "start a new run from the weights of a model (a final_model, run or "
+                                   "checkpoint directory; safetensors) instead of random ones")
     precision: str = option("auto", "auto: bf16 where supported (GPUs with bf16, CPUs with AVX512-BF16/AMX), "
                             "fp16 with loss scaling on older GPUs, else fp32",
                             choices=["auto", "bf16", "fp16", "fp32"])
@@ -83,9 +103,15 @@ class TrainConfig:
             check(value is None or value > 0, f"--{name.replace('_', '-')} must be positive (got {value})")
         for name in ("epochs", "max_tokens", "learning_rate"):
             value = getattr(self, name)
+            check_number(value, f"--{name.replace('_', '-')}")
             check(value is None or value > 0, f"--{name.replace('_', '-')} must be positive (got {value})")
-        check(self.warmup >= 0, f"--warmup must be >= 0 (got {self.warmup})")
+        check_number(self.warmup, "--warmup", minimum=0)
+        check_number(self.weight_decay, "--weight-decay", minimum=0)
+        check_seed(self.seed)
         check(self.eval_chunks >= 0, "--eval-chunks must be >= 0")
+        check(0 <= self.num_workers <= 256, f"--num-workers must be between 0 and 256 (got {self.num_workers})")
+        check(not (self.resume and self.init_from), "give --resume (continue a run) or --init-from (a new run "
+              "from a model's weights), not both")
         if self.max_time is not None:
             self.max_time_s = parse_duration(self.max_time)
         else:
@@ -166,37 +192,6 @@ def maybe_relaunch_on_all_gpus() -> None:
     raise SystemExit(subprocess.call(cmd))
 
 
-# ------------------------------------------------------------------------------------------ run dirs
-
-def find_checkpoint(spec: str, output_dir: Path, size: str) -> Path:
-    """Resolve --resume: 'latest', a run directory, or a checkpoint directory -> the checkpoint to load."""
-    path = output_dir / f"gpt2-dutch-{size}-latest" if spec == "latest" else Path(spec)
-    if not path.exists():
-        raise UsageError(f"cannot resume: {path} does not exist" + (
-            f" (no earlier {size} run in {output_dir})" if spec == "latest" else ""))
-    path = path.resolve()
-    if (path / "trainer_state.json").is_file():
-        return path
-    checkpoints = sorted((path / "checkpoints").glob("checkpoint-*"), key=lambda p: int(p.name.split("-")[-1]))
-    if not checkpoints:
-        raise UsageError(f"cannot resume: {path} holds no checkpoint (neither trainer_state.json nor checkpoints/)")
-    return checkpoints[-1]
-
-
-def update_latest_link(run_dir: Path, size: str) -> None:
-    link = run_dir.parent / f"gpt2-dutch-{size}-latest"
-    tmp = run_dir.parent / f".{link.name}.tmp-{os.getpid()}"
-    tmp.unlink(missing_ok=True)
-    tmp.symlink_to(run_dir.name)
-    os.replace(tmp, link)  # atomic: the link always points at a complete run directory name
-
-
-def write_json_atomic(path: Path, obj: Any) -> None:
-    tmp = path.with_name(f".{path.name}.tmp")
-    tmp.write_text(json.dumps(obj, indent=2) + "\n")
-    os.replace(tmp, path)
-
-
 # ------------------------------------------------------------------------------------------ training
 
 def collate(rows: list[dict[str, Any]]) -> dict[str, torch.Tensor]:
@@ -225,9 +220,11 @@ _OOM_ADVICE = ("out of memory: lower --batch-size (raise --gradient-accumulation
 def plan_steps(cfg: TrainConfig, n_train_chunks: int, tokens_per_step: int) -> tuple[int, str]:
     """The run's length in optimizer steps, and what set it."""
     per_epoch = n_train_chunks // (cfg.batch_size * world_size()) // cfg.gradient_accumulation_steps
-    check(per_epoch > 0 or cfg.max_steps or cfg.max_tokens, f"the training split has {n_train_chunks} chunks, "
-          f"fewer than one optimizer step needs ({cfg.batch_size * world_size() * cfg.gradient_accumulation_steps})"
-          "; lower --batch-size / --gradient-accumulation-steps")
+    # Batches are whole (drop_last), so a split smaller than one step yields no batch at all: the run would
+    # "finish" without a single update, whatever --max-steps says.
+    check(per_epoch > 0, f"the training split has {n_train_chunks} chunks, fewer than one optimizer step needs "
+          f"({cfg.batch_size * world_size() * cfg.gradient_accumulation_steps}); lower --batch-size / "
+          "--gradient-accumulation-steps")
     if cfg.max_steps:
         return cfg.max_steps, "max_steps"
     if cfg.max_tokens:
@@ -244,10 +241,137 @@ def run_config_dict(cfg: TrainConfig, **extra: Any) -> dict[str, Any]:
     return d
 
 
-def _run(cfg: TrainConfig, manifest: dict[str, Any], extra_callbacks: list[Any]) -> Path:
+@dataclass
+class ResumePoint:
+    run_dir: Path
+    checkpoint: Path
+    total_steps: int
+    extended_from: int | None  # the step a finished run had reached, when --max-steps extends it
+
+
+def resolve_resume(cfg: TrainConfig, output_dir: Path) -> ResumePoint | None:
+    """What --resume continues: the run, the checkpoint to load, the run's length. None: start a new run."""
+    spec = cfg.resume
+    assert spec is not None
+    if spec in ("latest", "auto"):
+        run_dir = newest_unfinished_run(output_dir, cfg.model_size)
+        if run_dir is None:
+            if spec == "auto":
+                return None
+            latest = latest_link(output_dir, cfg.model_size)
+            if latest.exists():
+                raise UsageError(_finished_advice(latest.resolve(), cfg))
+            raise UsageError(f"cannot resume: no unfinished {cfg.model_size} run in {output_dir}; start one "
+                             "without --resume (or pass a run directory)")
+        checkpoint = None
+    else:
+        path = Path(spec)
+        if not path.exists():
+            raise UsageError(f"cannot resume: {path} does not exist")
+        path = path.resolve()
+        if (path / "trainer_state.json").is_file():  # an explicit checkpoint: used as given, never swapped
+            checkpoint, run_dir = path, path.parent.parent
+            problem = checkpoint_problem(checkpoint)
+            if problem:
+                raise UsageError(f"cannot resume from {checkpoint}: {problem}; pass the run directory to use its "
+                                 "newest intact checkpoint")
+        elif (path / "checkpoints").is_dir():
+            checkpoint, run_dir = None, path
+        else:
+            raise UsageError(f"cannot resume: {path} is neither a run directory (with checkpoints/) nor a "
+                             "checkpoint (with trainer_state.json)")
+    saved = read_run_config(run_dir)
+    if checkpoint is None:
+        checkpoint = usable_checkpoint(run_dir)
+        if checkpoint is None:
+            raise UsageError(f"cannot resume: {run_dir} holds no intact checkpoint; start a new run")
+    total = int(saved.get("total_steps") or 0) or checkpoint_step(checkpoint)
+    if run_status(run_dir) != FINISHED:
+        return ResumePoint(run_dir, checkpoint, total, None)
+    reached = max(total, checkpoint_step(checkpoint))
+    if not cfg.max_steps or cfg.max_steps <= reached:
+        raise UsageError(_finished_advice(run_dir, cfg, reached))
+    return ResumePoint(run_dir, checkpoint, cfg.max_steps, reached)
+
+
+def _finished_advice(run_dir: Path, cfg: TrainConfig, reached: int | None = None) -> str:
+    reached = reached or int(read_run_config(run_dir).get("total_steps") or 0)
+    return (f"{run_dir} is finished (step {reached}) and is never changed by --resume alone; to train it further "
+            f"pass --resume {run_dir} --max-steps N with N > {reached}, or start a new run from its weights with "
+            f"--init-from {run_dir}")
+
+
+def _new_run_dir(cfg: TrainConfig, output_dir: Path) -> Path:
+    """Rank 0 creates the run directory (a name no other run has) and tells the other ranks which it is."""
     from accelerate import PartialState
     from accelerate.utils import broadcast_object_list
-    from transformers import AutoModelForCausalLM, AutoTokenizer, set_seed
+
+    # joins the process group under torchrun, so ranks agree on one run name; cpu=True as TrainingArguments(use_cpu)
+    # says it, or on CPU the state would be made single-process first and every rank would train alone
+    state = PartialState(cpu=not torch.cuda.is_available())
+    name = [""]
+    if state.is_main_process:
+        name[0] = create_run_dir(output_dir, cfg.model_size).name
+    if state.num_processes > 1:
+        broadcast_object_list(name)
+    return output_dir / name[0]
+
+
+def _init_source(cfg: TrainConfig, model_config: Any) -> Path | None:
+    """The directory --init-from loads, checked before anything is written: safetensors, the same shapes."""
+    if not cfg.init_from:
+        return None
+    source = Path(cfg.init_from)
+    if (source / "final_model" / "config.json").is_file():
+        source = source / "final_model"
+    check((source / "config.json").is_file(), f"--init-from {cfg.init_from}: not a model, run or checkpoint "
+          "directory (no config.json)")
+    check((source / "model.safetensors").is_file(), f"--init-from {source}: no model.safetensors (pickled "
+          "weights are never loaded)")
+    try:
+        saved = json.loads((source / "config.json").read_text())
+    except (json.JSONDecodeError, UnicodeDecodeError) as e:
+        raise UsageError(f"--init-from {source}: config.json is damaged ({e})") from None
+    mine = model_config.to_dict()
+    diffs = [f"{k} {saved.get(k)} vs {mine[k]}" for k in ("vocab_size", "n_positions", "n_layer", "n_embd", "n_head")
+             if saved.get(k) != mine[k]]
+    check(not diffs, f"--init-from {source} does not fit this run ({', '.join(diffs)}): use the same "
+          "--model-size and a dataset made with the same tokenizer and --chunk-size")
+    return source
+
+
+def _initial_model(model_config: Any, source: Path | None) -> Any:
+    """Random weights, or those of the checked --init-from model."""
+    from transformers import AutoModelForCausalLM
+
+    if source is None:
+        return AutoModelForCausalLM.from_config(model_config, attn_implementation="sdpa")
+    try:
+        return AutoModelForCausalLM.from_pretrained(str(source), config=model_config, use_safetensors=True,
+                                                    attn_implementation="sdpa")
+    except Exception as e:  # noqa: BLE001 - a damaged file: one line
+        raise UsageError(f"--init-from {source}: cannot load its weights ({str(e).splitlines()[0][:160]})") from None
+
+
+def _keep_metrics_up_to(run_dir: Path, step: int) -> None:
+    """On resume, drop metric rows logged after the checkpoint: those steps are trained again and would repeat."""
+    from .files import write_text_atomic
+
+    path = run_dir / "metrics.jsonl"
+    if not path.is_file():
+        return
+    kept = []
+    for line in path.read_text().splitlines():
+        try:
+            if json.loads(line).get("step", 0) <= step:
+                kept.append(line)
+        except json.JSONDecodeError:  # a line cut short by a kill or a full disk
+            continue
+    write_text_atomic(path, "".join(f"{line}\n" for line in kept))
+
+
+def _run(cfg: TrainConfig, manifest: dict[str, Any], extra_callbacks: list[Any]) -> Path:
+    from transformers import AutoTokenizer, set_seed
 
     dataset_path = Path(cfg.dataset_path)  # type: ignore[arg-type]
     context, vocab_size = int(manifest["chunk_size"]), int(manifest["vocab_size"])
@@ -263,26 +387,19 @@ def _run(cfg: TrainConfig, manifest: dict[str, Any], extra_callbacks: list[Any])
     total_steps, limit = plan_steps(cfg, len(train_ds), tokens_per_step)
     output_dir = Path(cfg.output_dir)
 
-    checkpoint = find_checkpoint(cfg.resume, output_dir, cfg.model_size) if cfg.resume else None
-    if checkpoint is not None:
-        run_dir = checkpoint.parent.parent
-        saved = _check_resumable(checkpoint, run_dir, cfg, manifest)
-        total_steps = saved.get("total_steps", total_steps)
+    model_config = gpt2_config(cfg.model_size, vocab_size, context, tokenizer.eos_token_id)
+    init_source = _init_source(cfg, model_config)
+    resume = resolve_resume(cfg, output_dir) if cfg.resume else None
+    if resume is not None:
+        run_dir, checkpoint, total_steps = resume.run_dir, resume.checkpoint, resume.total_steps
+        _check_resumable(checkpoint, cfg, manifest)
+        if resume.extended_from is not None:
+            limit = "max_steps"
     else:
-        state = PartialState()  # joins the process group under torchrun, so ranks agree on one run name
-        name = [f"gpt2-dutch-{cfg.model_size}-{datetime.now().strftime('%Y%m%d-%H%M%S')}"]
-        if state.num_processes > 1:
-            broadcast_object_list(name)
-        run_dir = output_dir / name[0]
-        if is_main_process():
-            try:
-                (run_dir / "checkpoints").mkdir(parents=True, exist_ok=True)
-            except OSError as e:
-                raise UsageError(f"cannot write to --output-dir {output_dir} ({e.strerror})") from None
+        run_dir, checkpoint = _new_run_dir(cfg, output_dir), None
 
     set_seed(cfg.seed)
-    model_config = gpt2_config(cfg.model_size, vocab_size, context, tokenizer.eos_token_id)
-    model = AutoModelForCausalLM.from_config(model_config, attn_implementation="sdpa")
+    model = _initial_model(model_config, init_source)
     lr = cfg.learning_rate or preset(cfg.model_size).learning_rate
     schedule = WarmupCosine(total_steps, warmup_steps_for(cfg.warmup, total_steps))
     auto_every = max(1, total_steps // 10) if limit != "max_time" else 10**9
@@ -297,34 +414,106 @@ def _run(cfg: TrainConfig, manifest: dict[str, Any], extra_callbacks: list[Any])
         "flops_per_token": flops_per_token(matmul_params(model), model_config.n_layer, model_config.n_embd, context),
     }
     if is_main_process():
-        write_json_atomic(run_dir / "run_config.json", run_config_dict(cfg, max_time_s=cfg.max_time_s, **run_info))
+        if resume is None:
+            write_json_atomic(run_dir / "run_config.json", run_config_dict(
+                cfg, max_time_s=cfg.max_time_s, **run_info, status="running",
+                started_at=datetime.now().isoformat(timespec="microseconds")))
+        else:
+            _keep_metrics_up_to(run_dir, checkpoint_step(checkpoint))
+            changes: dict[str, Any] = {"status": "running"}
+            if resume.extended_from is not None:  # say in the run's own record how far and from where it grew
+                extensions = read_run_config(run_dir).get("extensions", [])
+                changes.update(total_steps=total_steps, max_steps=total_steps, length_set_by="max_steps",
+                               extensions=[*extensions, {"from_step": resume.extended_from, "to_step": total_steps}])
+            update_run_config(run_dir, **changes)
     if cfg.report_to == "tensorboard" and not _USER_TENSORBOARD_DIR:
         # The Trainer would log under checkpoints/runs/<date>; keep the run's event files beside its metrics.
         os.environ["TENSORBOARD_LOGGING_DIR"] = str(run_dir / "tensorboard")
 
-    from .training_loop import GPT2Trainer, attach_progress_bar, build_training_arguments, metrics_callbacks
+    from .training_loop import (
+        GPT2Trainer,
+        StepHealth,
+        StopOnSignal,
+        attach_progress_bar,
+        build_training_arguments,
+        metrics_callbacks,
+        weights_finite,
+    )
 
     args = build_training_arguments(cfg, run_dir, precision, lr, total_steps, eval_every, save_every, log_every)
+    health, stopper = StepHealth(sync=cfg.fsdp), StopOnSignal()
     trainer = GPT2Trainer(
         model=model, args=args, train_dataset=train_ds, eval_dataset=test_ds, data_collator=collate,
-        callbacks=metrics_callbacks(cfg, run_dir, run_info, manifest, schedule, auto_eval=cfg.eval_every is None,
-                                    auto_save=cfg.save_every is None) + extra_callbacks,
+        callbacks=[health, stopper, *metrics_callbacks(cfg, run_dir, run_info, manifest, schedule,
+                                                       auto_eval=cfg.eval_every is None,
+                                                       auto_save=cfg.save_every is None), *extra_callbacks],
         schedule=schedule, keep_checkpoints=cfg.keep_checkpoints, tokens_per_step=tokens_per_step,
-        bytes_per_token=_bytes_per_token(manifest),
+        bytes_per_token=_bytes_per_token(manifest), health=health,
     )
     attach_progress_bar(trainer)
+    what = f"a {cfg.max_time} budget" if limit == "max_time" else f"{total_steps} steps"
+    if checkpoint is not None:
+        what += f", resuming at step {checkpoint_step(checkpoint)} from {checkpoint}"
     print(f"training {cfg.model_size} ({run_info['parameters'] / 1e6:.1f}M parameters) on {dataset_path} for "
-          f"{'a ' + str(cfg.max_time) + ' budget' if limit == 'max_time' else f'{total_steps} steps'} "
-          f"({tokens_per_step:,} tokens/step, {precision}) -> {run_dir}", file=sys.stderr)
-    trainer.train(resume_from_checkpoint=str(checkpoint) if checkpoint else None)
-    evals = [r for r in trainer.state.log_history if "eval_loss" in r]
-    if not evals or evals[-1].get("step") != trainer.state.global_step:
-        trainer.evaluate()  # always end with an evaluation of the final weights
+          f"{what} ({tokens_per_step:,} tokens/step, {precision}) -> {run_dir}", file=sys.stderr)
+    with _disk_full_is_one_line(run_dir, trainer), stopper.installed():
+        trainer.train(resume_from_checkpoint=str(checkpoint) if checkpoint else None)
+        if stopper.signal is None and not health.diverged:
+            evals = [r for r in trainer.state.log_history if "eval_loss" in r]
+            if not evals or evals[-1].get("step") != trainer.state.global_step:
+                trainer.evaluate()  # always end with an evaluation of the final weights
+    step = trainer.state.global_step
+    if stopper.signal is not None:
+        _set_status(run_dir, "stopped")
+        name = stopper.signal_name
+        raise Stopped(f"stopped by {name} at step {step}; checkpoint saved in {run_dir / 'checkpoints'}; continue "
+                      f"with the same command and --resume {run_dir} (or a bare --resume)", 128 + stopper.signal)
+    if health.diverged:
+        _set_status(run_dir, "diverged")
+        kept = usable_checkpoint(run_dir)
+        raise UsageError(f"training diverged: {health.in_a_row} steps in a row had a non-finite loss or gradient "
+                         f"(from step {health.first_bad_of_streak}); nothing was published" +
+                         (f", the last good checkpoint is {kept}" if kept else " and no checkpoint was written") +
+                         f"; lower --learning-rate (it was {lr:g}) or use --precision fp32, and start again")
+    if health.applied == 0 and checkpoint is None or not weights_finite(trainer.model):
+        _set_status(run_dir, "failed")
+        why = ("no optimizer step was applied" if weights_finite(trainer.model)
+               else "the weights are not finite")
+        raise UsageError(f"the run ended but {why}; nothing was published as final_model; lower --learning-rate "
+                         "or check the data")
     if is_main_process():
-        _save_final_model(trainer, tokenizer, run_dir)
+        with _disk_full_is_one_line(run_dir, trainer):
+            _save_final_model(trainer, tokenizer, run_dir)
+        _set_status(run_dir, FINISHED)
         update_latest_link(run_dir, cfg.model_size)
         print(f"final model: {run_dir / 'final_model'}  (loss curve: {run_dir / 'loss.png'})", file=sys.stderr)
     return run_dir
+
+
+@contextlib.contextmanager
+def _disk_full_is_one_line(run_dir: Path, trainer: Any) -> Iterator[None]:
+    """A full disk while checkpointing or saving (torch.save reports it as a RuntimeError): one line, exit 1.
+    Checkpoints and final_model are written under temporary names, so what is left is complete."""
+    try:
+        yield
+    except (OSError, RuntimeError) as e:
+        if not (is_disk_full(e) or "file write failed" in str(e)):
+            raise
+        with contextlib.suppress(OSError):
+            _set_status(run_dir, "failed")
+        for callback in trainer.callback_handler.callbacks:  # else the bar redraws itself after the error line
+            bar = getattr(callback, "training_bar", None)
+            if bar is not None:
+                bar.close()
+                callback.training_bar = None
+        raise MachineError(f"no space left on the device while writing {run_dir} (step "
+                           f"{trainer.state.global_step}); its complete checkpoints are kept: free some space and "
+                           f"continue with --resume {run_dir}") from None
+
+
+def _set_status(run_dir: Path, status: str) -> None:
+    if is_main_process():
+        update_run_config(run_dir, status=status)
 
 
 def _bytes_per_token(manifest: dict[str, Any]) -> float:
@@ -348,11 +537,8 @@ def _check_tracker(report_to: str) -> None:
                          "WANDB_MODE=offline")
 
 
-def _check_resumable(checkpoint: Path, run_dir: Path, cfg: TrainConfig, manifest: dict[str, Any]) -> dict:
-    config_path = checkpoint / "config.json"
-    if not config_path.is_file() or not (checkpoint / "trainer_state.json").is_file():
-        raise UsageError(f"cannot resume: {checkpoint} is incomplete (no config.json or trainer_state.json)")
-    saved_model = json.loads(config_path.read_text())
+def _check_resumable(checkpoint: Path, cfg: TrainConfig, manifest: dict[str, Any]) -> None:
+    saved_model = json.loads((checkpoint / "config.json").read_text())
     p = preset(cfg.model_size)
     problems = []
     if saved_model.get("vocab_size") != manifest["vocab_size"]:
@@ -365,21 +551,20 @@ def _check_resumable(checkpoint: Path, run_dir: Path, cfg: TrainConfig, manifest
                         f"{cfg.model_size}")
     if problems:
         raise UsageError(f"cannot resume from {checkpoint}: " + "; ".join(problems))
-    run_config = run_dir / "run_config.json"
-    return json.loads(run_config.read_text()) if run_config.is_file() else {}
 
 
 def _save_final_model(trainer: Any, tokenizer: Any, run_dir: Path) -> None:
     from transformers import GenerationConfig
 
-    final, tmp = run_dir / "final_model", run_dir / ".final_model.tmp"
+    final, tmp = run_dir / "final_model", temp_name(run_dir / "final_model")
     shutil.rmtree(tmp, ignore_errors=True)
-    trainer.save_model(str(tmp))
-    (tmp / "training_args.bin").unlink(missing_ok=True)  # a pickle; the run's settings are in run_config.json
-    tokenizer.save_pretrained(str(tmp))
-    eos = tokenizer.eos_token_id
-    GenerationConfig(bos_token_id=eos, eos_token_id=eos, pad_token_id=eos, do_sample=True, top_k=50,
-                     top_p=0.95, temperature=0.8, max_new_tokens=100).save_pretrained(str(tmp))
-    if final.exists():
-        shutil.rmtree(final)
-    tmp.rename(final)
+    try:
+        trainer.save_model(str(tmp))
+        (tmp / "training_args.bin").unlink(missing_ok=True)  # a pickle; the run's settings are in run_config.json
+        tokenizer.save_pretrained(str(tmp))
+        eos = tokenizer.eos_token_id
+        GenerationConfig(bos_token_id=eos, eos_token_id=eos, pad_token_id=eos, do_sample=True, top_k=50,
+                         top_p=0.95, temperature=0.8, max_new_tokens=100).save_pretrained(str(tmp))
+        replace_dir(tmp, final)  # an extended run's previous final_model stays until the new one is complete
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)

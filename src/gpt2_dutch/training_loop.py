@@ -10,11 +10,15 @@ trackers and resume with RNG state and data position; what GPT-2 pretraining nee
 
 from __future__ import annotations
 
+import contextlib
 import json
 import math
 import os
 import shutil
+import signal
+import sys
 import time
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
@@ -22,7 +26,8 @@ import torch
 from transformers import Trainer, TrainerCallback, TrainingArguments
 from transformers.trainer_callback import ProgressCallback
 
-from .train import TrainConfig, WarmupCosine, is_main_process, warmup_steps_for, write_json_atomic
+from .runs import update_run_config
+from .train import TrainConfig, WarmupCosine, is_main_process, warmup_steps_for
 
 
 def build_training_arguments(cfg: TrainConfig, run_dir: Path, precision: str, lr: float, total_steps: int,
@@ -66,13 +71,134 @@ def build_training_arguments(cfg: TrainConfig, run_dir: Path, precision: str, lr
     )
 
 
+def weights_finite(model: torch.nn.Module) -> bool:
+    return all(bool(torch.isfinite(p).all()) for p in model.parameters())
+
+
+class StepHealth(TrainerCallback):
+    """Skips every optimizer update whose gradients are not finite (a NaN/inf loss gives such gradients), warns,
+    and stops the run after MAX_IN_A_ROW such steps in a row.
+
+    Why a guard on `optimizer.step` rather than on the loss: the Trainer clips first, and clipping a non-finite
+    norm turns every gradient into NaN, so one check of the clipped gradients covers the loss, the norm and any
+    overflow in backward. A skipped step leaves weights and optimizer state as they were (AdamW would otherwise
+    write NaN into both); the schedule still advances, as with fp16 loss scaling.
+    """
+
+    MAX_IN_A_ROW = 5
+
+    def __init__(self, sync: bool = False):
+        self.sync = sync  # sharded gradients (FSDP): ranks must agree, so the verdict is all-reduced
+        self.in_a_row = self.skipped = self.applied = 0
+        self.first_bad_of_streak: int | None = None
+        self.diverged = False
+        self.state: Any = None
+
+    def guard(self, optimizer: torch.optim.Optimizer) -> None:
+        step = optimizer.step
+
+        def guarded_step(*args: Any, **kwargs: Any) -> Any:
+            if self._gradients_finite(optimizer):
+                self.in_a_row = 0
+                self.applied += 1
+                return step(*args, **kwargs)
+            self.in_a_row += 1
+            self.skipped += 1
+            at = (self.state.global_step + 1) if self.state is not None else "?"
+            if self.in_a_row == 1:
+                self.first_bad_of_streak = at if isinstance(at, int) else None
+            if is_main_process():
+                print(f"warning: step {at}: non-finite loss or gradient, update skipped ({self.in_a_row} in a row; "
+                      f"the run stops at {self.MAX_IN_A_ROW})", file=sys.stderr)
+            return None
+
+        optimizer.step = guarded_step  # type: ignore[method-assign]
+
+    def _gradients_finite(self, optimizer: torch.optim.Optimizer) -> bool:
+        grads = [p.grad for group in optimizer.param_groups for p in group["params"] if p.grad is not None]
+        finite = torch.isfinite(torch.nn.utils.get_total_norm(grads)) if grads else torch.tensor(True)
+        if self.sync and torch.distributed.is_available() and torch.distributed.is_initialized():
+            flag = finite.float()
+            torch.distributed.all_reduce(flag, op=torch.distributed.ReduceOp.MIN)
+            return bool(flag)
+        return bool(finite)
+
+    def on_train_begin(self, args: Any, state: Any, control: Any, **kw: Any) -> None:
+        self.state = state
+
+    def on_step_end(self, args: Any, state: Any, control: Any, **kw: Any) -> None:
+        if self.in_a_row >= self.MAX_IN_A_ROW:
+            self.diverged = True
+            control.should_training_stop = True
+            control.should_save = False  # the checkpoints from before the streak are the good ones
+        elif state.global_step >= state.max_steps:
+            control.should_save = True  # the last step is always checkpointed: a finished run can be extended
+
+
+class StopOnSignal(TrainerCallback):
+    """SIGTERM (preemption, Slurm's time limit), SIGINT (Ctrl-C) and SIGUSR1 save a checkpoint at the end of the
+    current step and stop the run; a second Ctrl-C stops at once. Under DDP/FSDP the ranks agree (all-reduce)
+    on whether any of them was signalled, so they all save the same step and none waits for the others."""
+
+    SIGNALS = tuple(s for s in (getattr(signal, n, None) for n in ("SIGTERM", "SIGINT", "SIGUSR1")) if s is not None)
+
+    def __init__(self) -> None:
+        self.signal: int | None = None
+
+    @property
+    def signal_name(self) -> str:
+        return signal.Signals(self.signal).name if self.signal is not None else ""
+
+    def _handle(self, signum: int, frame: Any) -> None:
+        if self.signal is not None and signum == signal.SIGINT:
+            raise KeyboardInterrupt  # the second Ctrl-C: stop now, without the checkpoint
+        self.signal = signum
+        if is_main_process():
+            print(f"\n{signal.Signals(signum).name} received: saving a checkpoint at the end of this step, then "
+                  "stopping (Ctrl-C again to stop at once)", file=sys.stderr, flush=True)
+
+    @contextlib.contextmanager
+    def installed(self) -> Iterator[None]:
+        import threading
+
+        if threading.current_thread() is not threading.main_thread():  # signals reach the main thread only
+            yield
+            return
+        previous = {s: signal.signal(s, self._handle) for s in self.SIGNALS}
+        try:
+            yield
+        finally:
+            for s, handler in previous.items():
+                signal.signal(s, handler)
+
+    def on_step_end(self, args: Any, state: Any, control: Any, **kw: Any) -> None:
+        stop = self.signal is not None
+        if torch.distributed.is_available() and torch.distributed.is_initialized():
+            flag = torch.tensor([float(stop)], device="cuda" if torch.cuda.is_available() else "cpu")
+            torch.distributed.all_reduce(flag, op=torch.distributed.ReduceOp.MAX)
+            stop = bool(flag.item())
+            if stop and self.signal is None:
+                self.signal = signal.SIGTERM  # another rank was signalled (torchrun forwards SIGTERM)
+        if stop:
+            control.should_save = True
+            control.should_training_stop = True
+
+
 class GPT2Trainer(Trainer):
     def __init__(self, *args: Any, schedule: WarmupCosine, keep_checkpoints: int, tokens_per_step: int,
-                 bytes_per_token: float, **kwargs: Any):
+                 bytes_per_token: float, health: StepHealth | None = None, **kwargs: Any):
         super().__init__(*args, **kwargs)
         self.schedule, self.keep_checkpoints = schedule, keep_checkpoints
         self.tokens_per_step, self.bytes_per_token = tokens_per_step, bytes_per_token
+        self.health = health
         self._last_log: tuple[float, int] | None = None
+
+    def create_optimizer(self, model: Any = None) -> torch.optim.Optimizer:
+        optimizer = super().create_optimizer(model)
+        if self.health is not None and not getattr(optimizer, "_gpt2_dutch_guarded", False):
+            self.health.guard(optimizer)
+            optimizer._gpt2_dutch_guarded = True  # type: ignore[attr-defined]
+        return optimizer
 
     def create_scheduler(self, num_training_steps: int, optimizer: torch.optim.Optimizer | None = None) -> Any:
         if self.lr_scheduler is None:
@@ -82,6 +208,10 @@ class GPT2Trainer(Trainer):
     def log(self, logs: dict[str, float], start_time: float | None = None) -> None:
         step = self.state.global_step
         logs["tokens"] = step * self.tokens_per_step
+        if self.health is not None and self.health.skipped:
+            # The Trainer's running loss leaves a NaN step out of its average (logging_nan_inf_filter); the
+            # count of steps whose update was skipped says that it happened.
+            logs["skipped_steps"] = self.health.skipped
         if "loss" in logs:
             now = time.perf_counter()
             if self._last_log is not None and step > self._last_log[1]:
@@ -98,11 +228,19 @@ class GPT2Trainer(Trainer):
 
     def _save_checkpoint(self, model: Any, trial: Any) -> None:
         """Write into checkpoints/.staging, then rename: checkpoint-N exists only once it is complete."""
+        if not weights_finite(self.model):  # never let NaN weights rotate a good checkpoint out
+            if self.args.should_save:
+                print(f"warning: step {self.state.global_step}: the weights are not finite; no checkpoint written",
+                      file=sys.stderr)
+            return
         root = self.args.output_dir
         staging = os.path.join(root, ".staging")
         self.args.output_dir = staging
         try:
             super()._save_checkpoint(model, trial)
+        except BaseException:
+            shutil.rmtree(staging, ignore_errors=True)  # a full disk or a kill mid-write: nothing half-written
+            raise
         finally:
             self.args.output_dir = root
         self.accelerator.wait_for_everyone()
@@ -128,11 +266,13 @@ class MetricsCallback(TrainerCallback):
     def on_log(self, args: Any, state: Any, control: Any, logs: dict[str, Any] | None = None, **kw: Any) -> None:
         if not state.is_world_process_zero or not logs:
             return
-        record = {"step": state.global_step, **{k: v for k, v in logs.items() if k != "epoch"}}
+        # NaN and infinities are not JSON: they are written as null (a skipped step's loss, a gradient overflow)
+        record = {"step": state.global_step, **{k: (None if isinstance(v, float) and not math.isfinite(v) else v)
+                                               for k, v in logs.items() if k != "epoch"}}
         if "learning_rate" in record:
             record["lr"] = record.pop("learning_rate")
         with open(self.run_dir / "metrics.jsonl", "a") as f:
-            f.write(json.dumps(record) + "\n")
+            f.write(json.dumps(record, allow_nan=False) + "\n")
         if "eval_loss" in logs:
             plot_losses(self.run_dir)
 
@@ -179,12 +319,10 @@ class MaxTimeCallback(TrainerCallback):
         state.logging_steps = args.logging_steps = max(1, total // 100)
         self.fitted = True
         if state.is_world_process_zero:
-            path = self.run_dir / "run_config.json"
-            saved = json.loads(path.read_text())
-            saved.update(total_steps=total, seconds_per_step=round(per_step, 4))
+            changes: dict[str, Any] = {"total_steps": total, "seconds_per_step": round(per_step, 4)}
             if total < self.upper_bound:  # the budget, not --max-steps/--max-tokens, ends this run
-                saved["length_set_by"] = "max_time"
-            write_json_atomic(path, saved)
+                changes["length_set_by"] = "max_time"
+            update_run_config(self.run_dir, **changes)
         bar = getattr(self, "progress", None)
         if bar is not None and getattr(bar, "training_bar", None) is not None:
             bar.training_bar.total = total
@@ -219,9 +357,12 @@ def plot_losses(run_dir: Path) -> None:
     path = run_dir / "metrics.jsonl"
     if not path.is_file():
         return
-    records = [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
-    train = [(r["tokens"], r["loss"]) for r in records if "loss" in r]
-    evals = [(r["tokens"], r["eval_loss"]) for r in records if "eval_loss" in r]
+    records = []
+    for line in path.read_text().splitlines():
+        with contextlib.suppress(json.JSONDecodeError):  # a line cut short by a kill: skip it
+            records.append(json.loads(line))
+    train = [(r["tokens"], r["loss"]) for r in records if r.get("loss") is not None]
+    evals = [(r["tokens"], r["eval_loss"]) for r in records if r.get("eval_loss") is not None]
     fig, ax = plt.subplots(figsize=(7, 4.5), dpi=110)
     if train:
         ax.plot(*zip(*train, strict=True), label="train loss", lw=1.2)
