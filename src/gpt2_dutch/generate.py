@@ -6,7 +6,9 @@
     gpt2-dutch generate --model-path M --benchmark            # tokens/s at batch 1 and 16, latency
 
 Uses transformers `generate` (KV cache, logits processors). One prompt streams to the terminal as it is
-produced; several prompts run as one left-padded batch. Weights load from safetensors only; remote code never runs.
+produced; several prompts run as one left-padded batch. Each prompt gets its own budget of new tokens,
+min(--max-new-tokens, context - its length); a prompt longer than the context keeps its end. Both are said on
+stderr, one line per prompt. Weights load from safetensors only; remote code never runs.
 """
 
 from __future__ import annotations
@@ -22,11 +24,14 @@ from typing import Any
 import torch
 
 from .config import option
-from .errors import UsageError, check
+from .errors import UsageError, check, check_number, check_seed
 from .model import FAST_GELU
 from .train import cpu_has_fast_bf16
 
 DEFAULT_PROMPTS = ["Amsterdam is een stad", "Het weer in Nederland", "Er was eens een"]
+# Each sample is a row of the batch (and of the KV cache): these bounds keep a typo from asking for billions.
+MAX_RETURN_SEQUENCES = 1000
+MAX_BENCHMARK_BATCH = 4096
 
 
 @dataclass
@@ -52,13 +57,20 @@ class GenerateConfig:
     json: bool = option(False, "print results as JSON")
 
     def __post_init__(self) -> None:
+        # A huge --max-new-tokens or --top-k needs no upper bound: each is capped by the context or the vocabulary.
         check(self.max_new_tokens > 0, f"--max-new-tokens must be positive (got {self.max_new_tokens})")
+        check_number(self.temperature, "--temperature")  # argparse takes inf and nan for floats
         check(self.temperature > 0, f"--temperature must be positive (got {self.temperature}); use --greedy")
-        check(self.top_k >= 0, "--top-k must be >= 0")
+        check(self.top_k >= 0, f"--top-k must be >= 0 (got {self.top_k})")
+        check_number(self.top_p, "--top-p")
         check(0 < self.top_p <= 1, f"--top-p must be in (0, 1] (got {self.top_p})")
-        check(self.repetition_penalty > 0, "--repetition-penalty must be positive")
-        check(self.num_return_sequences > 0, "--num-return-sequences must be positive")
-        check(self.benchmark_batch > 0, "--benchmark-batch must be positive")
+        check_number(self.repetition_penalty, "--repetition-penalty")
+        check(self.repetition_penalty > 0, f"--repetition-penalty must be positive (got {self.repetition_penalty})")
+        check(0 < self.num_return_sequences <= MAX_RETURN_SEQUENCES, "--num-return-sequences must be between 1 "
+              f"and {MAX_RETURN_SEQUENCES} (got {self.num_return_sequences})")
+        check(0 < self.benchmark_batch <= MAX_BENCHMARK_BATCH, f"--benchmark-batch must be between 1 and "
+              f"{MAX_BENCHMARK_BATCH} (got {self.benchmark_batch})")
+        check_seed(self.seed)
 
 
 # ------------------------------------------------------------------------------------------ loading
@@ -246,39 +258,142 @@ def generation_kwargs(cfg: GenerateConfig, tokenizer: Any) -> dict[str, Any]:
     return kw
 
 
-@torch.inference_mode()
-def generate_texts(model: Any, tokenizer: Any, prompts: list[str], cfg: GenerateConfig,
-                   streamer: Any = None) -> list[list[str]]:
-    """Continuations (without the prompt) per prompt, as one left-padded batch; stops at <|endoftext|>."""
-    if cfg.seed is not None:
-        torch.manual_seed(cfg.seed)
+def context_length(model: Any) -> int | None:
+    """The model's position table (GPT-2: n_positions), or None for a model without one."""
+    config = model.config
+    return getattr(config, "n_positions", None) or getattr(config, "max_position_embeddings", None)
+
+
+@dataclass
+class PromptPlan:
+    """How one prompt fits the model's context: the tokens it keeps and its own budget of new tokens."""
+
+    ids: list[int]  # the tokens given to the model: the prompt's end where it was longer than the context
+    prompt_tokens: int  # the whole prompt's tokens
+    max_new_tokens: int  # min(--max-new-tokens, context - len(ids))
+    requested: int  # --max-new-tokens
+
+    @property
+    def dropped(self) -> int:
+        return self.prompt_tokens - len(self.ids)
+
+    def notice(self, context: int, label: str = "the prompt") -> str | None:
+        """One line saying what was truncated or capped, or None where the prompt got what was asked."""
+        if not self.dropped and self.max_new_tokens == self.requested:
+            return None
+        tokens = "token" if self.max_new_tokens == 1 else "tokens"
+        budget = f"gets {self.max_new_tokens} new {tokens}, not {self.requested} (--max-new-tokens)"
+        if self.dropped:
+            return (f"{label} ({self.prompt_tokens} tokens) is longer than the model's {context}-token context: "
+                    f"its first {self.dropped} tokens were dropped, its last {len(self.ids)} kept; it {budget}")
+        return f"{label} ({self.prompt_tokens} tokens) {budget}: the model's context is {context} tokens"
+
+    def as_json(self) -> dict[str, int]:
+        return {"prompt_tokens": self.prompt_tokens, "dropped_tokens": self.dropped,
+                "max_new_tokens": self.max_new_tokens}
+
+
+def plan_prompts(tokenizer: Any, prompts: list[str], context: int | None, max_new_tokens: int) -> list[PromptPlan]:
+    """Tokenize each prompt, keep its end where it is longer than the context, and give it its own budget."""
+    check(context is None or context >= 2, f"the model's context ({context} tokens) leaves no room to generate")
     bos = tokenizer.bos_token or tokenizer.eos_token
     # An empty prompt starts from <|endoftext|>, the document boundary the model was trained on.
     texts = [p if p else bos for p in prompts]
-    ctx = model.config.n_positions
-    # Prompts longer than the context keep their end (truncation_side is left); the continuation is capped so
-    # prompt + new tokens fit the model's position table.
-    enc = tokenizer(texts, return_tensors="pt", padding=True, truncation=True, max_length=max(1, ctx - 1))
-    enc = enc.to(model.device)
+    # verbose=False: a prompt longer than the tokenizer's model_max_length is ours to report, in one line
+    encoded = tokenizer(texts, verbose=False)["input_ids"] if texts else []
+    keep = context - 1 if context else None  # room for at least one new token
+    plans = []
+    for ids in encoded:
+        kept = ids[-keep:] if keep and len(ids) > keep else ids
+        budget = min(max_new_tokens, context - len(kept)) if context else max_new_tokens
+        plans.append(PromptPlan(list(kept), len(ids), budget, max_new_tokens))
+    return plans
+
+
+@torch.inference_mode()
+def generate_texts(model: Any, tokenizer: Any, prompts: list[str], cfg: GenerateConfig,
+                   streamer: Any = None, plans: list[PromptPlan] | None = None) -> list[list[str]]:
+    """Continuations (without the prompt) per prompt; stops at <|endoftext|>.
+
+    Each prompt gets its own budget of new tokens (see plan_prompts). Prompts that share a budget run as one
+    left-padded batch: the common case, where every prompt fits, is a single batch; a prompt whose budget the
+    context caps runs with the others of its length, so that a long prompt never shortens the rest.
+    """
+    if cfg.seed is not None:
+        torch.manual_seed(cfg.seed)
+    if plans is None:
+        plans = plan_prompts(tokenizer, prompts, context_length(model), cfg.max_new_tokens)
+    check(len(plans) == len(prompts), f"{len(plans)} prompt plans for {len(prompts)} prompts")
+    groups: dict[int, list[int]] = {}
+    for i, plan in enumerate(plans):
+        groups.setdefault(plan.max_new_tokens, []).append(i)
     kwargs = generation_kwargs(cfg, tokenizer)
-    kwargs["max_new_tokens"] = min(cfg.max_new_tokens, ctx - enc["input_ids"].shape[1])
-    out = model.generate(**enc, **kwargs, streamer=streamer)
-    new = out[:, enc["input_ids"].shape[1]:]
-    decoded = tokenizer.batch_decode(new, skip_special_tokens=True)
+    pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
     n = cfg.num_return_sequences
-    return [decoded[i * n:(i + 1) * n] for i in range(len(prompts))]
+    results: list[list[str]] = [[] for _ in prompts]
+    for budget in sorted(groups, reverse=True):  # a fixed order: seeded sampling is reproducible
+        members = groups[budget]
+        width = max(len(plans[i].ids) for i in members)
+        ids = torch.full((len(members), width), pad, dtype=torch.long)
+        mask = torch.zeros((len(members), width), dtype=torch.long)
+        for row, i in enumerate(members):  # left padding: every prompt ends where generation starts
+            p = plans[i].ids
+            ids[row, width - len(p):] = torch.tensor(p, dtype=torch.long)
+            mask[row, width - len(p):] = 1
+        out = _generate(model, {"input_ids": ids.to(model.device), "attention_mask": mask.to(model.device)},
+                        {**kwargs, "max_new_tokens": budget}, streamer, cfg)
+        decoded = tokenizer.batch_decode(out[:, width:], skip_special_tokens=True)
+        for row, i in enumerate(members):
+            results[i] = decoded[row * n:(row + 1) * n]
+    return results
+
+
+def _generate(model: Any, enc: dict[str, torch.Tensor], kwargs: dict[str, Any], streamer: Any,
+              cfg: GenerateConfig) -> torch.Tensor:
+    """model.generate, with running out of memory and overflowing probabilities as one-line errors."""
+    rows = enc["input_ids"].shape[0] * cfg.num_return_sequences
+    try:
+        return model.generate(**enc, **kwargs, streamer=streamer)
+    except torch.OutOfMemoryError:
+        raise UsageError(f"out of memory generating {rows} sequences of up to {kwargs['max_new_tokens']} tokens on "
+                         f"{model.device}; use fewer prompts, --num-return-sequences or --max-new-tokens") from None
+    except RuntimeError as e:
+        if "can't allocate memory" in str(e) or "not enough memory" in str(e):  # CPU allocators say it so
+            raise UsageError(f"out of memory generating {rows} sequences of up to {kwargs['max_new_tokens']} "
+                             "tokens; use fewer prompts, --num-return-sequences or --max-new-tokens") from None
+        if "probability tensor contains" in str(e):
+            # A tiny temperature or repetition penalty divides the logits into infinities: no distribution.
+            raise UsageError(f"sampling failed: --temperature {cfg.temperature} and --repetition-penalty "
+                             f"{cfg.repetition_penalty} push the logits to infinity; use values nearer 1, or "
+                             "--greedy") from None
+        raise
+
+
+def print_notices(plans: list[PromptPlan], context: int | None, stream: Any = None, single: bool = False) -> None:
+    """One stderr line per prompt that was truncated or whose budget was capped."""
+    for i, plan in enumerate(plans):
+        line = plan.notice(context or 0, "the prompt" if single else f"prompt {i + 1}")
+        if line:
+            print(f"gpt2-dutch generate: note: {line}", file=stream or sys.stderr, flush=True)
 
 
 def read_prompts(cfg: GenerateConfig) -> list[str]:
     prompts = list(cfg.prompt)
     if cfg.prompt_file:
         path = Path(cfg.prompt_file)
+        check(not path.is_dir(), f"prompt file {path} is a directory; give a text file with one prompt per line")
         check(path.is_file(), f"prompt file {path} not found")
         try:
-            prompts += [line.rstrip("\n") for line in path.read_text(encoding="utf-8").splitlines() if line.strip()]
-        except UnicodeDecodeError:
-            raise UsageError(f"prompt file {path} is not UTF-8 text") from None
-        check(bool(prompts), f"prompt file {path} holds no prompts")
+            lines = path.read_bytes().decode("utf-8").splitlines()
+        except UnicodeDecodeError as e:
+            line = path.read_bytes()[:e.start].count(b"\n") + 1
+            raise UsageError(f"prompt file {path} is not UTF-8 text (line {line}: byte 0x{e.object[e.start]:02x}); "
+                             "convert it with e.g. `iconv -t utf-8`") from None
+        except OSError as e:
+            raise UsageError(f"prompt file {path} cannot be read ({e.strerror})") from None
+        from_file = [line for line in lines if line.strip()]
+        check(bool(from_file), f"prompt file {path} holds no prompts (blank lines are skipped)")
+        prompts += from_file
     return prompts or list(DEFAULT_PROMPTS)
 
 
@@ -293,20 +408,25 @@ def generate(cfg: GenerateConfig) -> Any:
 
         return repl(model, tokenizer, cfg, sys.stdin, sys.stdout)
     prompts = read_prompts(cfg)
+    context = context_length(model)
+    plans = plan_prompts(tokenizer, prompts, context, cfg.max_new_tokens)
+    print_notices(plans, context, single=len(prompts) == 1)
     if cfg.json:
-        results = generate_texts(model, tokenizer, prompts, cfg)
-        print(json.dumps([{"prompt": p, "completions": c} for p, c in zip(prompts, results, strict=True)],
-                         ensure_ascii=False, indent=2))
+        results = generate_texts(model, tokenizer, prompts, cfg, plans=plans)
+        print(json.dumps([{"prompt": p, "completions": c, **plan.as_json()}
+                          for p, c, plan in zip(prompts, results, plans, strict=True)], ensure_ascii=False, indent=2))
         return results
     from transformers import TextStreamer
 
     results = []
-    for prompt in prompts if cfg.num_return_sequences == 1 and len(prompts) <= 3 else []:
+    for prompt, plan in zip(prompts, plans, strict=True) if cfg.num_return_sequences == 1 and len(prompts) <= 3 \
+            else []:
         print(f"\n>>> {prompt}", end="", flush=True)  # stream each prompt's text as it is produced
         results += generate_texts(model, tokenizer, [prompt], cfg, TextStreamer(tokenizer, skip_prompt=True,
-                                                                                  skip_special_tokens=True))
+                                                                                  skip_special_tokens=True),
+                                  plans=[plan])
     if not results:  # many prompts: one batch is much faster than streaming them one by one
-        results = generate_texts(model, tokenizer, prompts, cfg)
+        results = generate_texts(model, tokenizer, prompts, cfg, plans=plans)
         for prompt, completions in zip(prompts, results, strict=True):
             for c in completions:
                 print(f"\n>>> {prompt}{c}")

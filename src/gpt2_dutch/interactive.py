@@ -2,12 +2,15 @@
 
 On a terminal it has line editing and history (readline); Ctrl-C stops the current generation and returns to
 the prompt; Ctrl-D exits. With piped stdin it reads one prompt or command per line and exits 0 at end of input.
+A line that is not UTF-8 is skipped with one line on stderr; so are a truncated prompt and a capped budget
+(see generate.PromptPlan), and a generation that fails for a reason the user can fix (out of memory).
 """
 
 from __future__ import annotations
 
 import contextlib
 import os
+import sys
 from pathlib import Path
 from typing import Any, TextIO
 
@@ -58,27 +61,37 @@ def settings_line(cfg: Any) -> str:
     return f"{mode}, max {cfg.max_new_tokens} new tokens, repetition penalty {cfg.repetition_penalty}"
 
 
-def repl(model: Any, tokenizer: Any, cfg: Any, stdin: TextIO, stdout: TextIO) -> int:
+def repl(model: Any, tokenizer: Any, cfg: Any, stdin: TextIO, stdout: TextIO, stderr: TextIO | None = None) -> int:
     from transformers import TextStreamer
 
-    from .generate import generate_texts
+    from .errors import UsageError
+    from .generate import context_length, generate_texts, plan_prompts, print_notices
 
+    stderr = stderr or sys.stderr
     tty = stdin.isatty()
     if tty:
         _enable_readline()
         print(f"gpt2-dutch interactive: {settings_line(cfg)}. /help for commands, Ctrl-D to quit.", file=stdout)
     cfg.num_return_sequences = 1
+    context = context_length(model)
+    lineno = 0
     while True:
+        lineno += 1
         try:
-            line = input("> ") if tty else stdin.readline()
+            line = input("> ") if tty else _read_line(stdin)
+            line.encode("utf-8")  # a surrogate-escaped byte (a C locale's stdin) is no text either
         except EOFError:
-            print(file=stdout)
+            if tty:
+                print(file=stdout)
             return 0
         except KeyboardInterrupt:
             print("^C", file=stdout)
             continue
-        if not tty and line == "":
-            return 0  # end of piped input
+        except (UnicodeDecodeError, UnicodeEncodeError) as e:
+            where = "that line" if tty else f"input line {lineno}"
+            print(f"gpt2-dutch generate: {where} is not valid UTF-8 ({_bad_byte(e)}); skipped", file=stderr,
+                  flush=True)
+            continue
         line = line.rstrip("\n")
         if not line.strip():
             continue
@@ -88,13 +101,44 @@ def repl(model: Any, tokenizer: Any, cfg: Any, stdin: TextIO, stdout: TextIO) ->
                 return 0
             print(reply, file=stdout, flush=True)
             continue
+        try:
+            plans = plan_prompts(tokenizer, [line], context, cfg.max_new_tokens)
+        except UsageError as e:
+            print(f"gpt2-dutch generate: {e}", file=stderr, flush=True)
+            continue
+        print_notices(plans, context, stderr, single=True)
         print(line, end="", file=stdout, flush=True)
         try:
-            generate_texts(model, tokenizer, [line], cfg, _Streamer(tokenizer, stdout, TextStreamer))
+            generate_texts(model, tokenizer, [line], cfg, _Streamer(tokenizer, stdout, TextStreamer), plans=plans)
         except KeyboardInterrupt:
             print(" [stopped]", file=stdout, flush=True)
             continue
+        except UsageError as e:  # out of memory, overflowing sampling settings: the next prompt may work
+            print(file=stdout, flush=True)
+            print(f"gpt2-dutch generate: {e}", file=stderr, flush=True)
+            continue
         print(file=stdout, flush=True)
+
+
+def _read_line(stdin: TextIO) -> str:
+    """One line of piped input, decoded here so that bytes that are not UTF-8 spoil that line only.
+
+    Raises EOFError at the end of input and UnicodeDecodeError for a line that is not UTF-8.
+    """
+    buffer = getattr(stdin, "buffer", None)
+    raw: str | bytes = buffer.readline() if buffer is not None else stdin.readline()
+    if not raw:
+        raise EOFError
+    return raw.decode("utf-8") if isinstance(raw, bytes) else raw
+
+
+def _bad_byte(e: UnicodeDecodeError | UnicodeEncodeError) -> str:
+    if isinstance(e, UnicodeDecodeError):
+        return f"byte 0x{e.object[e.start]:02x} at position {e.start + 1}"
+    # surrogateescape maps a byte b that is not UTF-8 to the code point U+DC00 + b
+    code = ord(e.object[e.start])
+    return f"byte 0x{code - 0xDC00:02x} at position {e.start + 1}" if 0xDC80 <= code <= 0xDCFF else \
+        f"a lone surrogate at position {e.start + 1}"
 
 
 def _Streamer(tokenizer: Any, stdout: TextIO, base: type) -> Any:  # noqa: N802 - a class factory
