@@ -3,7 +3,9 @@
     gpt2-dutch evaluate --model-path trained_models/gpt2-dutch-small-latest --dataset-path processed_data/chunked_10k
     gpt2-dutch evaluate --model-path M --data-files held_out.jsonl.gz --json
 
---dataset-path scores the processed test split chunk by chunk (the model must share the dataset's tokenizer).
+--dataset-path scores the processed test split chunk by chunk. The model must share the dataset's tokenizer:
+the dataset's ids mean nothing to a model that was trained with other ones, so a dataset whose tokenizer differs
+(vocabulary, merges, normalizer, pre-tokenizer, end-of-text token) is refused, with what differs.
 --data-files scores raw documents, tokenized with the model's own tokenizer: each document on its own,
 preceded by <|endoftext|> (the boundary the model saw in training), in windows of the model's context that
 overlap by half so every token after the first window still sees half a context of history.
@@ -15,6 +17,7 @@ import json
 import math
 from collections.abc import Iterator
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Any
 
 import numpy as np
@@ -24,8 +27,8 @@ from tqdm.auto import tqdm
 
 from .config import option
 from .data import batched, expand_data_files, iter_local_texts, load_split, read_manifest
-from .errors import check
-from .generate import load_model
+from .errors import UsageError, check
+from .generate import context_length, load_model
 
 
 @dataclass
@@ -46,8 +49,9 @@ class EvaluateConfig:
 
     def __post_init__(self) -> None:
         check(bool(self.dataset_path) != bool(self.data_files), "give exactly one of --dataset-path and --data-files")
-        check(self.batch_size > 0, "--batch-size must be positive")
-        check(self.max_chunks is None or self.max_chunks > 0, "--max-chunks must be positive")
+        # No upper bounds: a batch never holds more than the data has, and running out of memory is one line.
+        check(self.batch_size > 0, f"--batch-size must be positive (got {self.batch_size})")
+        check(self.max_chunks is None or self.max_chunks > 0, f"--max-chunks must be positive (got {self.max_chunks})")
 
 
 @dataclass
@@ -61,7 +65,14 @@ def _score(model: Any, ids: torch.Tensor, labels: torch.Tensor, totals: Totals) 
     """Add the summed cross-entropy of `labels` (-100 = not scored) given `ids` to `totals`."""
     ids, labels = ids.to(model.device), labels.to(model.device)
     # Sequences are right-padded and attention is causal, so padding never influences a scored position.
-    logits = model(input_ids=ids).logits[:, :-1].float()
+    try:
+        logits = model(input_ids=ids).logits[:, :-1].float()
+    except torch.OutOfMemoryError:
+        raise _out_of_memory(ids) from None
+    except RuntimeError as e:
+        if "can't allocate memory" not in str(e) and "not enough memory" not in str(e):  # CPU allocators
+            raise
+        raise _out_of_memory(ids) from None
     target = labels[:, 1:]
     loss = F.cross_entropy(logits.reshape(-1, logits.shape[-1]), target.reshape(-1), ignore_index=-100,
                            reduction="sum")
@@ -69,10 +80,89 @@ def _score(model: Any, ids: torch.Tensor, labels: torch.Tensor, totals: Totals) 
     totals.tokens += int((target != -100).sum())
 
 
-def evaluate_dataset(model: Any, cfg: EvaluateConfig) -> dict[str, Any]:
+def _out_of_memory(ids: torch.Tensor) -> UsageError:
+    return UsageError(f"out of memory scoring a batch of {ids.shape[0]} sequences of {ids.shape[1]} tokens on "
+                      f"{ids.device}; use a smaller --batch-size")
+
+
+def tokenizer_spec(tokenizer: Any) -> dict[str, Any]:
+    """What decides the ids a tokenizer produces, and the end-of-text id that separates documents.
+
+    Not compared: truncation and padding (preprocess and evaluate turn them off), model_max_length, the decoder
+    and the pad token (load_model sets it to the end-of-text token).
+    """
+    backend = getattr(tokenizer, "backend_tokenizer", None)
+    spec = json.loads(backend.to_str()) if backend is not None else {}  # a slow tokenizer: vocabulary only
+    model = spec.get("model") or {}
+    return {"vocabulary": tokenizer.get_vocab(), "merges": model.get("merges"),
+            "model": {k: v for k, v in model.items() if k not in ("vocab", "merges")},
+            "normalizer": spec.get("normalizer"), "pre-tokenizer": spec.get("pre_tokenizer"),
+            "added tokens": {t["content"]: (t["id"], t.get("special")) for t in spec.get("added_tokens", [])},
+            "eos": (tokenizer.eos_token, tokenizer.eos_token_id)}
+
+
+def tokenizer_difference(dataset: dict[str, Any], model: dict[str, Any]) -> str | None:
+    """What differs between two tokenizer_spec()s, as 'dataset ..., model ...', or None if nothing does."""
+    a, b = dataset["vocabulary"], model["vocabulary"]
+    if a != b:
+        if len(a) != len(b):
+            return f"dataset vocabulary of {len(a):,} tokens, model {len(b):,}"
+        n = sum(b.get(token) != i for token, i in a.items())
+        return f"{n:,} of the {len(a):,} vocabulary entries have other ids or are missing"
+    a, b = dataset["merges"] or [], model["merges"] or []
+    if a != b:
+        n = sum(x != y for x, y in zip(a, b, strict=False)) + abs(len(a) - len(b))
+        return f"{n:,} of the BPE merges differ (dataset {len(a):,} merges, model {len(b):,})"
+    for key in ("model", "normalizer", "pre-tokenizer", "added tokens"):
+        if dataset[key] != model[key]:
+            return f"the {key} settings differ (dataset {_brief(dataset[key])}, model {_brief(model[key])})"
+    if dataset["eos"] != model["eos"]:
+        (a_tok, a_id), (b_tok, b_id) = dataset["eos"], model["eos"]
+        return f"end-of-text token: dataset {a_tok!r} (id {a_id}), model {b_tok!r} (id {b_id})"
+    return None
+
+
+def _brief(value: Any) -> str:
+    text = json.dumps(value, ensure_ascii=False, sort_keys=True)
+    return text if len(text) <= 80 else text[:77] + "..."
+
+
+def check_dataset_tokenizer(dataset_path: str, manifest: dict[str, Any], tokenizer: Any, model_dir: Any) -> None:
+    """Refuse a dataset made with another tokenizer than the model's: its scores would be meaningless."""
+    from transformers import AutoTokenizer
+
+    fix = "evaluate raw text with --data-files (tokenized with the model's own tokenizer), or use the dataset the " \
+          "model was trained on"
+    files = ("tokenizer.json", "vocab.json", "tokenizer_config.json")
+    if not any((Path(dataset_path) / f).is_file() for f in files):
+        raise UsageError(f"dataset {dataset_path} holds no tokenizer ({', '.join(files)}), so it cannot be checked "
+                         f"against the model's; preprocess the data again, or {fix}")
+    try:
+        theirs = AutoTokenizer.from_pretrained(str(dataset_path), trust_remote_code=False)
+    except Exception as e:  # noqa: BLE001 - missing or damaged tokenizer files: whatever the library raises
+        cause = (str(e).strip().splitlines() or [type(e).__name__])[0][:200]
+        raise UsageError(f"dataset {dataset_path} has no readable tokenizer ({cause}), so it cannot be checked "
+                         f"against the model's; preprocess the data again, or {fix}") from None
+    difference = tokenizer_difference(tokenizer_spec(theirs), tokenizer_spec(tokenizer))
+    info = manifest.get("tokenizer")
+    recorded = info.get("eos_token_id") if isinstance(info, dict) else None
+    if difference is None and recorded is not None and recorded != tokenizer.eos_token_id:
+        difference = f"the dataset's manifest says its end-of-text id is {recorded}, the model's is " \
+                     f"{tokenizer.eos_token_id}"
+    if difference is not None:
+        raise UsageError(f"dataset {dataset_path} was made with a different tokenizer than model {model_dir} "
+                         f"({difference}): its token ids mean other tokens to this model and its scores would "
+                         f"be meaningless; {fix}")
+
+
+def evaluate_dataset(model: Any, cfg: EvaluateConfig, tokenizer: Any = None, model_dir: Any = None) -> dict[str, Any]:
+    """Score the chunks of a processed dataset; with `tokenizer`, first check it is the dataset's."""
     manifest = read_manifest(cfg.dataset_path)  # type: ignore[arg-type]
-    check(manifest["vocab_size"] <= model.config.vocab_size and manifest["chunk_size"] <= model.config.n_positions,
-          f"the model (vocab {model.config.vocab_size}, context {model.config.n_positions}) does not match "
+    if tokenizer is not None:
+        check_dataset_tokenizer(cfg.dataset_path, manifest, tokenizer, model_dir)  # type: ignore[arg-type]
+    context = context_length(model) or manifest["chunk_size"]
+    check(manifest["vocab_size"] <= model.config.vocab_size and manifest["chunk_size"] <= context,
+          f"the model (vocab {model.config.vocab_size}, context {context}) does not match "
           f"dataset {cfg.dataset_path} (vocab {manifest['vocab_size']}, chunks {manifest['chunk_size']}); "
           "evaluate raw text with --data-files instead")
     check(cfg.split in manifest["splits"], f"dataset has no '{cfg.split}' split")
@@ -102,7 +192,7 @@ def _windows(ids: list[int], ctx: int) -> Iterator[tuple[list[int], int]]:
 
 def evaluate_files(model: Any, tokenizer: Any, cfg: EvaluateConfig) -> dict[str, Any]:
     files = expand_data_files(cfg.data_files)
-    ctx = model.config.n_positions
+    ctx = context_length(model) or 1024
     eos = tokenizer.eos_token_id
     totals, n_docs, n_bytes, n_words = Totals(), 0, 0, 0
     pending: list[tuple[list[int], int]] = []
@@ -144,7 +234,8 @@ def _result(t: Totals, n_bytes: float, words_per_token: float, documents: int | 
 
 def evaluate(cfg: EvaluateConfig) -> dict[str, Any]:
     model, tokenizer, model_dir = load_model(cfg.model_path, cfg.device, cfg.dtype)
-    result = evaluate_dataset(model, cfg) if cfg.dataset_path else evaluate_files(model, tokenizer, cfg)
+    result = evaluate_dataset(model, cfg, tokenizer, model_dir) if cfg.dataset_path else \
+        evaluate_files(model, tokenizer, cfg)
     result["model"] = str(model_dir)
     if cfg.json:
         print(json.dumps(result, indent=2))
