@@ -147,6 +147,98 @@ def test_generation_stops_at_end_of_text(loaded):
     assert out[0, -1].item() == tok.eos_token_id and out.shape[1] < 32
 
 
+def test_each_prompt_gets_its_own_budget_in_a_batch(loaded, monkeypatch):
+    """A long prompt no longer shortens the others: before, every prompt got context minus the longest prompt."""
+    from gpt2_dutch.generate import plan_prompts
+
+    model, tok, _ = loaded
+    short, long = "De trein naar", DOCS[0][:33]  # the long one leaves fewer than 12 of the 32 positions
+    n_long = len(tok(long)["input_ids"])
+    assert 32 - n_long < 12
+    cfg = GenerateConfig(max_new_tokens=12, greedy=True)
+    plans = plan_prompts(tok, [short, long], 32, 12)
+    assert [p.max_new_tokens for p in plans] == [12, 32 - n_long] and [p.dropped for p in plans] == [0, 0]
+    calls = []
+    original = model.generate
+    monkeypatch.setattr(model, "generate", lambda **kw: calls.append(kw["max_new_tokens"]) or original(**kw))
+    batch = generate_texts(model, tok, [short, long, "Oma bakt elke"], cfg)
+    assert sorted(calls) == [32 - n_long, 12]  # the capped prompt runs apart; the two that fit share one batch
+    assert batch[0] == generate_texts(model, tok, [short], cfg)[0] == [" Utrecht vertrekt"]
+    assert len(tok(batch[0][0])["input_ids"]) == 12  # 12 new tokens, not the long prompt's 32 - n_long
+    assert batch[1] == generate_texts(model, tok, [long], cfg)[0]
+    assert long + batch[1][0] == DOCS[0][:len(long + batch[1][0])]  # memorised: its capped continuation
+    calls.clear()
+    generate_texts(model, tok, [short, "Oma bakt elke", "Het"], cfg)
+    assert calls == [12]  # the common case, every prompt fits: one batch
+
+
+def test_cli_says_what_it_capped_and_truncated_and_json_has_it_per_prompt(tiny_run, loaded, cli):
+    tok = loaded[1]
+    short, long, too_long = "De trein naar", DOCS[0][:33], " ".join(DOCS[:2])
+    n_long, n_too_long = len(tok(long)["input_ids"]), len(tok(too_long)["input_ids"])
+    rc, out, err = cli("generate", "--model-path", tiny_run, "--dtype", "fp32", "--greedy", "--json",
+                       "--max-new-tokens", "12", "--prompt", short, "--prompt", long, "--prompt", too_long)
+    assert rc == 0, err
+    result = json.loads(out)
+    assert [(r["prompt_tokens"], r["dropped_tokens"], r["max_new_tokens"]) for r in result] == [
+        (len(tok(short)["input_ids"]), 0, 12), (n_long, 0, 32 - n_long), (n_too_long, n_too_long - 31, 1)]
+    assert result[0]["completions"] == [" Utrecht vertrekt"]
+    notes = [line for line in err.splitlines() if "note:" in line]
+    assert notes == [
+        f"gpt2-dutch generate: note: prompt 2 ({n_long} tokens) gets {32 - n_long} new tokens, not 12 "
+        "(--max-new-tokens): the model's context is 32 tokens",
+        f"gpt2-dutch generate: note: prompt 3 ({n_too_long} tokens) is longer than the model's 32-token context: "
+        f"its first {n_too_long - 31} tokens were dropped, its last 31 kept; it gets 1 new token, not 12 "
+        "(--max-new-tokens)"]
+    rc, out, err = cli("generate", "--model-path", tiny_run, "--dtype", "fp32", "--greedy", "--max-new-tokens", "12",
+                       "--prompt", short)
+    assert rc == 0 and "note:" not in err and ">>> De trein naar Utrecht vertrekt\n" in out
+
+
+def test_repl_notices_and_undecodable_lines_go_to_stderr_and_it_goes_on(loaded):
+    import io
+
+    from gpt2_dutch.interactive import repl
+
+    model, tok, _ = loaded
+    stdin = io.TextIOWrapper(io.BytesIO(b"/max 12\nDe \xffx\nDe trein naar\n" + DOCS[0][:33].encode() + b"\n"))
+    stdout, stderr = io.StringIO(), io.StringIO()
+    assert repl(model, tok, GenerateConfig(greedy=True), stdin, stdout, stderr) == 0
+    assert "De trein naar Utrecht vertrekt\n" in stdout.getvalue()  # 12 new tokens, as greedy alone gives
+    n_long = len(tok(DOCS[0][:33])["input_ids"])
+    assert stderr.getvalue().splitlines() == [
+        "gpt2-dutch generate: input line 2 is not valid UTF-8 (byte 0xff at position 4); skipped",
+        f"gpt2-dutch generate: note: the prompt ({n_long} tokens) gets {32 - n_long} new tokens, not 12 "
+        "(--max-new-tokens): the model's context is 32 tokens"]
+
+
+def test_tokenizer_difference_names_what_decides_the_ids(loaded, tiny_dataset):
+    import copy
+
+    from transformers import AutoTokenizer
+
+    from gpt2_dutch.evaluate import tokenizer_difference, tokenizer_spec
+
+    ours = tokenizer_spec(loaded[1])
+    theirs = tokenizer_spec(AutoTokenizer.from_pretrained(str(tiny_dataset)))  # other model_max_length, no pad
+    assert tokenizer_difference(theirs, ours) is None
+    fewer_merges = copy.deepcopy(ours)
+    fewer_merges["merges"] = fewer_merges["merges"][:-1]
+    assert tokenizer_difference(fewer_merges, ours) == (
+        f"1 of the BPE merges differ (dataset {len(ours['merges']) - 1:,} merges, model {len(ours['merges']):,})")
+    other_eos = copy.deepcopy(ours)
+    other_eos["eos"] = ("</s>", 1)
+    assert tokenizer_difference(other_eos, ours) == "end-of-text token: dataset '</s>' (id 1), model " \
+        "'<|endoftext|>' (id 0)"
+    swapped = copy.deepcopy(ours)
+    a, b = list(swapped["vocabulary"])[10:12]
+    swapped["vocabulary"][a], swapped["vocabulary"][b] = swapped["vocabulary"][b], swapped["vocabulary"][a]
+    assert tokenizer_difference(swapped, ours) == "2 of the 300 vocabulary entries have other ids or are missing"
+    lowercase = copy.deepcopy(ours)
+    lowercase["normalizer"] = {"type": "Lowercase"}
+    assert tokenizer_difference(lowercase, ours).startswith("the normalizer settings differ")
+
+
 @pytest.fixture(scope="session")
 def long_context_model(tmp_path_factory, tiny_run) -> Path:
     """An untrained tiny GPT-2 with a 4096-token context: generations long enough to interrupt."""
