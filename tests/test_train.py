@@ -17,7 +17,8 @@ import torch
 from conftest import assert_one_line_error
 from safetensors.torch import load_file
 
-from gpt2_dutch.train import TrainConfig, WarmupCosine, train
+from gpt2_dutch.train import TrainConfig, train
+from gpt2_dutch.train.schedule import WarmupCosine
 
 TINY = ["--model-size", "tiny", "--batch-size", "4", "--precision", "fp32"]
 
@@ -230,7 +231,7 @@ def test_tensorboard_tracker_logs_into_the_run_directory(tiny_dataset, tmp_path)
                                   ["training.py", "--dataset-path", "d", "--model-size", "small"]])
 def test_several_gpus_relaunch_the_same_command_under_torchrun(monkeypatch, argv):
     """A plain `train` on a machine with N GPUs re-runs itself as N DDP processes (no GPU needed to check)."""
-    import gpt2_dutch.train as train_module
+    import gpt2_dutch.train.run as train_module
 
     calls: list[list[str]] = []
     monkeypatch.setattr(train_module.torch.cuda, "device_count", lambda: 4)

@@ -1,14 +1,4 @@
-"""Train GPT-2 from scratch on a processed dataset (one CPU to many GPUs; HF Trainer + accelerate underneath).
-
-    gpt2-dutch train --dataset-path processed_data/chunked_10k --model-size tiny --max-time 5m
-    gpt2-dutch train --dataset-path processed_data/chunked_1B --model-size small --batch-size 16
-    torchrun --nproc_per_node 8 -m gpt2_dutch train --dataset-path ... --model-size medium
-    gpt2-dutch train --dataset-path ... --model-size small --resume          # continue the latest run
-
-A run writes trained_models/gpt2-dutch-<size>-<timestamp>/ with checkpoints/, final_model/ (safetensors),
-metrics.jsonl, run_config.json and loss.png; trained_models/gpt2-dutch-<size>-latest points to it.
-Every token, <|endoftext|> included, is a target; chunks need no padding and training never tokenizes.
-"""
+"""`train(cfg)`: one training run from start (or resume) to a published final_model; see the package docstring."""
 
 from __future__ import annotations
 
@@ -16,7 +6,6 @@ import contextlib
 import json
 import math
 import os
-import re
 import shutil
 import subprocess
 import sys
@@ -29,11 +18,12 @@ from typing import Any
 import numpy as np
 import torch
 
-from .config import option
-from .data import load_split, read_manifest
-from .errors import MachineError, Stopped, UsageError, check, check_number, check_seed, is_disk_full
-from .files import replace_dir, temp_name, write_json_atomic
-from .model import MODEL_PRESETS, flops_per_token, gpt2_config, matmul_params, preset
+from ..data import load_split, read_manifest
+from ..devices import is_main_process, resolve_precision, world_size
+from ..errors import MachineError, Stopped, UsageError, check, is_disk_full
+from ..files import replace_dir, temp_name, write_json_atomic
+from ..model import flops_per_token, gpt2_config, matmul_params, preset
+from .config import TrainConfig
 from .runs import (
     FINISHED,
     checkpoint_problem,
@@ -47,137 +37,10 @@ from .runs import (
     update_run_config,
     usable_checkpoint,
 )
+from .schedule import WarmupCosine, warmup_steps_for
 
 MAX_CONTEXT = 16384  # dense attention beyond this needs more memory than any preset is sized for
-MIN_LR_RATIO = 0.1  # cosine decay ends at 10% of the peak (GPT-3 / Chinchilla practice)
 _USER_TENSORBOARD_DIR = os.environ.get("TENSORBOARD_LOGGING_DIR")  # a directory the user chose wins
-
-
-@dataclass
-class TrainConfig:
-    dataset_path: str | None = option(None, "processed dataset directory (from `gpt2-dutch preprocess`)")
-    model_size: str = option("small", f"GPT-2 shape: {', '.join(MODEL_PRESETS)}")
-    epochs: float = option(1.0, "passes over the training split (ignored when a --max-* limit is given)")
-    batch_size: int = option(8, "chunks per device per micro-batch")
-    gradient_accumulation_steps: int = option(1, "micro-batches per optimizer step")
-    max_steps: int | None = option(None, "stop after this many optimizer steps")
-    max_tokens: float | None = option(None, "stop after this many training tokens (e.g. 5e8)")
-    max_time: str | None = option(None, "wall-clock budget for the training steps (e.g. 90s, 30m, 2h; evaluations "
-                                  "and checkpoints come on top): speed is measured over the first steps, then the "
-                                  "step count is fixed so the schedule ends properly")
-    learning_rate: float | None = option(None, "peak learning rate (default per size: tiny 2e-3, small 6e-4, "
-                                         "medium 3e-4, large 2.5e-4, xl 2e-4)")
-    warmup: float = option(0.05, "linear warmup: a fraction of the run if < 1, else a number of steps")
-    weight_decay: float = option(0.1, "AdamW weight decay on weight matrices (not biases or LayerNorms)")
-    seed: int = option(42, "seed for weights, data order and everything random")
-    output_dir: str = option("trained_models", "where runs are written")
-    resume: str | None = option(None, "continue a run: without a value the newest unfinished run of --model-size "
-                                "in --output-dir; 'auto' the same, or a new run when there is none (for jobs that "
-                                "are requeued after preemption); or a run or checkpoint directory. A finished run "
-                                "is continued only with a --max-steps beyond the step it reached",
-                                nargs="?", const="latest")
-    init_from: str | None = option(None, "start a new run from the weights of a model (a final_model, run or "
-                                   "checkpoint directory; safetensors) instead of random ones")
-    precision: str = option("auto", "auto: bf16 where supported (GPUs with bf16, CPUs with AVX512-BF16/AMX), "
-                            "fp16 with loss scaling on older GPUs, else fp32",
-                            choices=["auto", "bf16", "fp16", "fp32"])
-    compile: bool = option(False, "torch.compile the model")
-    gradient_checkpointing: bool = option(False, "recompute activations in backward to save memory")
-    eval_every: int | None = option(None, "evaluate every N steps (default: 10 times per run)")
-    eval_chunks: int = option(1000, "test chunks used per evaluation (0: the whole test split)")
-    save_every: int | None = option(None, "checkpoint every N steps (default: 10 times per run)")
-    keep_checkpoints: int = option(2, "keep the newest K checkpoints")
-    log_every: int | None = option(None, "log train loss every N steps (default: ~100 times per run)")
-    report_to: str = option("none", "experiment tracker", choices=["none", "tensorboard", "wandb", "trackio"])
-    use_wandb: bool = option(False, "same as --report-to wandb (the seed's flag)")
-    fsdp: bool = option(False, "shard parameters, gradients and optimizer state (FSDP) across GPUs: for large/xl")
-    num_workers: int = option(0, "DataLoader worker processes (the data is memory-mapped; 0 is usually enough)")
-
-    def __post_init__(self) -> None:
-        check(self.dataset_path is not None, "--dataset-path is required (a directory made by `gpt2-dutch "
-              "preprocess`)")
-        preset(self.model_size)
-        for name in ("batch_size", "gradient_accumulation_steps", "max_steps", "eval_every", "save_every",
-                     "log_every", "keep_checkpoints"):
-            value = getattr(self, name)
-            check(value is None or value > 0, f"--{name.replace('_', '-')} must be positive (got {value})")
-        for name in ("epochs", "max_tokens", "learning_rate"):
-            value = getattr(self, name)
-            check_number(value, f"--{name.replace('_', '-')}")
-            check(value is None or value > 0, f"--{name.replace('_', '-')} must be positive (got {value})")
-        check_number(self.warmup, "--warmup", minimum=0)
-        check_number(self.weight_decay, "--weight-decay", minimum=0)
-        check_seed(self.seed)
-        check(self.eval_chunks >= 0, "--eval-chunks must be >= 0")
-        check(0 <= self.num_workers <= 256, f"--num-workers must be between 0 and 256 (got {self.num_workers})")
-        check(not (self.resume and self.init_from), "give --resume (continue a run) or --init-from (a new run "
-              "from a model's weights), not both")
-        if self.max_time is not None:
-            self.max_time_s = parse_duration(self.max_time)
-        else:
-            self.max_time_s = None
-        if self.use_wandb:
-            self.report_to = "wandb"
-
-
-def parse_duration(text: str) -> float:
-    m = re.fullmatch(r"\s*(\d+(?:\.\d+)?)\s*(s|m|h|)\s*", text)
-    check(m is not None and float(m.group(1)) > 0, f"--max-time '{text}' is not a positive duration like 90s, "
-          "30m or 2h")
-    assert m is not None
-    return float(m.group(1)) * {"": 1, "s": 1, "m": 60, "h": 3600}[m.group(2)]
-
-
-# ------------------------------------------------------------------------------------------ schedule
-
-class WarmupCosine:
-    """LR multiplier: linear warmup to 1, then cosine decay to MIN_LR_RATIO at exactly `total_steps`.
-
-    `total_steps` may be changed after the start (a --max-time run fits it once speed is known); the schedule
-    then stays continuous because it is a pure function of the step.
-    """
-
-    def __init__(self, total_steps: int, warmup_steps: int, min_ratio: float = MIN_LR_RATIO):
-        self.total_steps, self.warmup_steps, self.min_ratio = total_steps, warmup_steps, min_ratio
-
-    def __call__(self, step: int) -> float:
-        if step < self.warmup_steps:
-            return (step + 1) / (self.warmup_steps + 1)
-        span = max(1, self.total_steps - self.warmup_steps)
-        progress = min(1.0, (step - self.warmup_steps) / span)
-        return self.min_ratio + (1 - self.min_ratio) * 0.5 * (1 + math.cos(math.pi * progress))
-
-
-def warmup_steps_for(warmup: float, total_steps: int) -> int:
-    return int(warmup * total_steps) if warmup < 1 else int(warmup)
-
-
-# ------------------------------------------------------------------------------------------ devices
-
-def cpu_has_fast_bf16() -> bool:
-    try:
-        flags = Path("/proc/cpuinfo").read_text()
-    except OSError:
-        return False
-    return "avx512_bf16" in flags or "amx_bf16" in flags
-
-
-def resolve_precision(requested: str) -> str:
-    if requested != "auto":
-        if requested == "fp16":
-            check(torch.cuda.is_available(), "--precision fp16 needs a CUDA GPU; use bf16 or fp32 on CPU")
-        return requested
-    if torch.cuda.is_available():
-        return "bf16" if torch.cuda.is_bf16_supported() else "fp16"
-    return "bf16" if cpu_has_fast_bf16() else "fp32"
-
-
-def world_size() -> int:
-    return int(os.environ.get("WORLD_SIZE", "1"))
-
-
-def is_main_process() -> bool:
-    return int(os.environ.get("RANK", "0")) == 0
 
 
 def maybe_relaunch_on_all_gpus() -> None:
@@ -355,7 +218,7 @@ def _initial_model(model_config: Any, source: Path | None) -> Any:
 
 def _keep_metrics_up_to(run_dir: Path, step: int) -> None:
     """On resume, drop metric rows logged after the checkpoint: those steps are trained again and would repeat."""
-    from .files import write_text_atomic
+    from ..files import write_text_atomic
 
     path = run_dir / "metrics.jsonl"
     if not path.is_file():
@@ -430,7 +293,7 @@ def _run(cfg: TrainConfig, manifest: dict[str, Any], extra_callbacks: list[Any])
         # The Trainer would log under checkpoints/runs/<date>; keep the run's event files beside its metrics.
         os.environ["TENSORBOARD_LOGGING_DIR"] = str(run_dir / "tensorboard")
 
-    from .training_loop import (
+    from .trainer import (
         GPT2Trainer,
         StepHealth,
         StopOnSignal,

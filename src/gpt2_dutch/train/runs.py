@@ -16,8 +16,8 @@ from datetime import datetime
 from pathlib import Path
 from typing import Any
 
-from .errors import UsageError
-from .files import write_json_atomic
+from ..errors import UsageError
+from ..files import write_json_atomic
 
 RUN_CONFIG = "run_config.json"
 FINISHED = "finished"

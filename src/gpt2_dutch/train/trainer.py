@@ -26,8 +26,10 @@ import torch
 from transformers import Trainer, TrainerCallback, TrainingArguments
 from transformers.trainer_callback import ProgressCallback
 
+from ..devices import is_main_process
+from .config import TrainConfig
 from .runs import update_run_config
-from .train import TrainConfig, WarmupCosine, is_main_process, warmup_steps_for
+from .schedule import WarmupCosine, warmup_steps_for
 
 
 def build_training_arguments(cfg: TrainConfig, run_dir: Path, precision: str, lr: float, total_steps: int,

@@ -1,0 +1,85 @@
+"""`TrainConfig`: every setting of a training run, its help text and its checks (no torch needed)."""
+
+from __future__ import annotations
+
+import re
+from dataclasses import dataclass
+
+from ..config import option
+from ..errors import check, check_number, check_seed
+from ..model import MODEL_PRESETS, preset
+
+
+@dataclass
+class TrainConfig:
+    dataset_path: str | None = option(None, "processed dataset directory (from `gpt2-dutch preprocess`)")
+    model_size: str = option("small", f"GPT-2 shape: {', '.join(MODEL_PRESETS)}")
+    epochs: float = option(1.0, "passes over the training split (ignored when a --max-* limit is given)")
+    batch_size: int = option(8, "chunks per device per micro-batch")
+    gradient_accumulation_steps: int = option(1, "micro-batches per optimizer step")
+    max_steps: int | None = option(None, "stop after this many optimizer steps")
+    max_tokens: float | None = option(None, "stop after this many training tokens (e.g. 5e8)")
+    max_time: str | None = option(None, "wall-clock budget for the training steps (e.g. 90s, 30m, 2h; evaluations "
+                                  "and checkpoints come on top): speed is measured over the first steps, then the "
+                                  "step count is fixed so the schedule ends properly")
+    learning_rate: float | None = option(None, "peak learning rate (default per size: tiny 2e-3, small 6e-4, "
+                                         "medium 3e-4, large 2.5e-4, xl 2e-4)")
+    warmup: float = option(0.05, "linear warmup: a fraction of the run if < 1, else a number of steps")
+    weight_decay: float = option(0.1, "AdamW weight decay on weight matrices (not biases or LayerNorms)")
+    seed: int = option(42, "seed for weights, data order and everything random")
+    output_dir: str = option("trained_models", "where runs are written")
+    resume: str | None = option(None, "continue a run: without a value the newest unfinished run of --model-size "
+                                "in --output-dir; 'auto' the same, or a new run when there is none (for jobs that "
+                                "are requeued after preemption); or a run or checkpoint directory. A finished run "
+                                "is continued only with a --max-steps beyond the step it reached",
+                                nargs="?", const="latest")
+    init_from: str | None = option(None, "start a new run from the weights of a model (a final_model, run or "
+                                   "checkpoint directory; safetensors) instead of random ones")
+    precision: str = option("auto", "auto: bf16 where supported (GPUs with bf16, CPUs with AVX512-BF16/AMX), "
+                            "fp16 with loss scaling on older GPUs, else fp32",
+                            choices=["auto", "bf16", "fp16", "fp32"])
+    compile: bool = option(False, "torch.compile the model")
+    gradient_checkpointing: bool = option(False, "recompute activations in backward to save memory")
+    eval_every: int | None = option(None, "evaluate every N steps (default: 10 times per run)")
+    eval_chunks: int = option(1000, "test chunks used per evaluation (0: the whole test split)")
+    save_every: int | None = option(None, "checkpoint every N steps (default: 10 times per run)")
+    keep_checkpoints: int = option(2, "keep the newest K checkpoints")
+    log_every: int | None = option(None, "log train loss every N steps (default: ~100 times per run)")
+    report_to: str = option("none", "experiment tracker", choices=["none", "tensorboard", "wandb", "trackio"])
+    use_wandb: bool = option(False, "same as --report-to wandb (the seed's flag)")
+    fsdp: bool = option(False, "shard parameters, gradients and optimizer state (FSDP) across GPUs: for large/xl")
+    num_workers: int = option(0, "DataLoader worker processes (the data is memory-mapped; 0 is usually enough)")
+
+    def __post_init__(self) -> None:
+        check(self.dataset_path is not None, "--dataset-path is required (a directory made by `gpt2-dutch "
+              "preprocess`)")
+        preset(self.model_size)
+        for name in ("batch_size", "gradient_accumulation_steps", "max_steps", "eval_every", "save_every",
+                     "log_every", "keep_checkpoints"):
+            value = getattr(self, name)
+            check(value is None or value > 0, f"--{name.replace('_', '-')} must be positive (got {value})")
+        for name in ("epochs", "max_tokens", "learning_rate"):
+            value = getattr(self, name)
+            check_number(value, f"--{name.replace('_', '-')}")
+            check(value is None or value > 0, f"--{name.replace('_', '-')} must be positive (got {value})")
+        check_number(self.warmup, "--warmup", minimum=0)
+        check_number(self.weight_decay, "--weight-decay", minimum=0)
+        check_seed(self.seed)
+        check(self.eval_chunks >= 0, "--eval-chunks must be >= 0")
+        check(0 <= self.num_workers <= 256, f"--num-workers must be between 0 and 256 (got {self.num_workers})")
+        check(not (self.resume and self.init_from), "give --resume (continue a run) or --init-from (a new run "
+              "from a model's weights), not both")
+        if self.max_time is not None:
+            self.max_time_s = parse_duration(self.max_time)
+        else:
+            self.max_time_s = None
+        if self.use_wandb:
+            self.report_to = "wandb"
+
+
+def parse_duration(text: str) -> float:
+    m = re.fullmatch(r"\s*(\d+(?:\.\d+)?)\s*(s|m|h|)\s*", text)
+    check(m is not None and float(m.group(1)) > 0, f"--max-time '{text}' is not a positive duration like 90s, "
+          "30m or 2h")
+    assert m is not None
+    return float(m.group(1)) * {"": 1, "s": 1, "m": 60, "h": 3600}[m.group(2)]

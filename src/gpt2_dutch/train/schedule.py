@@ -1,0 +1,29 @@
+"""The learning-rate schedule: linear warmup, then cosine decay to 10% of the peak at the run's real end."""
+
+from __future__ import annotations
+
+import math
+
+MIN_LR_RATIO = 0.1  # cosine decay ends at 10% of the peak (GPT-3 / Chinchilla practice)
+
+
+class WarmupCosine:
+    """LR multiplier: linear warmup to 1, then cosine decay to MIN_LR_RATIO at exactly `total_steps`.
+
+    `total_steps` may be changed after the start (a --max-time run fits it once speed is known); the schedule
+    then stays continuous because it is a pure function of the step.
+    """
+
+    def __init__(self, total_steps: int, warmup_steps: int, min_ratio: float = MIN_LR_RATIO):
+        self.total_steps, self.warmup_steps, self.min_ratio = total_steps, warmup_steps, min_ratio
+
+    def __call__(self, step: int) -> float:
+        if step < self.warmup_steps:
+            return (step + 1) / (self.warmup_steps + 1)
+        span = max(1, self.total_steps - self.warmup_steps)
+        progress = min(1.0, (step - self.warmup_steps) / span)
+        return self.min_ratio + (1 - self.min_ratio) * 0.5 * (1 + math.cos(math.pi * progress))
+
+
+def warmup_steps_for(warmup: float, total_steps: int) -> int:
+    return int(warmup * total_steps) if warmup < 1 else int(warmup)
