@@ -24,9 +24,9 @@ from typing import Any
 import torch
 
 from .config import option
+from .devices import cpu_has_fast_bf16
 from .errors import UsageError, check, check_number, check_seed
 from .model import FAST_GELU
-from .train import cpu_has_fast_bf16
 
 DEFAULT_PROMPTS = ["Amsterdam is een stad", "Het weer in Nederland", "Er was eens een"]
 # Each sample is a row of the batch (and of the KV cache): these bounds keep a typo from asking for billions.
@@ -43,7 +43,8 @@ class GenerateConfig:
     interactive: bool = option(False, "a REPL: type prompts, change settings with /commands")
     benchmark: bool = option(False, "measure tokens/s (batch 1 and --benchmark-batch), time to first token, latency")
     benchmark_batch: int = option(16, "the larger batch size of --benchmark")
-    max_new_tokens: int = option(100, "tokens to generate per prompt")
+    max_new_tokens: int = option(100, "tokens to generate per prompt (at most the context minus the prompt's "
+                                      "length; a capped prompt is named on stderr)")
     temperature: float = option(0.8, "sampling temperature")
     top_k: int = option(50, "sample from the k most likely tokens (0: off)")
     top_p: float = option(0.95, "nucleus sampling: smallest set with this probability mass (1: off)")
@@ -323,7 +324,8 @@ def generate_texts(model: Any, tokenizer: Any, prompts: list[str], cfg: Generate
         torch.manual_seed(cfg.seed)
     if plans is None:
         plans = plan_prompts(tokenizer, prompts, context_length(model), cfg.max_new_tokens)
-    check(len(plans) == len(prompts), f"{len(plans)} prompt plans for {len(prompts)} prompts")
+    if len(plans) != len(prompts):  # a caller's bug, not the user's: keeps its traceback
+        raise ValueError(f"{len(plans)} prompt plans for {len(prompts)} prompts")
     groups: dict[int, list[int]] = {}
     for i, plan in enumerate(plans):
         groups.setdefault(plan.max_new_tokens, []).append(i)
