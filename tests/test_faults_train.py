@@ -20,8 +20,8 @@ import torch
 from conftest import assert_one_line_error
 from safetensors.torch import load_file
 
-from gpt2_dutch.train.runs import create_run_dir, run_status
 from gpt2_dutch.train import TrainConfig, train
+from gpt2_dutch.train.runs import create_run_dir, run_status
 
 TINY = ["--model-size", "tiny", "--batch-size", "4", "--precision", "fp32"]
 
