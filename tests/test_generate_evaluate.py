@@ -14,7 +14,9 @@ import torch
 from conftest import DOCS, assert_one_line_error, write_jsonl
 
 from gpt2_dutch.evaluate import EvaluateConfig, evaluate
-from gpt2_dutch.generate import GenerateConfig, generate_texts, load_model
+from gpt2_dutch.generate import GenerateConfig
+from gpt2_dutch.generation import generate_texts
+from gpt2_dutch.model_loading import load_model
 from gpt2_dutch.train import TrainConfig, train
 
 
@@ -55,7 +57,7 @@ def test_cpu_decode_attention_equals_sdpa(loaded):
     """The one-query decoding path gives SDPA's result, padding mask included; longer queries are SDPA itself."""
     from transformers.integrations.sdpa_attention import sdpa_attention_forward
 
-    from gpt2_dutch.generate import CPU_ATTENTION, cpu_decode_attention
+    from gpt2_dutch.cpu_kernels import CPU_ATTENTION, cpu_decode_attention
 
     model = loaded[0]
     assert model.config._attn_implementation == CPU_ATTENTION
@@ -94,7 +96,7 @@ def test_models_saved_with_gelu_new_load_with_the_fused_gelu_and_same_logits(tin
 def test_cpu_bf16_packs_every_linear_layer_with_the_same_logits(tiny_run):
     from transformers import AutoModelForCausalLM
 
-    from gpt2_dutch.generate import PackedLinear, parameter_count
+    from gpt2_dutch.cpu_kernels import PackedLinear, parameter_count
 
     model, tok, _ = load_model(tiny_run, device="cpu", dtype="bf16")
     packed = [m for m in model.modules() if isinstance(m, PackedLinear)]
@@ -110,16 +112,16 @@ def test_cpu_bf16_packs_every_linear_layer_with_the_same_logits(tiny_run):
 
 @pytest.mark.parametrize("failure", ["wrong results", "op error"])
 def test_packing_that_fails_its_check_keeps_the_plain_model(tiny_run, monkeypatch, failure):
-    from gpt2_dutch import generate
+    from gpt2_dutch import cpu_kernels
 
     def broken(self, x):
         if failure == "op error":
             raise RuntimeError("mkldnn::_linear_pointwise: no such signature")
         return torch.zeros(*x.shape[:-1], self.out_features, dtype=x.dtype)
 
-    monkeypatch.setattr(generate.PackedLinear, "forward", broken)
+    monkeypatch.setattr(cpu_kernels.PackedLinear, "forward", broken)
     model, tok, _ = load_model(tiny_run, device="cpu", dtype="bf16")
-    assert not any(isinstance(m, generate.PackedLinear) for m in model.modules())
+    assert not any(isinstance(m, cpu_kernels.PackedLinear) for m in model.modules())
     assert generate_texts(model, tok, ["De trein"], GenerateConfig(max_new_tokens=4, greedy=True))[0][0]
 
 
@@ -149,7 +151,7 @@ def test_generation_stops_at_end_of_text(loaded):
 
 def test_each_prompt_gets_its_own_budget_in_a_batch(loaded, monkeypatch):
     """A long prompt no longer shortens the others: before, every prompt got context minus the longest prompt."""
-    from gpt2_dutch.generate import plan_prompts
+    from gpt2_dutch.generation import plan_prompts
 
     model, tok, _ = loaded
     short, long = "De trein naar", DOCS[0][:33]  # the long one leaves fewer than 12 of the 32 positions

@@ -304,8 +304,9 @@ def bench_generate(tokenizer_dir: str, tmp: Path, quick: bool, limits: dict[str,
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
     from .baselines import generate_recipe
-    from .generate import GenerateConfig, load_model, run_benchmark
+    from .decode_speed import run_benchmark
     from .model import gpt2_config, matmul_params
+    from .model_loading import load_model
 
     size = "tiny" if quick else "small"
     new_tokens, repeats, batch = (16, 1, 16) if quick else (64, 3, 16)
@@ -318,8 +319,7 @@ def bench_generate(tokenizer_dir: str, tmp: Path, quick: bool, limits: dict[str,
     tok.save_pretrained(str(model_dir))
     del model
     model, tokenizer, _ = load_model(model_dir)
-    ours = run_benchmark(model, tokenizer, GenerateConfig(max_new_tokens=new_tokens, benchmark_batch=batch),
-                         repeats=repeats)
+    ours = run_benchmark(model, tokenizer, new_tokens, batch, repeats=repeats)
     weight_bytes = n_matmul * model.transformer.wte.weight.element_size()
     del model
     gc.collect()

@@ -43,7 +43,9 @@ DEMO_EPOCHS = 12
 
 def demo(cfg: DemoConfig) -> dict:
     from .evaluate import EvaluateConfig, evaluate
-    from .generate import GenerateConfig, generate_texts, load_model
+    from .generate import GenerateConfig
+    from .generation import generate_texts
+    from .model_loading import load_model
     from .preprocess import PreprocessConfig, preprocess
     from .train import TrainConfig, train
 

@@ -28,7 +28,7 @@ from tqdm.auto import tqdm
 from .config import option
 from .data import batched, expand_data_files, iter_local_texts, load_split, read_manifest
 from .errors import UsageError, check
-from .generate import context_length, load_model
+from .model_loading import context_length, load_model
 
 
 @dataclass

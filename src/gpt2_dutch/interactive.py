@@ -65,7 +65,8 @@ def repl(model: Any, tokenizer: Any, cfg: Any, stdin: TextIO, stdout: TextIO, st
     from transformers import TextStreamer
 
     from .errors import UsageError
-    from .generate import context_length, generate_texts, plan_prompts, print_notices
+    from .generation import generate_texts, plan_prompts, print_notices
+    from .model_loading import context_length
 
     stderr = stderr or sys.stderr
     tty = stdin.isatty()
