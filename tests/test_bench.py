@@ -3,13 +3,21 @@ asserted, only that they are positive and the ratios finite)."""
 
 from __future__ import annotations
 
+import ast
 import json
 import math
+import os
+import subprocess
+import sys
+from pathlib import Path
 
 import pytest
 from conftest import assert_one_line_error
 
-from gpt2_dutch.baselines import StepTimer
+import gpt2_dutch
+from gpt2_dutch.bench import _use_one_device
+from gpt2_dutch.bench.baselines import StepTimer
+from gpt2_dutch.bench.train_speed import median_tokens_per_s
 
 
 def _positive(x: float) -> bool:
@@ -63,6 +71,49 @@ def test_step_timer_median_skips_warmup():
     assert timer.median_step_s(warmup=1) == 1.0
     with pytest.raises(RuntimeError):
         timer.median_step_s(warmup=4)
+
+
+def test_our_train_speed_is_the_median_step_of_metrics_jsonl_after_the_warmup():
+    # what a run logged every step publishes: no tokens_per_s on the first record (nothing to measure from)
+    records = [{"step": 1, "loss": 9.0}, {"step": 2, "tokens_per_s": 100.0}, {"step": 3, "tokens_per_s": 400.0},
+               {"step": 4, "tokens_per_s": 200.0}, {"step": 5, "tokens_per_s": 400.0},
+               {"step": 6, "eval_loss": 8.0}, {"step": 6, "train_runtime": 3.0}]
+    # steps 3..5 take 1, 2 and 1 s of 400 tokens: the median step is 1 s
+    assert median_tokens_per_s(records, 400, warmup=2) == 400.0
+    # the median of an even count is taken over step times, as for the baseline's StepTimer: (1 + 2) / 2 s
+    assert median_tokens_per_s(records[:4], 400, warmup=2) == pytest.approx(400 / 1.5)
+    with pytest.raises(RuntimeError):
+        median_tokens_per_s(records, 400, warmup=5)
+
+
+@pytest.mark.parametrize(("visible", "pinned"), [(None, "0"), ("2,3", "2"), ("GPU-ab12,GPU-cd34", "GPU-ab12"),
+                                                 ("", ""), ("1", "1")])
+def test_bench_pins_itself_to_the_first_visible_gpu(monkeypatch, visible, pinned):
+    """One device, one process: CUDA_VISIBLE_DEVICES, the standard variable, keeps `train` from relaunching."""
+    monkeypatch.setenv("CUDA_VISIBLE_DEVICES", "x")  # so that the test's end restores the variable as it was
+    if visible is None:
+        monkeypatch.delenv("CUDA_VISIBLE_DEVICES")
+    else:
+        monkeypatch.setenv("CUDA_VISIBLE_DEVICES", visible)
+    _use_one_device()
+    assert os.environ["CUDA_VISIBLE_DEVICES"] == pinned
+
+
+def test_bench_is_apart_from_the_product():
+    """Nothing in the product imports the bench, and `gpt2-dutch bench --help` does not load torch."""
+    root = Path(gpt2_dutch.__file__).parent
+    for path in root.rglob("*.py"):
+        if "bench" in path.relative_to(root).parts:
+            continue
+        for node in ast.walk(ast.parse(path.read_text())):
+            names = ([a.name for a in node.names] if isinstance(node, ast.Import) else
+                     [f"{'.' * node.level}{node.module or ''}.{a.name}" for a in node.names]
+                     if isinstance(node, ast.ImportFrom) else [])
+            assert not any("bench" in n.split(".") for n in names), (path, names)
+    code = ("import contextlib, sys\nfrom gpt2_dutch.__main__ import run\nwith contextlib.suppress(SystemExit):\n"
+            "    run('bench', ['--help'])\nprint('torch loaded' if 'torch' in sys.modules else 'light')")
+    r = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
+    assert "gpt2-dutch bench" in r.stdout and r.stdout.splitlines()[-1] == "light"
 
 
 @pytest.mark.parametrize(("args", "message"), [

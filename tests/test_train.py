@@ -238,7 +238,6 @@ def test_several_gpus_relaunch_the_same_command_under_torchrun(monkeypatch, argv
     monkeypatch.setattr(train_module.sys, "orig_argv", [sys.executable, *argv])
     monkeypatch.setattr(train_module.subprocess, "call", lambda cmd: calls.append(cmd) or 3)
     monkeypatch.delenv("LOCAL_RANK", raising=False)
-    monkeypatch.delenv("GPT2_DUTCH_NO_RELAUNCH", raising=False)
     with pytest.raises(SystemExit) as exit_info:
         train_module.maybe_relaunch_on_all_gpus()
     assert exit_info.value.code == 3  # the launcher's exit status is passed on

@@ -47,7 +47,7 @@ def maybe_relaunch_on_all_gpus() -> None:
     """With several GPUs and no launcher, re-run this very command under torchrun: one process per GPU (DDP),
     never the slow single-process nn.DataParallel fallback."""
     n = torch.cuda.device_count()
-    if n <= 1 or "LOCAL_RANK" in os.environ or os.environ.get("GPT2_DUTCH_NO_RELAUNCH"):
+    if n <= 1 or "LOCAL_RANK" in os.environ:
         return
     print(f"{n} GPUs found: relaunching with torchrun --nproc_per_node {n} (DDP)", file=sys.stderr)
     cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={n}",
@@ -62,12 +62,12 @@ def collate(rows: list[dict[str, Any]]) -> dict[str, torch.Tensor]:
     return {"input_ids": ids, "labels": ids}  # the model shifts labels itself; every token is a target
 
 
-def train(cfg: TrainConfig, callbacks: list[Any] | None = None) -> Path:
-    """Run training; return the run directory. `callbacks`: extra TrainerCallbacks (the benchmark's timer)."""
+def train(cfg: TrainConfig) -> Path:
+    """Run training; return the run directory."""
     maybe_relaunch_on_all_gpus()
     manifest = read_manifest(cfg.dataset_path)  # type: ignore[arg-type]
     try:
-        return _run(cfg, manifest, callbacks or [])
+        return _run(cfg, manifest)
     except torch.OutOfMemoryError:
         raise UsageError(_OOM_ADVICE) from None
     except RuntimeError as e:
@@ -233,7 +233,7 @@ def _keep_metrics_up_to(run_dir: Path, step: int) -> None:
     write_text_atomic(path, "".join(f"{line}\n" for line in kept))
 
 
-def _run(cfg: TrainConfig, manifest: dict[str, Any], extra_callbacks: list[Any]) -> Path:
+def _run(cfg: TrainConfig, manifest: dict[str, Any]) -> Path:
     from transformers import AutoTokenizer, set_seed
 
     dataset_path = Path(cfg.dataset_path)  # type: ignore[arg-type]
@@ -309,7 +309,7 @@ def _run(cfg: TrainConfig, manifest: dict[str, Any], extra_callbacks: list[Any])
         model=model, args=args, train_dataset=train_ds, eval_dataset=test_ds, data_collator=collate,
         callbacks=[health, stopper, *metrics_callbacks(cfg, run_dir, run_info, manifest, schedule,
                                                        auto_eval=cfg.eval_every is None,
-                                                       auto_save=cfg.save_every is None), *extra_callbacks],
+                                                       auto_save=cfg.save_every is None)],
         schedule=schedule, keep_checkpoints=cfg.keep_checkpoints, tokens_per_step=tokens_per_step,
         bytes_per_token=_bytes_per_token(manifest), health=health,
     )

@@ -1,9 +1,11 @@
-"""The report of `gpt2-dutch bench`: ratios against the targets, the table (screen and markdown), the bar chart."""
+"""The report of `gpt2-dutch bench`: progress lines, ratios against the targets, the table (screen and markdown),
+the bar chart."""
 
 from __future__ import annotations
 
 import json
 import os
+import sys
 from pathlib import Path
 from typing import Any
 
@@ -11,6 +13,11 @@ from typing import Any
 TARGETS = {"preprocess_speedup": 2.0, "train_small_speedup": 2.0, "train_small_mfu": 0.5,
            "train_small_compile_speedup": 2.0, "train_small_compile_mfu": 0.5,
            "generate_batch1_speedup": 1.5, "generate_batch16_over_batch1": 8.0}
+
+
+def say(message: str) -> None:
+    """A progress line on stderr: stdout carries only the table."""
+    print(f"== {message}", file=sys.stderr, flush=True)
 
 
 def ratios(r: dict[str, Any]) -> dict[str, dict[str, Any]]:

@@ -1,4 +1,4 @@
-"""The standard recipes that `gpt2-dutch bench` measures us against. Not product code: nothing else imports this.
+"""The standard recipes that `gpt2-dutch bench` measures us against: not product code, only the bench imports it.
 
 Each is what a user would write without this project, kept as close to its source as the benchmark allows:
 - preprocess: transformers' examples/pytorch/language-modeling/run_clm.py — `load_dataset` -> `map(tokenize)`
@@ -68,7 +68,7 @@ def train_recipe(dataset_dir: str, model_size: str, batch_size: int, steps: int,
     from datasets import load_from_disk
     from transformers import AutoModelForCausalLM, GPT2Config, Trainer, TrainingArguments, default_data_collator
 
-    from .model import MODEL_PRESETS
+    from ..model import MODEL_PRESETS
 
     data = load_from_disk(dataset_dir)["train"]
     context = len(data[0]["input_ids"])

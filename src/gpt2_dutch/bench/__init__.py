@@ -1,0 +1,138 @@
+"""Our speed against the standard recipes, side by side in one run, next to this device's measured limits.
+
+    gpt2-dutch bench                         # limits + preprocess + train + generate (~7 min on 2 CPU cores)
+    gpt2-dutch bench train                   # one part: preprocess, train or generate
+    gpt2-dutch bench --quick                 # every part on small inputs in ~20 s (CI)
+    gpt2-dutch bench --json b.json --markdown b.md --plot b.png
+
+Each of our results is measured next to its baseline (gpt2_dutch/bench/baselines.py: run_clm.py's data path, a
+run_clm-style fp32 Trainer, plain fp32 `model.generate`) on the same data in the same run and reported as a
+ratio, so the figures hold on a noisy shared machine. Rates are also given as a fraction of the limit that
+bounds them: the bare encoder for preprocessing (ours and the recipe's), the matmul peak of the dtype for
+training (MFU), memory bandwidth for batch-1 decoding.
+Text: --data-file, else ../shared/data/dutch/train.jsonl.gz when run from a checkout that has it, else the
+built-in sample. Tokenizer: --tokenizer, else a Dutch BPE trained on that text before any timing.
+The benchmark runs on one device: it sets CUDA_VISIBLE_DEVICES to the first visible GPU before CUDA starts.
+"""
+
+# This package measures the product from outside, through its public functions and what its runs publish;
+# nothing in the product imports it. Its modules:
+#     __init__.py          BenchConfig and bench(): choose the text, run the parts, write the report
+#     limits.py            the machine and its limits: matmul peak per dtype, memory bandwidth
+#     preprocess_speed.py  gpt2-dutch preprocess vs run_clm.py's data path, each in its own process ...
+#     preprocess_child.py  ... the program each of those processes runs (python -m gpt2_dutch.bench.preprocess_child)
+#     train_speed.py       gpt2-dutch train vs a run_clm-style Trainer, our speed read from the run's metrics.jsonl
+#     generate_speed.py    our decoding vs plain fp32 model.generate
+#     baselines.py         the standard recipes themselves
+#     report.py            progress lines, ratios against targets, the table (screen, markdown) and the bar chart
+# torch is imported only inside the parts, so that `gpt2-dutch bench --help` stays fast.
+
+from __future__ import annotations
+
+import gzip
+import json
+import os
+import sys
+import tempfile
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from .. import __version__
+from ..config import option
+from ..errors import UsageError, check
+
+PARTS = ["all", "preprocess", "train", "generate"]
+REFERENCE_TEXT = Path("../shared/data/dutch/train.jsonl.gz")  # the project's benchmark corpus, in a checkout
+
+
+@dataclass
+class BenchConfig:
+    part: str = option("all", "what to measure: all, preprocess, train or generate", positional=True,
+                       choices=PARTS)
+    quick: bool = option(False, "small inputs, the tiny model and few steps: every part in ~20 s (CI)")
+    data_file: str | None = option(None, "benchmark text: a .jsonl(.gz) file with a 'text' field (default: "
+                                   f"{REFERENCE_TEXT} when present, else the built-in sample)")
+    tokenizer: str | None = option(None, "tokenizer for every part (default: a Dutch BPE trained on the text)")
+    output_dir: str = option("bench_results", "where bench.json, bench.md and bench.png are written")
+    json: str | None = option(None, "write the JSON results here instead")
+    markdown: str | None = option(None, "write the markdown table here instead")
+    plot: str | None = option(None, "write the bar chart of the ratios (PNG) here instead")
+
+    def __post_init__(self) -> None:
+        if self.data_file is not None:
+            path = Path(self.data_file)
+            check(path.is_file(), f"--data-file {path} not found")
+            check(path.name.endswith((".jsonl", ".jsonl.gz", ".json", ".json.gz")), f"--data-file {path}: the "
+                  "run_clm baseline reads JSON lines; give a .jsonl or .jsonl.gz file with a 'text' field")
+
+
+def bench(cfg: BenchConfig) -> dict[str, Any]:
+    from ..sample import builtin_sample_path
+
+    saved = os.environ.get("CUDA_VISIBLE_DEVICES")
+    _use_one_device()
+    try:
+        return _bench(cfg, builtin_sample_path())
+    finally:
+        if saved is None:
+            os.environ.pop("CUDA_VISIBLE_DEVICES", None)
+        else:
+            os.environ["CUDA_VISIBLE_DEVICES"] = saved
+
+
+def _use_one_device() -> None:
+    """Make only the first visible GPU visible, the standard CUDA way, so that every part measures one device in
+    one process: `train` then sees one GPU (no torchrun relaunch, no Trainer DataParallel), as on a one-GPU box.
+
+    CUDA reads the variable once, when it starts in this process; the preprocess children inherit it."""
+    visible = os.environ.get("CUDA_VISIBLE_DEVICES")
+    first = "0" if visible is None else visible.split(",")[0].strip()
+    torch = sys.modules.get("torch")  # only a caller that already started CUDA can have made this too late
+    if torch is not None and torch.cuda.is_initialized() and torch.cuda.device_count() > 1:
+        raise UsageError("bench measures one GPU and limits itself to it with CUDA_VISIBLE_DEVICES, but CUDA "
+                         f"already started in this process with {torch.cuda.device_count()} GPUs; run it in a "
+                         "new process, or set CUDA_VISIBLE_DEVICES to one GPU first")
+    os.environ["CUDA_VISIBLE_DEVICES"] = first
+
+
+def _bench(cfg: BenchConfig, builtin: Path) -> dict[str, Any]:
+    from .generate_speed import bench_generate
+    from .limits import machine_info, measure_limits
+    from .preprocess_speed import bench_preprocess, train_bench_tokenizer
+    from .report import ratios, say, write_outputs
+    from .train_speed import bench_train
+
+    if cfg.data_file:
+        text = Path(cfg.data_file)
+    else:
+        text = REFERENCE_TEXT if REFERENCE_TEXT.is_file() and not cfg.quick else builtin
+    parts = PARTS[1:] if cfg.part == "all" else [cfg.part]
+    results: dict[str, Any] = {"version": __version__, "quick": cfg.quick, "machine": machine_info(),
+                               "text": {"file": str(text), "mb": text_megabytes(text)}}
+    say(f"device limits ({results['machine']['device']})")
+    results["limits"] = measure_limits(cfg.quick)
+    with tempfile.TemporaryDirectory(prefix="gpt2-dutch-bench-") as tmp_name:
+        tmp = Path(tmp_name)
+        tokenizer = cfg.tokenizer or train_bench_tokenizer(text, tmp / "tokenizer", 4096 if cfg.quick else 32768)
+        results["tokenizer"] = cfg.tokenizer or "Dutch BPE trained on the benchmark text"
+        if "preprocess" in parts:
+            say("preprocess: gpt2-dutch vs the run_clm.py recipe")
+            results["preprocess"] = bench_preprocess(text, results["text"]["mb"], tokenizer, tmp, cfg.quick)
+        if "train" in parts:
+            results["train"] = bench_train(text, tokenizer, tmp, cfg.quick, results["limits"])
+        if "generate" in parts:
+            say("generate: gpt2-dutch vs plain fp32 model.generate")
+            results["generate"] = bench_generate(tokenizer, tmp, cfg.quick, results["limits"])
+    results["ratios"] = ratios(results)
+    out = Path(cfg.output_dir)
+    write_outputs(results, {"json": Path(cfg.json or out / "bench.json"),
+                            "markdown": Path(cfg.markdown or out / "bench.md"),
+                            "plot": Path(cfg.plot or out / "bench.png")})
+    return results
+
+
+def text_megabytes(path: Path) -> float:
+    opener = gzip.open if path.suffix == ".gz" else open
+    with opener(path, "rt", encoding="utf-8") as f:
+        return sum(len(json.loads(line)["text"].encode("utf-8")) for line in f if line.strip()) / 1e6
