@@ -243,14 +243,16 @@ def test_tokenizer_difference_names_what_decides_the_ids(loaded, tiny_dataset):
 
 @pytest.fixture(scope="session")
 def long_context_model(tmp_path_factory, tiny_run) -> Path:
-    """An untrained tiny GPT-2 with a 4096-token context: generations long enough to interrupt."""
-    from transformers import AutoModelForCausalLM, AutoTokenizer
+    """An untrained tiny GPT-2 with a 4096-token context that never samples <|endoftext|>: generations long enough
+    to interrupt (an untrained model ends a text after ~300 tokens on average, sometimes before Ctrl-C arrives)."""
+    from transformers import AutoModelForCausalLM, AutoTokenizer, GenerationConfig
 
     from gpt2_dutch.model import gpt2_config
 
     tok = AutoTokenizer.from_pretrained(tiny_run / "final_model")
     out = tmp_path_factory.mktemp("long") / "final_model"
     AutoModelForCausalLM.from_config(gpt2_config("tiny", len(tok), 4096, tok.eos_token_id)).save_pretrained(out)
+    GenerationConfig(eos_token_id=tok.eos_token_id, suppress_tokens=[tok.eos_token_id]).save_pretrained(out)
     tok.save_pretrained(out)
     return out
 
