@@ -94,17 +94,17 @@ class Faults:
 
 def gen(f: Faults, *args: object) -> list[object]:
     """A generate command on the random model; later flags override these (argparse keeps the last)."""
-    return ["generate", "--model-path", f.model, "--prompt", "De trein", "--dtype", "fp32", "--max-new-tokens", "3",
+    return ["generate", "--model-path", f.model, "--prompt", "De trein", "--precision", "fp32", "--max-new-tokens", "3",
             *args]
 
 
 def ev(f: Faults, *args: object) -> list[object]:
     """An evaluate command of the random model on the test dataset (made with the same tokenizer)."""
-    return ["evaluate", "--model-path", f.model, "--dataset-path", f.dataset, "--dtype", "fp32", *args]
+    return ["evaluate", "--model-path", f.model, "--dataset-path", f.dataset, "--precision", "fp32", *args]
 
 
 def ev_files(f: Faults, path: Path) -> list[object]:
-    return ["evaluate", "--model-path", f.model, "--data-files", path, "--dtype", "fp32"]
+    return ["evaluate", "--model-path", f.model, "--data-files", path, "--precision", "fp32"]
 
 
 def _cut_arrow(dataset: Path) -> None:
@@ -250,14 +250,14 @@ CASES = [
          "argument --batch-size: invalid int value: 'inf'"),
     case("evaluate-batch-size-nan", lambda f: ev(f, "--batch-size", "nan"), ERR,
          "argument --batch-size: invalid int value: 'nan'"),
-    case("evaluate-max-chunks-0", lambda f: ev(f, "--max-chunks", "0"), ERR, "--max-chunks must be positive (got 0)"),
-    case("evaluate-max-chunks-negative", lambda f: ev(f, "--max-chunks", "-1"), ERR,
-         "--max-chunks must be positive (got -1)"),
-    case("evaluate-max-chunks-huge", lambda f: ev(f, "--max-chunks", HUGE), OK, "tokens scored", "out"),
-    case("evaluate-max-chunks-inf", lambda f: ev(f, "--max-chunks", "inf"), ERR,
-         "argument --max-chunks: invalid int value: 'inf'"),
-    case("evaluate-max-chunks-nan", lambda f: ev(f, "--max-chunks", "nan"), ERR,
-         "argument --max-chunks: invalid int value: 'nan'"),
+    case("evaluate-eval-chunks-0", lambda f: ev(f, "--eval-chunks", "0"), OK, "tokens scored", "out"),  # all
+    case("evaluate-eval-chunks-negative", lambda f: ev(f, "--eval-chunks", "-1"), ERR,
+         "--eval-chunks must be >= 0 (got -1)"),
+    case("evaluate-eval-chunks-huge", lambda f: ev(f, "--eval-chunks", HUGE), OK, "tokens scored", "out"),
+    case("evaluate-eval-chunks-inf", lambda f: ev(f, "--eval-chunks", "inf"), ERR,
+         "argument --eval-chunks: invalid int value: 'inf'"),
+    case("evaluate-eval-chunks-nan", lambda f: ev(f, "--eval-chunks", "nan"), ERR,
+         "argument --eval-chunks: invalid int value: 'nan'"),
     # ---- evaluate: a dataset of another tokenizer, damaged datasets, data files and weights
     case("evaluate-tokenizer-mismatch", lambda f: ev(f, "--model-path", f.other), ERR,
          "was made with a different tokenizer than model"),

@@ -178,7 +178,7 @@ def test_cli_says_what_it_capped_and_truncated_and_json_has_it_per_prompt(tiny_r
     tok = loaded[1]
     short, long, too_long = "De trein naar", DOCS[0][:33], " ".join(DOCS[:2])
     n_long, n_too_long = len(tok(long)["input_ids"]), len(tok(too_long)["input_ids"])
-    rc, out, err = cli("generate", "--model-path", tiny_run, "--dtype", "fp32", "--greedy", "--json",
+    rc, out, err = cli("generate", "--model-path", tiny_run, "--precision", "fp32", "--greedy", "--json",
                        "--max-new-tokens", "12", "--prompt", short, "--prompt", long, "--prompt", too_long)
     assert rc == 0, err
     result = json.loads(out)
@@ -192,8 +192,8 @@ def test_cli_says_what_it_capped_and_truncated_and_json_has_it_per_prompt(tiny_r
         f"gpt2-dutch generate: note: prompt 3 ({n_too_long} tokens) is longer than the model's 32-token context: "
         f"its first {n_too_long - 31} tokens were dropped, its last 31 kept; it gets 1 new token, not 12 "
         "(--max-new-tokens)"]
-    rc, out, err = cli("generate", "--model-path", tiny_run, "--dtype", "fp32", "--greedy", "--max-new-tokens", "12",
-                       "--prompt", short)
+    rc, out, err = cli("generate", "--model-path", tiny_run, "--precision", "fp32", "--greedy", "--max-new-tokens",
+                       "12", "--prompt", short)
     assert rc == 0 and "note:" not in err and ">>> De trein naar Utrecht vertrekt\n" in out
 
 
@@ -261,7 +261,7 @@ def test_interactive_through_a_pseudo_terminal(long_context_model):
     pexpect = pytest.importorskip("pexpect")
     tiny_run = long_context_model
     child = pexpect.spawn(sys.executable, ["-m", "gpt2_dutch", "generate", "--model-path", str(tiny_run),
-                                           "--interactive", "--dtype", "fp32", "--max-new-tokens", "4000"],
+                                           "--interactive", "--precision", "fp32", "--max-new-tokens", "4000"],
                           encoding="utf-8", timeout=60, env={"HOME": str(tiny_run), "PATH": "/usr/bin:/bin",
                                                              "GPT2_DUTCH_HISTORY": str(tiny_run / "hist")})
     child.expect("/help for commands")
@@ -289,7 +289,7 @@ def test_interactive_through_a_pseudo_terminal(long_context_model):
 
 def test_interactive_with_piped_stdin(tiny_run):
     r = subprocess.run([sys.executable, "-m", "gpt2_dutch", "generate", "--model-path", str(tiny_run),
-                        "--interactive", "--greedy", "--max-new-tokens", "60", "--dtype", "fp32"],
+                        "--interactive", "--greedy", "--max-new-tokens", "60", "--precision", "fp32"],
                        input="/topk 5\nDe trein naar\n/quit\nnever reached\n", capture_output=True, text=True)
     assert r.returncode == 0, r.stderr
     assert "top_k = 5" in r.stdout and "De trein naar Utrecht vertrekt" in r.stdout

@@ -6,12 +6,16 @@ import argparse
 import importlib
 import os
 import sys
+import types
+from typing import Any
 
 from . import __version__
-from .config import add_arguments, from_namespace
+from .config import add_arguments, config_values, from_namespace, read_config_file
 from .errors import Stopped, UsageError, is_disk_full
 
-# name -> (module, config class, entry function, one-line help)
+# name -> (module, config class, entry function, one-line help). Building a parser imports each module for its
+# config class, so a module must import torch & co. only inside its functions: `--help` stays light
+# (tests/test_cli.py checks it); the entry function loads what it needs when the command runs.
 COMMANDS: dict[str, tuple[str, str, str, str]] = {
     "preprocess": ("preprocess", "PreprocessConfig", "preprocess", "Dutch text -> tokenizer -> token chunks"),
     "train": ("train", "TrainConfig", "train", "train GPT-2 from scratch on a processed dataset"),
@@ -29,28 +33,63 @@ class OneLineArgumentParser(argparse.ArgumentParser):
         self.exit(2, f"{self.prog}: error: {message} (see --help)\n")
 
 
+CONFIG_HELP = ("read settings from a JSON or YAML file: keys are the flags' names with underscores "
+               "(dataset_path: ...); flags given here override the file. A run's run_config.json replays that run "
+               "as a new one")
+
+
+def _stage(command: str) -> tuple[types.ModuleType, type]:
+    module, cls_name, _fn, _help = COMMANDS[command]
+    mod = importlib.import_module(f"gpt2_dutch.{module}")
+    return mod, getattr(mod, cls_name)
+
+
+def _add_command_arguments(parser: argparse.ArgumentParser, cls: type) -> None:
+    parser.add_argument("--config", metavar="FILE", help=CONFIG_HELP)
+    add_arguments(parser, cls)
+
+
 def build_parser(prog: str = "gpt2-dutch") -> argparse.ArgumentParser:
     parser = OneLineArgumentParser(prog=prog, description=__doc__)
     parser.add_argument("--version", action="version", version=f"gpt2-dutch {__version__}")
     sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
-    for name, (module, cls_name, _fn, help_text) in COMMANDS.items():
-        mod = importlib.import_module(f"gpt2_dutch.{module}")
-        cls = getattr(mod, cls_name)
+    for name, (*_, help_text) in COMMANDS.items():
+        mod, cls = _stage(name)
         p = sub.add_parser(name, help=help_text, description=(mod.__doc__ or help_text),
                            formatter_class=argparse.RawDescriptionHelpFormatter)
-        add_arguments(p, cls)
+        _add_command_arguments(p, cls)
     return parser
 
 
-def run(command: str, argv: list[str], prog: str | None = None) -> int:
-    """Run one stage from command-line arguments; user errors become one line and exit status 2."""
-    module, cls_name, fn_name, help_text = COMMANDS[command]
-    mod = importlib.import_module(f"gpt2_dutch.{module}")
+def command_parser(command: str, prog: str | None = None) -> argparse.ArgumentParser:
+    """The parser of one command (what `gpt2-dutch COMMAND ...` and the seed's scripts parse with)."""
+    mod, cls = _stage(command)
     parser = OneLineArgumentParser(prog=prog or f"gpt2-dutch {command}", description=mod.__doc__,
-                                     formatter_class=argparse.RawDescriptionHelpFormatter)
-    add_arguments(parser, getattr(mod, cls_name))
+                                   formatter_class=argparse.RawDescriptionHelpFormatter)
+    _add_command_arguments(parser, cls)
+    return parser
+
+
+def command_config(command: str, args: argparse.Namespace, prog: str = "gpt2-dutch") -> Any:
+    """The command's config dataclass: the flags given, over the settings of --config FILE, over the defaults."""
+    _mod, cls = _stage(command)
+    base = config_values(cls, read_config_file(args.config), f"--config {args.config}", prog) if args.config \
+        else None
+    return from_namespace(cls, args, base)
+
+
+def run(command: str, argv: list[str], prog: str | None = None) -> int:
+    """Run one stage from command-line arguments (and --config FILE); user errors become one line and exit
+    status 2."""
+    parser = command_parser(command, prog)
     args = parser.parse_args(argv)
-    return _call(parser.prog, lambda: getattr(mod, fn_name)(from_namespace(getattr(mod, cls_name), args)))
+
+    def stage() -> Any:
+        cfg = command_config(command, args, parser.prog)  # file errors and config checks: one line, inside _call
+        mod, _cls = _stage(command)
+        return getattr(mod, COMMANDS[command][2])(cfg)
+
+    return _call(parser.prog, stage)
 
 
 def _call(prog: str, fn) -> int:  # type: ignore[no-untyped-def]

@@ -25,12 +25,12 @@ import zlib
 from collections.abc import Iterator
 from dataclasses import asdict
 from pathlib import Path
-from typing import Any
-
-import numpy as np
-import pyarrow as pa
+from typing import TYPE_CHECKING, Any
 
 from .errors import UsageError
+
+if TYPE_CHECKING:  # numpy and pyarrow are imported where they are used: the CLI's --help imports this module
+    import numpy as np
 
 HUB_DATASET = "BramVanroy/wikipedia_culturax_dutch"
 # Config names count whitespace-separated words, not tokens.
@@ -203,6 +203,7 @@ def _txt_texts(f: io.TextIOBase, sample_by: str) -> Iterator[str]:
 
 
 def _parquet_texts(path: Path, text_column: str) -> Iterator[str]:
+    import pyarrow as pa
     import pyarrow.parquet as pq
 
     source: Any = gzip.open(path, "rb") if path.name.lower().endswith(".gz") else path  # noqa: SIM115
@@ -315,6 +316,8 @@ def batched(texts: Iterator[str], size: int = BATCH_DOCS) -> Iterator[list[str]]
 
 def token_dtype(vocab_size: int) -> np.dtype:
     """uint16 while every id fits (vocab <= 65536), uint32 otherwise: at most 2 bytes/token normally."""
+    import numpy as np
+
     return np.dtype(np.uint16) if vocab_size <= 2**16 else np.dtype(np.uint32)
 
 
@@ -350,6 +353,8 @@ class ChunkWriter:
             self._flush()
 
     def _flush(self) -> None:
+        import numpy as np
+
         stream = np.concatenate(self._pending) if len(self._pending) > 1 else self._pending[0]
         n_full = len(stream) // self.chunk_size * self.chunk_size
         rest = stream[n_full:]
@@ -358,6 +363,7 @@ class ChunkWriter:
             self._write(stream[:n_full])
 
     def _write(self, flat: np.ndarray) -> None:
+        import pyarrow as pa
         from datasets.arrow_writer import ArrowWriter
 
         if self._writer is None:
@@ -440,6 +446,7 @@ def load_split(path: str | Path, split: str) -> Any:
     one-line error naming the file, never a pyarrow traceback; a shard that lost whole record batches still
     parses, so the number of chunks is also compared with the manifest's.
     """
+    import pyarrow as pa
     from datasets import load_from_disk
 
     split_dir = Path(path) / split
@@ -458,6 +465,8 @@ def load_split(path: str | Path, split: str) -> Any:
 
 def _damaged_split(split_dir: Path, error: Exception) -> UsageError:
     """The one-line error for a split that does not load, naming its first unreadable shard."""
+    import pyarrow as pa
+
     try:
         shards = [split_dir / f["filename"] for f in json.loads((split_dir / "state.json").read_text())["_data_files"]]
     except (OSError, ValueError, KeyError, TypeError):

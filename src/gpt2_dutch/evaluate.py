@@ -18,17 +18,14 @@ import math
 from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
-
-import numpy as np
-import torch
-import torch.nn.functional as F
-from tqdm.auto import tqdm
+from typing import TYPE_CHECKING, Any
 
 from .config import option
 from .data import batched, expand_data_files, iter_local_texts, load_split, read_manifest
 from .errors import UsageError, check
-from .model_loading import context_length, load_model
+
+if TYPE_CHECKING:  # torch is imported where it is used: building the CLI's parser imports this module
+    import torch
 
 
 @dataclass
@@ -42,16 +39,19 @@ class EvaluateConfig:
     sample_by: str = option("paragraph", "what a document is in .txt files",
                             choices=["paragraph", "line", "document"])
     batch_size: int = option(8, "sequences per forward pass")
-    max_chunks: int | None = option(None, "score at most this many chunks of --dataset-path")
+    eval_chunks: int | None = option(None, "score at most this many chunks of --dataset-path (0: all)",
+                                     aliases=["--max-chunks"])
     device: str = option("auto", "cpu, cuda, cuda:N (auto: cuda if available)")
-    dtype: str = option("fp32", "weights dtype for scoring", choices=["auto", "bf16", "fp16", "fp32"])
+    precision: str = option("fp32", "weights dtype for scoring (auto: bf16 on GPUs and CPUs with fast bf16, else "
+                            "fp32)", choices=["auto", "bf16", "fp16", "fp32"], aliases=["--dtype"])
     json: bool = option(False, "print the result as JSON")
 
     def __post_init__(self) -> None:
         check(bool(self.dataset_path) != bool(self.data_files), "give exactly one of --dataset-path and --data-files")
         # No upper bounds: a batch never holds more than the data has, and running out of memory is one line.
         check(self.batch_size > 0, f"--batch-size must be positive (got {self.batch_size})")
-        check(self.max_chunks is None or self.max_chunks > 0, f"--max-chunks must be positive (got {self.max_chunks})")
+        # 0 is the whole split, as in train's --eval-chunks
+        check(self.eval_chunks is None or self.eval_chunks >= 0, f"--eval-chunks must be >= 0 (got {self.eval_chunks})")
 
 
 @dataclass
@@ -60,24 +60,27 @@ class Totals:
     tokens: int = 0
 
 
-@torch.inference_mode()
 def _score(model: Any, ids: torch.Tensor, labels: torch.Tensor, totals: Totals) -> None:
     """Add the summed cross-entropy of `labels` (-100 = not scored) given `ids` to `totals`."""
-    ids, labels = ids.to(model.device), labels.to(model.device)
-    # Sequences are right-padded and attention is causal, so padding never influences a scored position.
-    try:
-        logits = model(input_ids=ids).logits[:, :-1].float()
-    except torch.OutOfMemoryError:
-        raise _out_of_memory(ids) from None
-    except RuntimeError as e:
-        if "can't allocate memory" not in str(e) and "not enough memory" not in str(e):  # CPU allocators
-            raise
-        raise _out_of_memory(ids) from None
-    target = labels[:, 1:]
-    loss = F.cross_entropy(logits.reshape(-1, logits.shape[-1]), target.reshape(-1), ignore_index=-100,
-                           reduction="sum")
-    totals.nats += float(loss)
-    totals.tokens += int((target != -100).sum())
+    import torch
+    import torch.nn.functional as F
+
+    with torch.inference_mode():
+        ids, labels = ids.to(model.device), labels.to(model.device)
+        # Sequences are right-padded and attention is causal, so padding never influences a scored position.
+        try:
+            logits = model(input_ids=ids).logits[:, :-1].float()
+        except torch.OutOfMemoryError:
+            raise _out_of_memory(ids) from None
+        except RuntimeError as e:
+            if "can't allocate memory" not in str(e) and "not enough memory" not in str(e):  # CPU allocators
+                raise
+            raise _out_of_memory(ids) from None
+        target = labels[:, 1:]
+        loss = F.cross_entropy(logits.reshape(-1, logits.shape[-1]), target.reshape(-1), ignore_index=-100,
+                               reduction="sum")
+        totals.nats += float(loss)
+        totals.tokens += int((target != -100).sum())
 
 
 def _out_of_memory(ids: torch.Tensor) -> UsageError:
@@ -157,6 +160,12 @@ def check_dataset_tokenizer(dataset_path: str, manifest: dict[str, Any], tokeniz
 
 def evaluate_dataset(model: Any, cfg: EvaluateConfig, tokenizer: Any = None, model_dir: Any = None) -> dict[str, Any]:
     """Score the chunks of a processed dataset; with `tokenizer`, first check it is the dataset's."""
+    import numpy as np
+    import torch
+    from tqdm.auto import tqdm
+
+    from .model_loading import context_length
+
     manifest = read_manifest(cfg.dataset_path)  # type: ignore[arg-type]
     if tokenizer is not None:
         check_dataset_tokenizer(cfg.dataset_path, manifest, tokenizer, model_dir)  # type: ignore[arg-type]
@@ -167,7 +176,7 @@ def evaluate_dataset(model: Any, cfg: EvaluateConfig, tokenizer: Any = None, mod
           "evaluate raw text with --data-files instead")
     check(cfg.split in manifest["splits"], f"dataset has no '{cfg.split}' split")
     ds = load_split(cfg.dataset_path, cfg.split)  # type: ignore[arg-type]
-    n = min(len(ds), cfg.max_chunks or len(ds))
+    n = min(len(ds), cfg.eval_chunks or len(ds))
     totals = Totals()
     for start in tqdm(range(0, n, cfg.batch_size), desc="evaluate", unit="batch"):
         ids = torch.from_numpy(np.asarray(ds[start:min(n, start + cfg.batch_size)]["input_ids"]).astype(np.int64))
@@ -191,6 +200,11 @@ def _windows(ids: list[int], ctx: int) -> Iterator[tuple[list[int], int]]:
 
 
 def evaluate_files(model: Any, tokenizer: Any, cfg: EvaluateConfig) -> dict[str, Any]:
+    import torch
+    from tqdm.auto import tqdm
+
+    from .model_loading import context_length
+
     files = expand_data_files(cfg.data_files)
     ctx = context_length(model) or 1024
     eos = tokenizer.eos_token_id
@@ -233,7 +247,9 @@ def _result(t: Totals, n_bytes: float, words_per_token: float, documents: int | 
 
 
 def evaluate(cfg: EvaluateConfig) -> dict[str, Any]:
-    model, tokenizer, model_dir = load_model(cfg.model_path, cfg.device, cfg.dtype)
+    from .model_loading import load_model
+
+    model, tokenizer, model_dir = load_model(cfg.model_path, cfg.device, cfg.precision)
     result = evaluate_dataset(model, cfg, tokenizer, model_dir) if cfg.dataset_path else \
         evaluate_files(model, tokenizer, cfg)
     result["model"] = str(model_dir)

@@ -47,8 +47,8 @@ class GenerateConfig:
     greedy: bool = option(False, "always take the most likely token (deterministic)")
     seed: int | None = option(None, "seed for reproducible sampling")
     device: str = option("auto", "cpu, cuda, cuda:1, ... (auto: cuda if available)")
-    dtype: str = option("auto", "auto: bf16 on GPUs and CPUs with fast bf16, else fp32",
-                        choices=["auto", "bf16", "fp16", "fp32"])
+    precision: str = option("auto", "weights dtype (auto: bf16 on GPUs and CPUs with fast bf16, else fp32)",
+                            choices=["auto", "bf16", "fp16", "fp32"], aliases=["--dtype"])
     json: bool = option(False, "print results as JSON")
 
     def __post_init__(self) -> None:
@@ -92,7 +92,7 @@ def generate(cfg: GenerateConfig) -> Any:
     from .generation import generate_texts, plan_prompts, print_notices
     from .model_loading import context_length, load_model
 
-    model, tokenizer, model_dir = load_model(cfg.model_path, cfg.device, cfg.dtype)
+    model, tokenizer, model_dir = load_model(cfg.model_path, cfg.device, cfg.precision)
     if cfg.benchmark:
         from .decode_speed import print_benchmark, run_benchmark
 

@@ -30,9 +30,6 @@ from datetime import datetime, timezone
 from pathlib import Path
 from typing import Any
 
-import numpy as np
-from tqdm.auto import tqdm
-
 from . import __version__
 from .config import option
 from .data import (
@@ -60,7 +57,7 @@ from .tokenizer import (
 )
 
 MAX_CHUNK_SIZE = 1 << 20
-MAX_NUM_PROC = 1024
+MAX_THREADS = 1024
 DATASET_FORMAT = "gpt2-dutch/chunks"  # the manifest's "format": what --overwrite may replace
 # Fraction of training documents held out when a source has no (big enough) test split of its own.
 DEFAULT_CARVE_FRACTION = 0.1
@@ -92,7 +89,7 @@ class PreprocessConfig:
     streaming: bool | None = option(
         None, f"process the data as it arrives, never holding it whole in memory or on disk (automatic "
         f"from {STREAMING_FROM} up)", action=argparse.BooleanOptionalAction)
-    num_proc: int | None = option(None, "tokenizer threads (default: all cores)")
+    threads: int | None = option(None, "tokenizer threads (default: all cores)", aliases=["--num-proc"])
     encoder: str = option(
         "auto", "auto: tiktoken's encoder (3x faster, same ids) when the tokenizer is a GPT-2-style byte-level "
         "BPE, checked on the first documents; tokenizers: always the tokenizer's own encoder", choices=ENCODERS)
@@ -121,10 +118,10 @@ class PreprocessConfig:
         check_number(self.test_split, "--test-split")
         if self.test_split is not None:
             check(0 < self.test_split <= 0.5, f"--test-split must be in (0, 0.5], got {self.test_split}")
-        check(self.num_proc is None or self.num_proc >= 1, f"--num-proc must be at least 1 (got {self.num_proc})")
+        check(self.threads is None or self.threads >= 1, f"--threads must be at least 1 (got {self.threads})")
         # RAYON_NUM_THREADS is handed to the Rust pool as is: a billion would try to start a billion threads.
-        check(self.num_proc is None or self.num_proc <= MAX_NUM_PROC,
-              f"--num-proc must be at most {MAX_NUM_PROC} (got {self.num_proc})")
+        check(self.threads is None or self.threads <= MAX_THREADS,
+              f"--threads must be at most {MAX_THREADS} (got {self.threads})")
         check_number(self.tokenizer_train_mb, "--tokenizer-train-mb", minimum=0, exclusive_minimum=True)
         check_seed(self.seed)
         if self.streaming is None:
@@ -233,6 +230,8 @@ class SplitEncoder:
         self.stats = SplitStats()
 
     def add(self, texts: list[str], ids: list[list[int]]) -> int:
+        import numpy as np  # here, not at the top: building the CLI's parser imports this module
+
         eos = (self.eos,)
         n_tokens = sum(map(len, ids)) + len(ids)
         flat = np.fromiter(itertools.chain.from_iterable(itertools.chain(x, eos) for x in ids),
@@ -261,6 +260,8 @@ def encode_texts(texts: Iterator[str], encode: BatchEncoder, encoders: dict[str,
     Python-side work (JSON, packing, counting: ~0.5 CPU-s per 14 MB) overlaps with encoding instead of
     following it. On 2 cores it still competes for CPU (`gpt2-dutch bench preprocess` shows how much).
     """
+    from tqdm.auto import tqdm
+
     only = next(iter(encoders.values()))
 
     def collect(batch: list[str], future: Future) -> int:
@@ -289,8 +290,8 @@ def encode_texts(texts: Iterator[str], encode: BatchEncoder, encoders: dict[str,
 def preprocess(cfg: PreprocessConfig) -> Path:
     """Run the whole stage; return the finished dataset directory."""
     start = time.perf_counter()
-    if cfg.num_proc:
-        os.environ["RAYON_NUM_THREADS"] = str(cfg.num_proc)  # read when the Rust thread pool starts
+    if cfg.threads:
+        os.environ["RAYON_NUM_THREADS"] = str(cfg.threads)  # read when the Rust thread pool starts
     out_root = Path(cfg.output_dir)
     final = out_root / str(cfg.name)
     check_replaceable(final, cfg.overwrite)
@@ -390,7 +391,7 @@ def _build(cfg: PreprocessConfig, source: Source, tmp: Path, start: float) -> di
         # The trainer stops when no pair of tokens occurs twice more: small or repetitive text cannot fill it.
         print(f"note: the training text supports only {len(tokenizer):,} tokens, not the {cfg.vocab_size:,} asked "
               f"for with --vocab-size; the tokenizer and the dataset have {len(tokenizer):,}", file=sys.stderr)
-    encode = BatchEncoder(tokenizer, cfg.num_proc or os.cpu_count() or 1, cfg.encoder)
+    encode = BatchEncoder(tokenizer, cfg.threads or os.cpu_count() or 1, cfg.encoder)
     dtype = token_dtype(len(tokenizer))
     stats: dict[str, SplitStats] = {}
 

@@ -14,12 +14,13 @@ import sys
 import tempfile
 from collections.abc import Iterable
 from pathlib import Path
-from typing import Any
-
-from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
-from transformers import AutoTokenizer, GPT2TokenizerFast, PreTrainedTokenizerBase
+from typing import TYPE_CHECKING, Any
 
 from .errors import UsageError
+
+if TYPE_CHECKING:  # tokenizers and transformers are imported where they are used: --help imports this module
+    from tokenizers import Tokenizer
+    from transformers import GPT2TokenizerFast, PreTrainedTokenizerBase
 
 EOS_TOKEN = "<|endoftext|>"
 # 256 byte symbols + <|endoftext|>: the smallest vocabulary a byte-level BPE can have.
@@ -31,6 +32,8 @@ DEFAULT_VOCAB_SIZE = 32768
 def train_bpe(texts: Iterable[str], vocab_size: int, *, total_docs: int | None = None,
               show_progress: bool = True) -> GPT2TokenizerFast:
     """Train a GPT-2-style byte-level BPE on `texts` and return it as a transformers tokenizer."""
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
+
     if vocab_size < MIN_VOCAB_SIZE:
         raise UsageError(
             f"--vocab-size {vocab_size} is too small: a byte-level BPE needs at least {MIN_VOCAB_SIZE} "
@@ -55,6 +58,8 @@ def train_bpe(texts: Iterable[str], vocab_size: int, *, total_docs: int | None =
 
 
 def _gpt2_from_files(directory: Path) -> GPT2TokenizerFast:
+    from transformers import GPT2TokenizerFast
+
     vocab = json.loads((directory / "vocab.json").read_text(encoding="utf-8"))
     merges_lines = (directory / "merges.txt").read_text(encoding="utf-8").splitlines()
     merges = [tuple(line.split(" ")) for line in merges_lines if line and not line.startswith("#version")]
@@ -65,6 +70,8 @@ def _gpt2_from_files(directory: Path) -> GPT2TokenizerFast:
 
 def load_tokenizer(name_or_dir: str) -> PreTrainedTokenizerBase:
     """Load `gpt2`/any Hub name, a saved tokenizer dir, or a dir with GPT-2-style vocab.json + merges.txt."""
+    from transformers import AutoTokenizer
+
     path = Path(name_or_dir).expanduser()
     if path.is_dir():
         if (path / "tokenizer.json").is_file() or (path / "tokenizer_config.json").is_file():
@@ -140,6 +147,8 @@ def splits_like_gpt2(backend: Tokenizer) -> bool:
     """Whether the ids of `split_long_text`'s pieces, joined, are the ids of the whole text for `backend`:
     GPT-2's regex pre-tokenizer with nothing before it, and no added token that could straddle a piece
     boundary (one containing a space)."""
+    from tokenizers import models, pre_tokenizers
+
     pre = backend.pre_tokenizer
     return (backend.normalizer is None and isinstance(pre, pre_tokenizers.ByteLevel) and pre.use_regex
             and not pre.add_prefix_space and isinstance(backend.model, models.BPE) and not backend.model.dropout
@@ -159,6 +168,8 @@ class BatchEncoder:
     """
 
     def __init__(self, tokenizer: Any, threads: int, engine: str = "auto"):
+        from tokenizers import Tokenizer
+
         self.backend = tokenizer.backend_tokenizer
         if self.backend.truncation or self.backend.padding:  # baked into some tokenizer.json files
             # Whole documents, never cut or padded: a copy with both off (the caller's tokenizer is untouched).
@@ -222,6 +233,8 @@ def _byte_symbols() -> dict[str, int]:
 
 def _tiktoken_for(backend: Tokenizer) -> Any | None:
     """A tiktoken Encoding equivalent to `backend`, or None when the tokenizer is not a plain GPT-2-style BPE."""
+    from tokenizers import models, pre_tokenizers
+
     pre, model = backend.pre_tokenizer, backend.model
     if (backend.normalizer is not None or not isinstance(pre, pre_tokenizers.ByteLevel)
             or pre.add_prefix_space or not pre.use_regex or not isinstance(model, models.BPE)

@@ -3,7 +3,8 @@
 from __future__ import annotations
 
 import re
-from dataclasses import dataclass
+from dataclasses import dataclass, field
+from typing import ClassVar
 
 from ..config import option
 from ..errors import check, check_number, check_seed
@@ -12,6 +13,12 @@ from ..model import MODEL_PRESETS, preset
 
 @dataclass
 class TrainConfig:
+    # run_config.json says it is a run's record with this "format": `train --config RUN/run_config.json` then
+    # takes its settings and ignores what the run recorded about itself (status, total_steps, ...)
+    RECORD_FORMAT: ClassVar[str] = "gpt2-dutch/run"
+    # a replay is a new run with the same settings: it never continues (or overwrites) the recorded one
+    NOT_REPLAYED: ClassVar[tuple[str, ...]] = ("resume",)
+
     dataset_path: str | None = option(None, "processed dataset directory (from `gpt2-dutch preprocess`)")
     model_size: str = option("small", f"GPT-2 shape: {', '.join(MODEL_PRESETS)}")
     epochs: float = option(1.0, "passes over the training split (ignored when a --max-* limit is given)")
@@ -46,9 +53,12 @@ class TrainConfig:
     keep_checkpoints: int = option(2, "keep the newest K checkpoints")
     log_every: int | None = option(None, "log train loss every N steps (default: ~100 times per run)")
     report_to: str = option("none", "experiment tracker", choices=["none", "tensorboard", "wandb", "trackio"])
-    use_wandb: bool = option(False, "same as --report-to wandb (the seed's flag)")
+    use_wandb: bool = option(False, "same as --report-to wandb", deprecated="--report-to wandb")
     fsdp: bool = option(False, "shard parameters, gradients and optimizer state (FSDP) across GPUs: for large/xl")
     num_workers: int = option(0, "DataLoader worker processes (the data is memory-mapped; 0 is usually enough)")
+
+    # --max-time in seconds, derived in __post_init__; a field so that run_config.json records it
+    max_time_s: float | None = field(init=False, default=None)
 
     def __post_init__(self) -> None:
         check(self.dataset_path is not None, "--dataset-path is required (a directory made by `gpt2-dutch "
@@ -69,10 +79,7 @@ class TrainConfig:
         check(0 <= self.num_workers <= 256, f"--num-workers must be between 0 and 256 (got {self.num_workers})")
         check(not (self.resume and self.init_from), "give --resume (continue a run) or --init-from (a new run "
               "from a model's weights), not both")
-        if self.max_time is not None:
-            self.max_time_s = parse_duration(self.max_time)
-        else:
-            self.max_time_s = None
+        self.max_time_s = None if self.max_time is None else parse_duration(self.max_time)
         if self.use_wandb:
             self.report_to = "wandb"
 

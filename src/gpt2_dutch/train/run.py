@@ -99,7 +99,9 @@ def plan_steps(cfg: TrainConfig, n_train_chunks: int, tokens_per_step: int) -> t
 
 
 def run_config_dict(cfg: TrainConfig, **extra: Any) -> dict[str, Any]:
-    d = asdict(cfg)
+    """The run's settings (every TrainConfig field) and `extra` run information, marked as a run's record so
+    that `train --config run_config.json` replays the settings (see gpt2_dutch.config)."""
+    d = {"format": TrainConfig.RECORD_FORMAT, **asdict(cfg)}
     d.update(extra)
     return d
 
@@ -279,7 +281,7 @@ def _run(cfg: TrainConfig, manifest: dict[str, Any]) -> Path:
     if is_main_process():
         if resume is None:
             write_json_atomic(run_dir / "run_config.json", run_config_dict(
-                cfg, max_time_s=cfg.max_time_s, **run_info, status="running",
+                cfg, **run_info, status="running",
                 started_at=datetime.now().isoformat(timespec="microseconds")))
         else:
             _keep_metrics_up_to(run_dir, checkpoint_step(checkpoint))
