@@ -42,6 +42,20 @@ def write_json_atomic(path: Path, obj: Any) -> None:
     write_text_atomic(path, json.dumps(obj, indent=2, ensure_ascii=False, allow_nan=False) + "\n")
 
 
+def replace_symlink(link: Path, target: str) -> None:
+    """Point the symbolic link `link` at `target` with one rename: it always names a complete target, never
+    a missing link in between (as unlink-then-symlink would leave)."""
+    link = Path(link)
+    tmp = temp_name(link)
+    tmp.unlink(missing_ok=True)
+    tmp.symlink_to(target)
+    try:
+        os.replace(tmp, link)
+    except BaseException:
+        tmp.unlink(missing_ok=True)
+        raise
+
+
 def replace_dir(tmp: Path, final: Path) -> None:
     """Move the complete directory `tmp` to `final`, replacing what is there with one rename where possible.
 

@@ -56,6 +56,11 @@ class TrainConfig:
     use_wandb: bool = option(False, "same as --report-to wandb", deprecated="--report-to wandb")
     fsdp: bool = option(False, "shard parameters, gradients and optimizer state (FSDP) across GPUs: for large/xl")
     num_workers: int = option(0, "DataLoader worker processes (the data is memory-mapped; 0 is usually enough)")
+    quiet: bool = option(False, "no progress bar and no per-evaluation lines: only warnings, errors and the final "
+                         "line (the records still go to metrics.jsonl and the trackers)")
+    log_format: str = option("text", "text: a progress bar with the live figures and one line per evaluation; "
+                             "json: one JSON object per log/eval record on stderr (the records of metrics.jsonl), "
+                             "for clusters and scripts", choices=["text", "json"])
 
     # --max-time in seconds, derived in __post_init__; a field so that run_config.json records it
     max_time_s: float | None = field(init=False, default=None)

@@ -66,8 +66,11 @@ def train(cfg: TrainConfig) -> Path:
     """Run training; return the run directory."""
     maybe_relaunch_on_all_gpus()
     manifest = read_manifest(cfg.dataset_path)  # type: ignore[arg-type]
+    from .trainer import transformers_bars_off
+
     try:
-        return _run(cfg, manifest)
+        with transformers_bars_off():
+            return _run(cfg, manifest)
     except torch.OutOfMemoryError:
         raise UsageError(_OOM_ADVICE) from None
     except RuntimeError as e:
@@ -299,8 +302,8 @@ def _run(cfg: TrainConfig, manifest: dict[str, Any]) -> Path:
         GPT2Trainer,
         StepHealth,
         StopOnSignal,
-        attach_progress_bar,
         build_training_arguments,
+        install_console,
         metrics_callbacks,
         weights_finite,
     )
@@ -315,18 +318,23 @@ def _run(cfg: TrainConfig, manifest: dict[str, Any]) -> Path:
         schedule=schedule, keep_checkpoints=cfg.keep_checkpoints, tokens_per_step=tokens_per_step,
         bytes_per_token=_bytes_per_token(manifest), health=health,
     )
-    attach_progress_bar(trainer)
+    # rank 0 prints; --quiet wins over --log-format (a script that asks for silence gets silence)
+    console = install_console(trainer, "quiet" if cfg.quiet or not is_main_process() else cfg.log_format)
     what = f"a {cfg.max_time} budget" if limit == "max_time" else f"{total_steps} steps"
     if checkpoint is not None:
         what += f", resuming at step {checkpoint_step(checkpoint)} from {checkpoint}"
-    print(f"training {cfg.model_size} ({run_info['parameters'] / 1e6:.1f}M parameters) on {dataset_path} for "
-          f"{what} ({tokens_per_step:,} tokens/step, {precision}) -> {run_dir}", file=sys.stderr)
+    if not cfg.quiet and is_main_process():
+        print(f"training {cfg.model_size} ({run_info['parameters'] / 1e6:.1f}M parameters) on {dataset_path} for "
+              f"{what} ({tokens_per_step:,} tokens/step, {precision}) -> {run_dir}", file=sys.stderr)
     with _disk_full_is_one_line(run_dir, trainer), stopper.installed():
-        trainer.train(resume_from_checkpoint=str(checkpoint) if checkpoint else None)
-        if stopper.signal is None and not health.diverged:
-            evals = [r for r in trainer.state.log_history if "eval_loss" in r]
-            if not evals or evals[-1].get("step") != trainer.state.global_step:
-                trainer.evaluate()  # always end with an evaluation of the final weights
+        try:
+            trainer.train(resume_from_checkpoint=str(checkpoint) if checkpoint else None)
+            if stopper.signal is None and not health.diverged:
+                evals = [r for r in trainer.state.log_history if "eval_loss" in r]
+                if not evals or evals[-1].get("step") != trainer.state.global_step:
+                    trainer.evaluate()  # always end with an evaluation of the final weights
+        finally:
+            console.close()  # before any error line: a bar left open would redraw itself below it
     step = trainer.state.global_step
     if stopper.signal is not None:
         _set_status(run_dir, "stopped")
@@ -366,11 +374,6 @@ def _disk_full_is_one_line(run_dir: Path, trainer: Any) -> Iterator[None]:
             raise
         with contextlib.suppress(OSError):
             _set_status(run_dir, "failed")
-        for callback in trainer.callback_handler.callbacks:  # else the bar redraws itself after the error line
-            bar = getattr(callback, "training_bar", None)
-            if bar is not None:
-                bar.close()
-                callback.training_bar = None
         raise MachineError(f"no space left on the device while writing {run_dir} (step "
                            f"{trainer.state.global_step}); its complete checkpoints are kept: free some space and "
                            f"continue with --resume {run_dir}") from None

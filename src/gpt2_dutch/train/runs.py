@@ -10,14 +10,13 @@ not finished, so a run killed before its end is found too.
 from __future__ import annotations
 
 import json
-import os
 import zipfile
 from datetime import datetime
 from pathlib import Path
 from typing import Any
 
 from ..errors import UsageError
-from ..files import write_json_atomic
+from ..files import replace_symlink, write_json_atomic
 
 RUN_CONFIG = "run_config.json"
 FINISHED = "finished"
@@ -165,8 +164,4 @@ def newest_unfinished_run(output_dir: Path, size: str) -> Path | None:
 
 
 def update_latest_link(run_dir: Path, size: str) -> None:
-    link = latest_link(run_dir.parent, size)
-    tmp = run_dir.parent / f".{link.name}.tmp-{os.getpid()}"
-    tmp.unlink(missing_ok=True)
-    tmp.symlink_to(run_dir.name)
-    os.replace(tmp, link)  # atomic: the link always points at a complete run directory name
+    replace_symlink(latest_link(run_dir.parent, size), run_dir.name)  # always a complete run's name

@@ -5,12 +5,14 @@ trackers and resume with RNG state and data position; what GPT-2 pretraining nee
 - a warmup + cosine-to-10% schedule fitted to the run's real length (changeable once a --max-time run knows
   its speed),
 - checkpoints written to a staging directory and renamed into place (a kill never leaves a half checkpoint),
-- metrics.jsonl with tokens and tokens/s, eval perplexity and bits per byte, and loss.png redrawn at each eval.
+- metrics.jsonl with tokens and tokens/s, eval perplexity and bits per byte, and loss.png redrawn at each eval,
+- a calm console: one progress bar with the live figures, one line per evaluation (or JSON lines, or quiet).
 """
 
 from __future__ import annotations
 
 import contextlib
+import io
 import json
 import math
 import os
@@ -23,10 +25,12 @@ from pathlib import Path
 from typing import Any
 
 import torch
+from tqdm.auto import tqdm
 from transformers import Trainer, TrainerCallback, TrainingArguments
-from transformers.trainer_callback import ProgressCallback
+from transformers.trainer_callback import PrinterCallback, ProgressCallback
 
 from ..devices import is_main_process
+from ..files import replace_dir, write_bytes_atomic
 from .config import TrainConfig
 from .runs import update_run_config
 from .schedule import WarmupCosine, warmup_steps_for
@@ -69,8 +73,15 @@ def build_training_arguments(cfg: TrainConfig, run_dir: Path, precision: str, lr
         optim="adamw_torch_fused" if cuda else "adamw_torch",
         fsdp="full_shard auto_wrap" if cfg.fsdp else "",
         fsdp_config={"transformer_layer_cls_to_wrap": ["GPT2Block"]} if cfg.fsdp else None,
-        disable_tqdm=not is_main_process(),
+        disable_tqdm=True,  # the bar is ConsoleCallback's (install_console removes the Trainer's printing)
     )
+
+
+def say(message: str) -> None:
+    """One whole line on stderr: a progress bar being drawn is cleared first and redrawn below it, so warnings
+    never end up inside the bar's line."""
+    tqdm.write(message, file=sys.stderr)
+    sys.stderr.flush()
 
 
 def weights_finite(model: torch.nn.Module) -> bool:
@@ -110,8 +121,8 @@ class StepHealth(TrainerCallback):
             if self.in_a_row == 1:
                 self.first_bad_of_streak = at if isinstance(at, int) else None
             if is_main_process():
-                print(f"warning: step {at}: non-finite loss or gradient, update skipped ({self.in_a_row} in a row; "
-                      f"the run stops at {self.MAX_IN_A_ROW})", file=sys.stderr)
+                say(f"warning: step {at}: non-finite loss or gradient, update skipped ({self.in_a_row} in a row; "
+                    f"the run stops at {self.MAX_IN_A_ROW})")
             return None
 
         optimizer.step = guarded_step  # type: ignore[method-assign]
@@ -156,8 +167,9 @@ class StopOnSignal(TrainerCallback):
             raise KeyboardInterrupt  # the second Ctrl-C: stop now, without the checkpoint
         self.signal = signum
         if is_main_process():
-            print(f"\n{signal.Signals(signum).name} received: saving a checkpoint at the end of this step, then "
-                  "stopping (Ctrl-C again to stop at once)", file=sys.stderr, flush=True)
+            # tqdm's write lock is re-entrant, so writing from the handler cannot deadlock on a redraw it interrupted
+            say(f"{signal.Signals(signum).name} received: saving a checkpoint at the end of this step, then "
+                "stopping (Ctrl-C again to stop at once)")
 
     @contextlib.contextmanager
     def installed(self) -> Iterator[None]:
@@ -229,14 +241,27 @@ class GPT2Trainer(Trainer):
         super().log(logs, start_time)
 
     def _save_checkpoint(self, model: Any, trial: Any) -> None:
-        """Write into checkpoints/.staging, then rename: checkpoint-N exists only once it is complete."""
+        """Write into checkpoints/.staging, then rename: checkpoint-N exists only once it is complete.
+
+        Why the rotation is ours and not the Trainer's `save_total_limit`: the Trainer rotates at the end of its
+        `_save_checkpoint`, over the directory that call writes to. Staging means that call writes to
+        `.staging`, so its rotation would see only the new checkpoint; pointed at checkpoints/ instead, it
+        would run while the new checkpoint is not yet renamed into place, and every partial write would carry
+        the final name. It also protects "the newest" by modification time, falling back to step numbers when
+        the times are within a second: after resuming from an older checkpoint, a leftover checkpoint with a
+        higher step counts as the newest and the one just written, the newest complete one, can be deleted.
+        Here the checkpoint just written is always kept (tests/test_trainer.py shows both guarantees).
+        """
         if not weights_finite(self.model):  # never let NaN weights rotate a good checkpoint out
             if self.args.should_save:
-                print(f"warning: step {self.state.global_step}: the weights are not finite; no checkpoint written",
-                      file=sys.stderr)
+                say(f"warning: step {self.state.global_step}: the weights are not finite; no checkpoint written")
             return
         root = self.args.output_dir
+        # One name shared by all ranks (each writes its own RNG state and shards into it), so not files.temp_name
         staging = os.path.join(root, ".staging")
+        if self.args.should_save:
+            shutil.rmtree(staging, ignore_errors=True)  # what a kill mid-save left must not mix into this one
+        self.accelerator.wait_for_everyone()
         self.args.output_dir = staging
         try:
             super()._save_checkpoint(model, trial)
@@ -247,16 +272,30 @@ class GPT2Trainer(Trainer):
             self.args.output_dir = root
         self.accelerator.wait_for_everyone()
         if self.args.should_save:
-            name = f"checkpoint-{self.state.global_step}"
-            target = os.path.join(root, name)
-            if os.path.exists(target):
-                shutil.rmtree(target)
-            os.replace(os.path.join(staging, name), target)
+            target = Path(root) / f"checkpoint-{self.state.global_step}"
+            replace_dir(Path(staging) / target.name, target)  # a checkpoint of the same step: old one kept till then
             shutil.rmtree(staging, ignore_errors=True)
-            checkpoints = sorted(Path(root).glob("checkpoint-*"), key=lambda p: int(p.name.split("-")[-1]))
-            for old in checkpoints[: -self.keep_checkpoints]:
-                shutil.rmtree(old, ignore_errors=True)
+            self._prune_checkpoints(target)
         self.accelerator.wait_for_everyone()
+
+    def _prune_checkpoints(self, newest: Path) -> None:
+        """Keep `keep_checkpoints` in all: `newest`, the checkpoint just written, and the others with the highest
+        steps. A leftover with a higher step than `newest` (a run resumed from an older checkpoint) is one of
+        those others: it is never kept at the expense of the checkpoint just written."""
+        others = sorted((p for p in newest.parent.glob("checkpoint-*")
+                         if p != newest and p.name.split("-")[-1].isdigit()), key=lambda p: int(p.name.split("-")[-1]))
+        for old in others[: max(0, len(others) - (self.keep_checkpoints - 1))]:
+            shutil.rmtree(old, ignore_errors=True)
+
+
+def metrics_record(state: Any, logs: dict[str, Any]) -> dict[str, Any]:
+    """One log/eval record as metrics.jsonl (and --log-format json) holds it: strict JSON, `lr`, the step."""
+    # NaN and infinities are not JSON: they are written as null (a skipped step's loss, a gradient overflow)
+    record = {"step": state.global_step, **{k: (None if isinstance(v, float) and not math.isfinite(v) else v)
+                                           for k, v in logs.items() if k != "epoch"}}
+    if "learning_rate" in record:
+        record["lr"] = record.pop("learning_rate")
+    return record
 
 
 class MetricsCallback(TrainerCallback):
@@ -268,19 +307,124 @@ class MetricsCallback(TrainerCallback):
     def on_log(self, args: Any, state: Any, control: Any, logs: dict[str, Any] | None = None, **kw: Any) -> None:
         if not state.is_world_process_zero or not logs:
             return
-        # NaN and infinities are not JSON: they are written as null (a skipped step's loss, a gradient overflow)
-        record = {"step": state.global_step, **{k: (None if isinstance(v, float) and not math.isfinite(v) else v)
-                                               for k, v in logs.items() if k != "epoch"}}
-        if "learning_rate" in record:
-            record["lr"] = record.pop("learning_rate")
         with open(self.run_dir / "metrics.jsonl", "a") as f:
-            f.write(json.dumps(record, allow_nan=False) + "\n")
+            f.write(json.dumps(metrics_record(state, logs), allow_nan=False) + "\n")
         if "eval_loss" in logs:
             plot_losses(self.run_dir)
 
     def on_train_end(self, args: Any, state: Any, control: Any, **kw: Any) -> None:
         if state.is_world_process_zero:
             plot_losses(self.run_dir)
+
+
+class ConsoleCallback(TrainerCallback):
+    """What training shows on stderr, in place of the Trainer's ProgressCallback (which prints every log record
+    as a raw dict between the bar's redraws). Rank 0 only.
+
+    - `text`: one progress bar whose postfix holds the live figures (loss, lr, tokens/s; tqdm's own remaining
+      time is the eta), one line per evaluation, and a bar for the evaluation batches that disappears after.
+    - `json`: one JSON object per line per log/eval record, the very records of metrics.jsonl: for clusters
+      and scripts, where a bar's carriage returns make a log file unreadable.
+    - `quiet`: nothing; warnings (`say`) and the run's final line still come.
+    The raw records go to metrics.jsonl and the trackers, never to the terminal.
+    """
+
+    def __init__(self, mode: str = "text", fitting: MaxTimeCallback | None = None):
+        assert mode in ("text", "json", "quiet"), mode
+        self.mode, self.fitting = mode, fitting
+        self.training_bar: Any = None
+        self.eval_bar: Any = None
+        self.shown_step = 0
+
+    def on_train_begin(self, args: Any, state: Any, control: Any, **kw: Any) -> None:
+        if self.mode != "text" or not state.is_world_process_zero:
+            return
+        # a --max-time run knows its length only after its first steps: no total (no eta) until then
+        pending = self.fitting is not None and not self.fitting.fitted
+        self.training_bar = tqdm(total=None if pending else state.max_steps, initial=state.global_step,
+                                 unit="step", dynamic_ncols=True, file=sys.stderr)
+        self.shown_step = state.global_step
+
+    def set_total(self, total: int) -> None:
+        """The --max-time callback fitted the run's length."""
+        if self.training_bar is not None:
+            self.training_bar.total = total
+            self.training_bar.refresh()
+
+    def on_step_end(self, args: Any, state: Any, control: Any, **kw: Any) -> None:
+        if self.training_bar is not None:
+            self.training_bar.update(state.global_step - self.shown_step)
+            self.shown_step = state.global_step
+
+    def on_prediction_step(self, args: Any, state: Any, control: Any, eval_dataloader: Any = None,
+                           **kw: Any) -> None:
+        if self.mode != "text" or not state.is_world_process_zero:
+            return
+        if self.eval_bar is None:
+            total = len(eval_dataloader) if hasattr(eval_dataloader, "__len__") else None
+            self.eval_bar = tqdm(total=total, desc="evaluating", unit="batch", leave=False, dynamic_ncols=True,
+                                 file=sys.stderr)
+        self.eval_bar.update(1)
+
+    def on_evaluate(self, args: Any, state: Any, control: Any, **kw: Any) -> None:
+        self._close_eval_bar()
+
+    def _close_eval_bar(self) -> None:
+        if self.eval_bar is not None:
+            self.eval_bar.close()
+            self.eval_bar = None
+
+    def on_log(self, args: Any, state: Any, control: Any, logs: dict[str, Any] | None = None, **kw: Any) -> None:
+        if not state.is_world_process_zero or not logs or self.mode == "quiet":
+            return
+        if self.mode == "json":
+            print(json.dumps(metrics_record(state, logs), allow_nan=False), file=sys.stderr, flush=True)
+            return
+        if "eval_loss" in logs:
+            self._close_eval_bar()
+            say(eval_line(state.global_step, logs))
+        if "loss" in logs and self.training_bar is not None:
+            figures = [f"loss={logs['loss']:.4g}"]
+            if "learning_rate" in logs:
+                figures.append(f"lr={logs['learning_rate']:.3g}")
+            if "tokens_per_s" in logs:
+                figures.append(f"tok/s={logs['tokens_per_s']:,.0f}")
+            self.training_bar.set_postfix_str(", ".join(figures))
+
+    def on_train_end(self, args: Any, state: Any, control: Any, **kw: Any) -> None:
+        self.close()
+
+    def close(self) -> None:
+        """Close the bars (also when training ends with an exception, so none is redrawn after the error)."""
+        self._close_eval_bar()
+        if self.training_bar is not None:
+            self.training_bar.close()
+            self.training_bar = None
+
+
+@contextlib.contextmanager
+def transformers_bars_off() -> Iterator[None]:
+    """transformers draws a bar of its own ("Writing model shards") at every checkpoint and at the final save: a
+    second bar under ours, or text among the JSON lines. Off while a run trains and saves."""
+    from transformers.utils import logging as hf_logging
+
+    if not hf_logging.is_progress_bar_enabled():
+        yield
+        return
+    hf_logging.disable_progress_bar()
+    try:
+        yield
+    finally:
+        hf_logging.enable_progress_bar()
+
+
+def eval_line(step: int, logs: dict[str, Any]) -> str:
+    line = f"step {step}: eval loss {logs['eval_loss']:.4f}"
+    if "eval_bpb" in logs:
+        line += f", {logs['eval_bpb']:.3f} bits/byte"
+    if "eval_ppl" in logs:
+        line += f" (perplexity {logs['eval_ppl']:.4g})"
+    return line
 
 
 class MaxTimeCallback(TrainerCallback):
@@ -292,6 +436,7 @@ class MaxTimeCallback(TrainerCallback):
         self.upper_bound, self.auto_eval, self.auto_save = upper_bound, auto_eval, auto_save
         self.start = self.after_first = 0.0
         self.fitted = False
+        self.console: ConsoleCallback | None = None  # its bar's total is corrected once the length is fitted
 
     def on_train_begin(self, args: Any, state: Any, control: Any, **kw: Any) -> None:
         self.start = time.perf_counter()
@@ -320,15 +465,17 @@ class MaxTimeCallback(TrainerCallback):
             state.save_steps = args.save_steps = every
         state.logging_steps = args.logging_steps = max(1, total // 100)
         self.fitted = True
+        if state.global_step >= total:
+            # the budget is already spent: the Trainer's own check of max_steps ran before this one, so stop and
+            # checkpoint the last step here (else it trains one step past the fitted length)
+            control.should_training_stop = control.should_save = True
         if state.is_world_process_zero:
             changes: dict[str, Any] = {"total_steps": total, "seconds_per_step": round(per_step, 4)}
             if total < self.upper_bound:  # the budget, not --max-steps/--max-tokens, ends this run
                 changes["length_set_by"] = "max_time"
             update_run_config(self.run_dir, **changes)
-        bar = getattr(self, "progress", None)
-        if bar is not None and getattr(bar, "training_bar", None) is not None:
-            bar.training_bar.total = total
-            bar.training_bar.refresh()
+        if self.console is not None:
+            self.console.set_total(total)
 
 
 def metrics_callbacks(cfg: TrainConfig, run_dir: Path, run_info: dict[str, Any], manifest: dict[str, Any],
@@ -341,12 +488,17 @@ def metrics_callbacks(cfg: TrainConfig, run_dir: Path, run_info: dict[str, Any],
     return callbacks
 
 
-def attach_progress_bar(trainer: Trainer) -> None:
-    """Let the --max-time callback correct the progress bar's total once the step count is fitted."""
-    progress = next((c for c in trainer.callback_handler.callbacks if isinstance(c, ProgressCallback)), None)
-    for cb in trainer.callback_handler.callbacks:
-        if isinstance(cb, MaxTimeCallback):
-            cb.progress = progress  # type: ignore[attr-defined]
+def install_console(trainer: Trainer, mode: str) -> ConsoleCallback:
+    """Put our ConsoleCallback in place of the Trainer's own printing: ProgressCallback, or PrinterCallback
+    (which it adds instead under `disable_tqdm`), both of which print every log record as a raw dict."""
+    trainer.remove_callback(ProgressCallback)
+    trainer.remove_callback(PrinterCallback)
+    fitting = next((c for c in trainer.callback_handler.callbacks if isinstance(c, MaxTimeCallback)), None)
+    console = ConsoleCallback(mode, fitting)
+    trainer.add_callback(console)
+    if fitting is not None:
+        fitting.console = console
+    return console
 
 
 def plot_losses(run_dir: Path) -> None:
@@ -376,7 +528,7 @@ def plot_losses(run_dir: Path) -> None:
     ax.grid(alpha=0.3)
     ax.legend()
     fig.tight_layout()
-    tmp = run_dir / ".loss.png.tmp.png"
-    fig.savefig(tmp)
+    png = io.BytesIO()
+    fig.savefig(png, format="png")
     plt.close(fig)
-    os.replace(tmp, run_dir / "loss.png")
+    write_bytes_atomic(run_dir / "loss.png", png.getvalue())

@@ -1,0 +1,204 @@
+"""train's console (a bar and one line per evaluation, JSON lines, quiet) and its checkpoint guarantees
+(a checkpoint-N directory exists only once complete; rotation never deletes the checkpoint just written)."""
+
+from __future__ import annotations
+
+import functools
+import json
+import os
+import re
+import signal
+import subprocess
+import sys
+import textwrap
+from pathlib import Path
+from types import SimpleNamespace
+
+import pytest
+
+from gpt2_dutch.train.runs import checkpoint_problem
+
+TINY = ["--model-size", "tiny", "--batch-size", "4", "--precision", "fp32"]
+
+
+def _metrics(run: Path) -> list[dict]:
+    return [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines()]
+
+
+def _lines(err: str) -> list[str]:
+    """What a terminal shows: each line as left after its last carriage return (a bar redraws with `\\r`)."""
+    return [line.split("\r")[-1] for line in err.split("\n") if line.split("\r")[-1].strip()]
+
+
+def _run_dir(out: Path) -> Path:
+    return next(out.glob("gpt2-dutch-tiny-2*"))
+
+
+# ----------------------------------------------------------------------------- the console
+
+def _poison_the_second_step(monkeypatch: pytest.MonkeyPatch) -> None:
+    """The second training step's loss becomes NaN: a warning to print while the bar is drawn."""
+    from transformers import GPT2LMHeadModel
+
+    forward, calls = GPT2LMHeadModel.forward, {"n": 0}
+
+    @functools.wraps(forward)  # the Trainer reads the signature: with `labels` in it, it evaluates the loss
+    def poisoned(self, *args, **kwargs):
+        out = forward(self, *args, **kwargs)
+        if self.training:
+            calls["n"] += 1
+            if calls["n"] == 2:
+                out.loss = out.loss * float("nan")
+        return out
+
+    monkeypatch.setattr(GPT2LMHeadModel, "forward", poisoned)
+
+
+def _check_text_console(err: str, run: Path) -> None:
+    assert not any(line.lstrip().startswith("{") for line in err.replace("\r", "\n").split("\n")), err
+    assert "{'loss'" not in err and "'grad_norm'" not in err  # the Trainer's raw dicts
+    evals = [r for r in _metrics(run) if "eval_loss" in r]
+    shown = [line for line in _lines(err) if re.match(r"step \d+: eval loss ", line)]
+    assert evals and len(shown) == len(evals), err
+    for line, record in zip(shown, evals, strict=True):
+        assert line.startswith(f"step {record['step']}: eval loss {record['eval_loss']:.4f}, "
+                               f"{record['eval_bpb']:.3f} bits/byte"), line
+    # a warning is a whole line of its own, not glued into the bar's
+    assert "warning: step 2: non-finite loss or gradient, update skipped (1 in a row; the run stops at 5)" in \
+        _lines(err)
+    total = json.loads((run / "run_config.json").read_text())["total_steps"]
+    bars = re.findall(r"(\d+)/(\d+) \[[^\]]*loss=", err)
+    assert bars and bars[-1] == (str(total), str(total)), bars[-3:]  # the bar went to the run's length
+    assert _lines(err)[-1].startswith("final model: ")
+
+
+def test_text_console_is_a_bar_and_one_line_per_evaluation(tiny_dataset, tmp_path, cli, monkeypatch):
+    _poison_the_second_step(monkeypatch)
+    rc, _, err = cli("train", "--dataset-path", tiny_dataset, *TINY, "--output-dir", tmp_path, "--max-steps", "6",
+                     "--eval-every", "3", "--log-every", "1")
+    assert rc == 0, err
+    _check_text_console(err, _run_dir(tmp_path))
+    assert len([line for line in _lines(err) if " eval loss " in line]) == 2  # steps 3 and 6
+
+
+@pytest.mark.slow
+def test_text_console_of_a_max_time_run_corrects_the_bars_total(tiny_dataset, tmp_path, cli, monkeypatch):
+    """--max-time: the bar has no total until the step count is fitted, then the fitted one."""
+    _poison_the_second_step(monkeypatch)
+    rc, _, err = cli("train", "--dataset-path", tiny_dataset, *TINY, "--output-dir", tmp_path, "--max-time", "3s")
+    assert rc == 0, err
+    _check_text_console(err, _run_dir(tmp_path))
+    assert "0step [" in err and "/1000000000" not in err  # no placeholder total before the fit
+
+
+def test_json_console_prints_the_records_of_metrics_jsonl(tiny_dataset, tmp_path, cli):
+    rc, _, err = cli("train", "--dataset-path", tiny_dataset, *TINY, "--output-dir", tmp_path, "--max-steps", "4",
+                     "--eval-every", "2", "--log-every", "1", "--log-format", "json")
+    assert rc == 0, err
+    assert "\r" not in err  # no bar
+    records = [json.loads(line) for line in err.splitlines() if line.startswith("{")]
+    assert records == _metrics(_run_dir(tmp_path))
+    assert [r["step"] for r in records if "eval_loss" in r] == [2, 4]
+    assert len([r for r in records if "loss" in r]) == 4
+    others = [line for line in err.splitlines() if not line.startswith("{")]
+    assert [line.split(" ")[0] for line in others] == ["training", "final"], others
+
+
+def test_quiet_prints_only_the_final_line(tiny_dataset, tmp_path, cli):
+    rc, out, err = cli("train", "--dataset-path", tiny_dataset, *TINY, "--output-dir", tmp_path, "--max-steps", "4",
+                       "--eval-every", "2", "--log-every", "1", "--quiet")
+    assert rc == 0, err
+    assert "\r" not in err and out == ""
+    assert err.splitlines() == [f"final model: {_run_dir(tmp_path) / 'final_model'}  (loss curve: "
+                                f"{_run_dir(tmp_path) / 'loss.png'})"]
+    assert len(_metrics(_run_dir(tmp_path))) > 4  # the records still go to metrics.jsonl
+
+
+# ----------------------------------------------------------------------------- checkpoints
+
+def test_a_checkpoint_is_written_beside_its_final_name_and_renamed_complete(tiny_dataset, tmp_path, monkeypatch):
+    """At the last write of every save (the RNG state, after weights and optimizer), checkpoint-N does not exist
+    yet: a kill at any moment of the save leaves no checkpoint-N without its files."""
+    from transformers import Trainer
+
+    from gpt2_dutch.train import TrainConfig, train
+
+    real, seen = Trainer._save_rng_state, []
+
+    def observe(self, output_dir):
+        root = Path(output_dir).parent.parent
+        seen.append((Path(output_dir).relative_to(root).as_posix(), sorted(p.name for p in root.iterdir()),
+                     sorted(p.name for p in Path(output_dir).iterdir())))
+        return real(self, output_dir)
+
+    monkeypatch.setattr(Trainer, "_save_rng_state", observe)
+    run = train(TrainConfig(dataset_path=str(tiny_dataset), model_size="tiny", batch_size=4, precision="fp32",
+                            output_dir=str(tmp_path), max_steps=6, save_every=2, eval_every=6, keep_checkpoints=2))
+    assert [where for where, _, _ in seen] == [".staging/checkpoint-2", ".staging/checkpoint-4",
+                                               ".staging/checkpoint-6"]
+    assert [names for _, names, _ in seen] == [[".staging"], [".staging", "checkpoint-2"],
+                                               [".staging", "checkpoint-2", "checkpoint-4"]]
+    assert all({"model.safetensors", "optimizer.pt"} <= set(files) for _, _, files in seen)
+    assert sorted(p.name for p in (run / "checkpoints").iterdir()) == ["checkpoint-4", "checkpoint-6"]
+
+
+@pytest.mark.slow
+def test_a_kill_mid_save_leaves_only_complete_checkpoints_and_the_run_resumes(tiny_dataset, tmp_path):
+    script = textwrap.dedent("""
+        import os, signal, sys
+        from transformers import Trainer
+        from gpt2_dutch.__main__ import main
+
+        real = Trainer._save_rng_state
+
+        def killed(self, output_dir):  # weights and optimizer of checkpoint-4 are written, the rest is not
+            if output_dir.endswith("checkpoint-4"):
+                os.kill(os.getpid(), signal.SIGKILL)
+            return real(self, output_dir)
+
+        Trainer._save_rng_state = killed
+        sys.exit(main(sys.argv[1:]))
+    """)
+    cmd = ["train", "--dataset-path", str(tiny_dataset), *TINY, "--output-dir", str(tmp_path), "--max-steps", "6",
+           "--save-every", "2", "--eval-every", "6"]
+    r = subprocess.run([sys.executable, "-c", script, *cmd], capture_output=True, text=True)
+    assert r.returncode == -signal.SIGKILL, r.stderr[-2000:]
+    checkpoints = _run_dir(tmp_path) / "checkpoints"
+    assert sorted(p.name for p in checkpoints.iterdir()) == [".staging", "checkpoint-2"]
+    assert checkpoint_problem(checkpoints / "checkpoint-2") is None
+    r = subprocess.run([sys.executable, "-m", "gpt2_dutch", *cmd, "--resume"], capture_output=True, text=True)
+    assert r.returncode == 0, r.stderr[-2000:]
+    assert "resuming at step 2" in r.stderr
+    assert sorted(p.name for p in checkpoints.iterdir()) == ["checkpoint-4", "checkpoint-6"]
+    assert all(checkpoint_problem(p) is None for p in checkpoints.iterdir())
+
+
+def _checkpoints(root: Path, *steps: int) -> None:
+    for step in steps:
+        (root / f"checkpoint-{step}").mkdir(parents=True)
+        (root / f"checkpoint-{step}" / "model.safetensors").write_bytes(b"x")
+
+
+@pytest.mark.parametrize(("keep", "left"), [(1, ["checkpoint-10"]), (2, ["checkpoint-10", "checkpoint-12"]),
+                                            (3, ["checkpoint-10", "checkpoint-12", "checkpoint-8"])],
+                         ids=["keep-1", "keep-2", "keep-3"])
+def test_rotation_never_deletes_the_checkpoint_just_written(tmp_path, keep, left):
+    """Resumed from checkpoint-8 with a leftover checkpoint-12 (say, a damaged one the resume skipped), the run
+    has just written checkpoint-10: that one is kept, whatever --keep-checkpoints is."""
+    from gpt2_dutch.train.trainer import GPT2Trainer
+
+    _checkpoints(tmp_path, 8, 10, 12)
+    GPT2Trainer._prune_checkpoints(SimpleNamespace(keep_checkpoints=keep), tmp_path / "checkpoint-10")
+    assert sorted(p.name for p in tmp_path.iterdir()) == left
+
+
+def test_the_trainers_own_rotation_would_delete_the_checkpoint_just_written(tmp_path):
+    """Why GPT2Trainer rotates itself rather than through `save_total_limit` (see its _save_checkpoint)."""
+    from transformers.trainer_utils import rotate_checkpoints
+
+    _checkpoints(tmp_path, 8, 12)
+    _checkpoints(tmp_path, 10)  # written last: the newest by time, but not by step
+    past = os.stat(tmp_path / "checkpoint-8").st_mtime
+    os.utime(tmp_path / "checkpoint-10", (past + 0.5, past + 0.5))  # saves less than a second apart
+    rotate_checkpoints(str(tmp_path), save_total_limit=1, use_mtime=True)  # what Trainer._save_checkpoint calls
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["checkpoint-12"]
