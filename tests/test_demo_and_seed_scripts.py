@@ -24,6 +24,7 @@ def test_builtin_sample_is_varied_dutch_text():
     assert all(" de " in d["text"] and " het " in d["text"].lower() for d in docs)
 
 
+@pytest.mark.slow
 def test_demo_quick_end_to_end(tmp_path, capsys):
     result = demo(DemoConfig(quick=True, output_dir=str(tmp_path)))
     out = capsys.readouterr().out
@@ -46,6 +47,7 @@ def test_seed_scripts_help(script, flag, tmp_path):
     assert r.returncode == 0 and flag in r.stdout and f"usage: {script}" in r.stdout
 
 
+@pytest.mark.slow
 def test_seed_scripts_end_to_end(tmp_path):
     corpus = write_jsonl(tmp_path / "corpus.jsonl", DOCS * 8)
     r = _script("preprocess.py", "--data-files", str(corpus), "--vocab-size", "300", "--chunk-size", "32",

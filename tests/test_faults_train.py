@@ -161,6 +161,7 @@ def test_init_from_starts_a_new_run_from_the_weights(tiny_dataset, run_copy, tmp
 
 # ----------------------------------------------------------------------------- health checks
 
+@pytest.mark.slow
 def test_a_diverged_run_is_not_published_and_exits_nonzero(tiny_dataset, tmp_path, cli):
     rc, _, err = cli("train", "--dataset-path", tiny_dataset, *TINY, "--output-dir", tmp_path, "--max-steps", "12",
                      "--learning-rate", "1e6")
@@ -174,6 +175,7 @@ def test_a_diverged_run_is_not_published_and_exits_nonzero(tiny_dataset, tmp_pat
         assert all(torch.isfinite(t).all() for t in load_file(ckpt / "model.safetensors").values())
 
 
+@pytest.mark.slow
 def test_a_single_nonfinite_step_is_skipped_and_the_run_goes_on(tiny_dataset, tmp_path, monkeypatch, capsys):
     from transformers import GPT2LMHeadModel
 
@@ -207,6 +209,7 @@ def test_runs_started_in_the_same_second_get_their_own_directories(tmp_path):
                                           "gpt2-dutch-tiny-20260102-030405-3"]
 
 
+@pytest.mark.slow
 def test_a_full_disk_while_checkpointing_is_one_line_and_leaves_nothing_half_written(tiny_dataset, tmp_path, cli,
                                                                                     monkeypatch):
     import transformers.modeling_utils as modeling_utils

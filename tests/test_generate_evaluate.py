@@ -19,6 +19,11 @@ from gpt2_dutch.generation import generate_texts
 from gpt2_dutch.model_loading import load_model
 from gpt2_dutch.train import TrainConfig, train
 
+# Every test here needs `tiny_run`, a model trained for 300 steps until it knows the corpus by heart (its
+# continuations are asserted), which takes longer than the whole fast suite may; test_faults_generate.py,
+# on random models, is the fast part for generate and evaluate.
+pytestmark = pytest.mark.slow
+
 
 @pytest.fixture(scope="session")
 def tiny_run(tiny_dataset, tmp_path_factory) -> Path:
@@ -334,7 +339,9 @@ def test_evaluate_raw_files_scores_each_document_after_eos(tiny_run, loaded, tmp
     assert result["documents"] == 2
 
 
-def test_generate_and_evaluate_bad_inputs(tmp_path, cli, tiny_run):
+@pytest.fixture
+def bad_models(tmp_path: Path, tiny_run: Path) -> Path:
+    """tmp_path with the directories the bad-input table names: empty/, pickled/, bert/, truncated/."""
     (tmp_path / "empty").mkdir()
     pickled = tmp_path / "pickled"
     pickled.mkdir()
@@ -348,19 +355,35 @@ def test_generate_and_evaluate_bad_inputs(tmp_path, cli, tiny_run):
     truncated.mkdir()
     for f in (tiny_run / "final_model").iterdir():
         (truncated / f.name).write_bytes(f.read_bytes()[:100] if f.suffix == ".safetensors" else f.read_bytes())
-    cases = [
-        (["generate", "--model-path", tmp_path / "nope"], "does not exist"),
-        (["generate", "--model-path", tmp_path / "empty"], "is not a model directory (no config.json)"),
-        (["generate", "--model-path", pickled], "has no safetensors weights (only pytorch_model.bin"),
-        (["generate", "--model-path", bert], "holds a 'distilbert' model, not a causal language model"),
-        (["generate", "--model-path", truncated], "cannot load the model in"),
-        (["generate", "--model-path", tiny_run, "--temperature", "0"], "--temperature must be positive"),
-        (["generate", "--model-path", tiny_run, "--top-p", "1.5"], "--top-p must be in (0, 1]"),
-        (["generate", "--model-path", tiny_run, "--prompt-file", tmp_path / "p.txt"], "prompt file"),
-        (["evaluate", "--model-path", tiny_run], "give exactly one of --dataset-path and --data-files"),
-        (["evaluate", "--model-path", tiny_run, "--data-files", tmp_path / "x.jsonl"], "not found"),
-        (["evaluate", "--model-path", tmp_path / "empty", "--dataset-path", tmp_path], "no config.json"),
-    ]
-    for args, message in cases:
-        rc, _, err = cli(*args)
-        assert_one_line_error(rc, err, message)
+    return tmp_path
+
+
+BAD_INPUTS = [  # "{tmp}" is the bad_models directory, "{run}" the tiny run
+    pytest.param(["generate", "--model-path", "{tmp}/nope"], "does not exist", id="generate-missing"),
+    pytest.param(["generate", "--model-path", "{tmp}/empty"], "is not a model directory (no config.json)",
+                 id="generate-empty-dir"),
+    pytest.param(["generate", "--model-path", "{tmp}/pickled"], "has no safetensors weights (only pytorch_model.bin",
+                 id="generate-pickle-only"),
+    pytest.param(["generate", "--model-path", "{tmp}/bert"], "holds a 'distilbert' model, not a causal language model",
+                 id="generate-not-causal"),
+    pytest.param(["generate", "--model-path", "{tmp}/truncated"], "cannot load the model in",
+                 id="generate-truncated-weights"),
+    pytest.param(["generate", "--model-path", "{run}", "--temperature", "0"], "--temperature must be positive",
+                 id="generate-temperature-zero"),
+    pytest.param(["generate", "--model-path", "{run}", "--top-p", "1.5"], "--top-p must be in (0, 1]",
+                 id="generate-top-p-above-1"),
+    pytest.param(["generate", "--model-path", "{run}", "--prompt-file", "{tmp}/p.txt"], "prompt file",
+                 id="generate-prompt-file-missing"),
+    pytest.param(["evaluate", "--model-path", "{run}"], "give exactly one of --dataset-path and --data-files",
+                 id="evaluate-no-data"),
+    pytest.param(["evaluate", "--model-path", "{run}", "--data-files", "{tmp}/x.jsonl"], "not found",
+                 id="evaluate-data-file-missing"),
+    pytest.param(["evaluate", "--model-path", "{tmp}/empty", "--dataset-path", "{tmp}"], "no config.json",
+                 id="evaluate-empty-model-dir"),
+]
+
+
+@pytest.mark.parametrize(("args", "message"), BAD_INPUTS)
+def test_generate_and_evaluate_bad_inputs(args, message, bad_models, cli, tiny_run):
+    rc, _, err = cli(*[a.replace("{tmp}", str(bad_models)).replace("{run}", str(tiny_run)) for a in args])
+    assert_one_line_error(rc, err, message)

@@ -44,6 +44,7 @@ def test_schedule_warmup_then_cosine_to_ten_percent():
     assert lrs[100] == pytest.approx(0.1) and s(500) == pytest.approx(0.1)
 
 
+@pytest.mark.slow
 def test_tiny_model_memorises_tiny_dataset_and_writes_the_run_layout(tiny_dataset, tmp_path):
     run = train(tiny_cfg(tiny_dataset, tmp_path, max_steps=300, learning_rate=3e-3, eval_every=100,
                          save_every=100))
@@ -120,6 +121,7 @@ def _train_cmd(dataset: Path, out: Path, *extra: str) -> list[str]:
             "--keep-checkpoints", "10", *extra]
 
 
+@pytest.mark.slow
 def test_resume_after_sigkill_ends_with_the_same_weights(tiny_dataset, tmp_path):
     subprocess.run(_train_cmd(tiny_dataset, tmp_path / "a"), check=True, capture_output=True)
     proc = subprocess.Popen(_train_cmd(tiny_dataset, tmp_path / "b"), stdout=subprocess.DEVNULL,
@@ -157,27 +159,38 @@ def test_two_process_ddp_on_cpu(tiny_dataset, tmp_path):
     assert (runs[0] / "final_model" / "model.safetensors").is_file()
 
 
-def test_bad_inputs(tiny_dataset, tmp_path, cli):
-    cases = [
-        (["--dataset-path", tmp_path / "nope"], "does not exist; create it with `gpt2-dutch preprocess`"),
-        (["--dataset-path", tmp_path], "is not a processed dataset (no manifest.json)"),
-        (["--dataset-path", tiny_dataset, "--model-size", "huge"], "unknown --model-size 'huge'"),
-        (["--dataset-path", tiny_dataset, "--batch-size", "0"], "--batch-size must be positive"),
-        (["--dataset-path", tiny_dataset, "--max-steps", "-3"], "--max-steps must be positive"),
-        (["--dataset-path", tiny_dataset, "--learning-rate", "0"], "--learning-rate must be positive"),
-        (["--dataset-path", tiny_dataset, "--max-time", "soon"], "is not a positive duration"),
-        (["--dataset-path", tiny_dataset, "--precision", "fp8"], "invalid choice: 'fp8'"),
-        (["--dataset-path", tiny_dataset, "--resume", tmp_path / "missing"], "cannot resume"),
-        (["--dataset-path", tiny_dataset, "--output-dir", tiny_dataset / "manifest.json" / "x"],
-         "cannot write to --output-dir"),
-        (["--dataset-path", tiny_dataset, "--report-to", "wandb"], "--report-to wandb"),
-        ([], "--dataset-path is required"),
-    ]
-    if importlib.util.find_spec("trackio") is None:  # not a dependency: a clear message, never a crash mid-run
-        cases.append((["--dataset-path", tiny_dataset, "--report-to", "trackio"], "trackio is not installed"))
-    for args, message in cases:
-        rc, _, err = cli("train", "--max-steps", "1", "--output-dir", tmp_path / "o", *args)
-        assert_one_line_error(rc, err, message)
+BAD_INPUTS = [  # "{tmp}" is the test's tmp_path, "{data}" the tiny dataset
+    pytest.param(["--dataset-path", "{tmp}/nope"], "does not exist; create it with `gpt2-dutch preprocess`",
+                 id="dataset-missing"),
+    pytest.param(["--dataset-path", "{tmp}"], "is not a processed dataset (no manifest.json)", id="dataset-not-one"),
+    pytest.param(["--dataset-path", "{data}", "--model-size", "huge"], "unknown --model-size 'huge'",
+                 id="model-size-unknown"),
+    pytest.param(["--dataset-path", "{data}", "--batch-size", "0"], "--batch-size must be positive",
+                 id="batch-size-zero"),
+    pytest.param(["--dataset-path", "{data}", "--max-steps", "-3"], "--max-steps must be positive",
+                 id="max-steps-negative"),
+    pytest.param(["--dataset-path", "{data}", "--learning-rate", "0"], "--learning-rate must be positive",
+                 id="learning-rate-zero"),
+    pytest.param(["--dataset-path", "{data}", "--max-time", "soon"], "is not a positive duration",
+                 id="max-time-not-a-duration"),
+    pytest.param(["--dataset-path", "{data}", "--precision", "fp8"], "invalid choice: 'fp8'", id="precision-fp8"),
+    pytest.param(["--dataset-path", "{data}", "--resume", "{tmp}/missing"], "cannot resume", id="resume-missing"),
+    pytest.param(["--dataset-path", "{data}", "--output-dir", "{data}/manifest.json/x"],
+                 "cannot write to --output-dir", id="output-dir-under-a-file"),
+    pytest.param(["--dataset-path", "{data}", "--report-to", "wandb"], "--report-to wandb", id="wandb-not-logged-in"),
+    pytest.param([], "--dataset-path is required", id="no-dataset-path"),
+    # trackio is not a dependency: a clear message, never a crash mid-run
+    pytest.param(["--dataset-path", "{data}", "--report-to", "trackio"], "trackio is not installed",
+                 id="trackio-not-installed", marks=pytest.mark.skipif(importlib.util.find_spec("trackio") is not None,
+                                                                      reason="trackio is installed")),
+]
+
+
+@pytest.mark.parametrize(("args", "message"), BAD_INPUTS)
+def test_bad_inputs(args, message, tiny_dataset, tmp_path, cli):
+    argv = [a.replace("{tmp}", str(tmp_path)).replace("{data}", str(tiny_dataset)) for a in args]
+    rc, _, err = cli("train", "--max-steps", "1", "--output-dir", tmp_path / "o", *argv)
+    assert_one_line_error(rc, err, message)
 
 
 def test_resume_from_an_incompatible_checkpoint_is_refused(tiny_dataset, tmp_path, cli, small_tokenizer):
@@ -191,6 +204,7 @@ def test_resume_from_an_incompatible_checkpoint_is_refused(tiny_dataset, tmp_pat
     assert_one_line_error(rc, err, "context 32 vs the dataset's chunk size 16")
 
 
+@pytest.mark.slow
 def test_max_time_fits_the_step_count_so_the_schedule_ends(tiny_dataset, tmp_path):
     run = train(tiny_cfg(tiny_dataset, tmp_path, max_time="4s", learning_rate=1e-3))
     rc = json.loads((run / "run_config.json").read_text())
