@@ -27,7 +27,7 @@ def _positive(x: float) -> bool:
 @pytest.mark.slow
 def test_bench_quick_writes_complete_results(cli, tmp_path, monkeypatch):
     monkeypatch.chdir(tmp_path)  # the quick run never reads the reference corpus: the built-in sample it is
-    rc, out, err = cli("bench", "--quick", "--output-dir", "res", "--json", "b.json")
+    rc, out, err = cli("bench", "--quick", "--output-dir", "res", "--json-out", "b.json")
     assert rc == 0, err
     r = json.loads((tmp_path / "b.json").read_text())
     assert r["quick"] is True and r["text"]["file"].endswith("dutch_sample.jsonl")
@@ -118,8 +118,8 @@ def test_bench_is_apart_from_the_product():
 
 @pytest.mark.parametrize(("args", "message"), [
     (["nonsense"], "invalid choice: 'nonsense'"),
-    (["--data-file", "missing.jsonl"], "--data-file missing.jsonl not found"),
-    (["--data-file", "{txt}"], "the run_clm baseline reads JSON lines"),
+    (["--data-files", "missing.jsonl"], "--data-files missing.jsonl not found"),
+    (["--data-files", "{txt}"], "the run_clm baseline reads JSON lines"),
 ])
 def test_bench_bad_input(cli, tmp_path, args, message):
     txt = tmp_path / "corpus.txt"

@@ -3,14 +3,14 @@
     gpt2-dutch bench                         # limits + preprocess + train + generate (~7 min on 2 CPU cores)
     gpt2-dutch bench train                   # one part: preprocess, train or generate
     gpt2-dutch bench --quick                 # every part on small inputs in ~20 s (CI)
-    gpt2-dutch bench --json b.json --markdown b.md --plot b.png
+    gpt2-dutch bench --json-out b.json --markdown-out b.md --plot-out b.png
 
 Each of our results is measured next to its baseline (gpt2_dutch/bench/baselines.py: run_clm.py's data path, a
 run_clm-style fp32 Trainer, plain fp32 `model.generate`) on the same data in the same run and reported as a
 ratio, so the figures hold on a noisy shared machine. Rates are also given as a fraction of the limit that
 bounds them: the bare encoder for preprocessing (ours and the recipe's), the matmul peak of the dtype for
 training (MFU), memory bandwidth for batch-1 decoding.
-Text: --data-file, else ../shared/data/dutch/train.jsonl.gz when run from a checkout that has it, else the
+Text: --data-files FILE, else ../shared/data/dutch/train.jsonl.gz when run from a checkout that has it, else the
 built-in sample. Tokenizer: --tokenizer, else a Dutch BPE trained on that text before any timing.
 The benchmark runs on one device: it sets CUDA_VISIBLE_DEVICES to the first visible GPU before CUDA starts.
 """
@@ -51,19 +51,23 @@ class BenchConfig:
     part: str = option("all", "what to measure: all, preprocess, train or generate", positional=True,
                        choices=PARTS)
     quick: bool = option(False, "small inputs, the tiny model and few steps: every part in ~20 s (CI)")
-    data_file: str | None = option(None, "benchmark text: a .jsonl(.gz) file with a 'text' field (default: "
-                                   f"{REFERENCE_TEXT} when present, else the built-in sample)")
+    data_files: list[str] = option([], "benchmark text: one .jsonl(.gz) file with a 'text' field (default: "
+                                   f"{REFERENCE_TEXT} when present, else the built-in sample)",
+                                   aliases=["--data-file"])
     tokenizer: str | None = option(None, "tokenizer for every part (default: a Dutch BPE trained on the text)")
     output_dir: str = option("bench_results", "where bench.json, bench.md and bench.png are written")
-    json: str | None = option(None, "write the JSON results here instead")
-    markdown: str | None = option(None, "write the markdown table here instead")
-    plot: str | None = option(None, "write the bar chart of the ratios (PNG) here instead")
+    # Paths, not switches: elsewhere `--json` switches JSON output on, so these say where the file goes.
+    json_out: str | None = option(None, "write the JSON results here instead", aliases=["--json"])
+    markdown_out: str | None = option(None, "write the markdown table here instead", aliases=["--markdown"])
+    plot_out: str | None = option(None, "write the bar chart of the ratios (PNG) here instead", aliases=["--plot"])
 
     def __post_init__(self) -> None:
-        if self.data_file is not None:
-            path = Path(self.data_file)
-            check(path.is_file(), f"--data-file {path} not found")
-            check(path.name.endswith((".jsonl", ".jsonl.gz", ".json", ".json.gz")), f"--data-file {path}: the "
+        check(len(self.data_files) <= 1, "--data-files: the bench measures one file (the run_clm baseline reads "
+              "one JSON-lines file); concatenate them first")
+        if self.data_files:
+            path = Path(self.data_files[0])
+            check(path.is_file(), f"--data-files {path} not found")
+            check(path.name.endswith((".jsonl", ".jsonl.gz", ".json", ".json.gz")), f"--data-files {path}: the "
                   "run_clm baseline reads JSON lines; give a .jsonl or .jsonl.gz file with a 'text' field")
 
 
@@ -103,8 +107,8 @@ def _bench(cfg: BenchConfig, builtin: Path) -> dict[str, Any]:
     from .report import ratios, say, write_outputs
     from .train_speed import bench_train
 
-    if cfg.data_file:
-        text = Path(cfg.data_file)
+    if cfg.data_files:
+        text = Path(cfg.data_files[0])
     else:
         text = REFERENCE_TEXT if REFERENCE_TEXT.is_file() and not cfg.quick else builtin
     parts = PARTS[1:] if cfg.part == "all" else [cfg.part]
@@ -126,9 +130,9 @@ def _bench(cfg: BenchConfig, builtin: Path) -> dict[str, Any]:
             results["generate"] = bench_generate(tokenizer, tmp, cfg.quick, results["limits"])
     results["ratios"] = ratios(results)
     out = Path(cfg.output_dir)
-    write_outputs(results, {"json": Path(cfg.json or out / "bench.json"),
-                            "markdown": Path(cfg.markdown or out / "bench.md"),
-                            "plot": Path(cfg.plot or out / "bench.png")})
+    write_outputs(results, {"json": Path(cfg.json_out or out / "bench.json"),
+                            "markdown": Path(cfg.markdown_out or out / "bench.md"),
+                            "plot": Path(cfg.plot_out or out / "bench.png")})
     return results
 
 

@@ -3,11 +3,13 @@ the bar chart."""
 
 from __future__ import annotations
 
+import io
 import json
-import os
 import sys
 from pathlib import Path
 from typing import Any
+
+from ..files import write_bytes_atomic, write_text_atomic
 
 # The targets for a 2-core CPU from the project's issues; the train and generate ones are for `small`.
 TARGETS = {"preprocess_speedup": 2.0, "train_small_speedup": 2.0, "train_small_mfu": 0.5,
@@ -132,17 +134,15 @@ def plot_ratios(r: dict[str, Any], path: Path) -> None:
     ax.set_xlabel("gpt2-dutch / baseline (dashed: target)")
     ax.set_title(f"gpt2-dutch bench on {r['machine']['device']}", fontsize=9)
     fig.tight_layout()
-    tmp = path.with_name(f".{path.name}.tmp.png")
-    fig.savefig(tmp)
+    buffer = io.BytesIO()
+    fig.savefig(buffer, format="png")
     plt.close(fig)
-    os.replace(tmp, path)
+    write_bytes_atomic(path, buffer.getvalue())
 
 
 def _write(path: Path, text: str) -> None:
     path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.name}.tmp")
-    tmp.write_text(text)
-    os.replace(tmp, path)
+    write_text_atomic(path, text)
 
 
 def write_outputs(r: dict[str, Any], paths: dict[str, Path]) -> None:
