@@ -262,3 +262,15 @@ def test_several_gpus_relaunch_the_same_command_under_torchrun(monkeypatch, argv
     monkeypatch.setattr(train_module.torch.cuda, "device_count", lambda: 1)
     train_module.maybe_relaunch_on_all_gpus()
     assert len(calls) == 1
+
+
+def test_schedule_wsd_is_flat_then_linear_to_zero_at_the_end():
+    from gpt2_dutch.train.schedule import make_schedule
+
+    s = make_schedule("wsd", total_steps=100, warmup_steps=10, cooldown=0.2)
+    lrs = [s(i) for i in range(101)]
+    assert lrs[0] == pytest.approx(1 / 11) and lrs[10] == pytest.approx(1.0)
+    assert all(x == pytest.approx(1.0) for x in lrs[10:81])  # stable at the peak until the cooldown
+    assert lrs[90] == pytest.approx(0.5) and lrs[100] == 0.0  # linear to zero over the last 20 steps
+    s.total_steps = 200  # a --max-time run refits the length: the cooldown moves with it
+    assert s(100) == pytest.approx(1.0) and s(180) == pytest.approx(0.5)

@@ -33,6 +33,10 @@ class TrainConfig:
                                          "medium 3e-4, large 2.5e-4, xl 2e-4)")
     warmup: float = option(0.05, "linear warmup: a fraction of the run if < 1, else a number of steps")
     weight_decay: float = option(0.1, "AdamW weight decay on weight matrices (not biases or LayerNorms)")
+    schedule: str = option("cosine", "learning-rate schedule after warmup: cosine (to 10%% of the peak at the end) or "
+                           "wsd (stable at the peak, then linear to 0 over the last --cooldown of the run)",
+                           choices=["cosine", "wsd"])
+    cooldown: float = option(0.2, "wsd: the fraction of the run over which the learning rate falls to 0")
     seed: int = option(42, "seed for weights, data order and everything random")
     output_dir: str = option("trained_models", "where runs are written")
     resume: str | None = option(None, "continue a run: without a value the newest unfinished run of --model-size "
@@ -79,6 +83,7 @@ class TrainConfig:
             check(value is None or value > 0, f"--{name.replace('_', '-')} must be positive (got {value})")
         check_number(self.warmup, "--warmup", minimum=0)
         check_number(self.weight_decay, "--weight-decay", minimum=0)
+        check_number(self.cooldown, "--cooldown", minimum=0, exclusive_minimum=True, maximum=1)
         check_seed(self.seed)
         check(self.eval_chunks >= 0, "--eval-chunks must be >= 0")
         check(0 <= self.num_workers <= 256, f"--num-workers must be between 0 and 256 (got {self.num_workers})")

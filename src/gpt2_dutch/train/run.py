@@ -37,7 +37,7 @@ from .runs import (
     update_run_config,
     usable_checkpoint,
 )
-from .schedule import WarmupCosine, warmup_steps_for
+from .schedule import make_schedule, warmup_steps_for
 
 MAX_CONTEXT = 16384  # dense attention beyond this needs more memory than any preset is sized for
 _USER_TENSORBOARD_DIR = os.environ.get("TENSORBOARD_LOGGING_DIR")  # a directory the user chose wins
@@ -269,7 +269,7 @@ def _run(cfg: TrainConfig, manifest: dict[str, Any]) -> Path:
     set_seed(cfg.seed)
     model = _initial_model(model_config, init_source)
     lr = cfg.learning_rate or preset(cfg.model_size).learning_rate
-    schedule = WarmupCosine(total_steps, warmup_steps_for(cfg.warmup, total_steps))
+    schedule = make_schedule(cfg.schedule, total_steps, warmup_steps_for(cfg.warmup, total_steps), cfg.cooldown)
     auto_every = max(1, total_steps // 10) if limit != "max_time" else 10**9
     eval_every = cfg.eval_every or auto_every
     save_every = cfg.save_every or auto_every

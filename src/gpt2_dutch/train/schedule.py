@@ -1,4 +1,6 @@
-"""The learning-rate schedule: linear warmup, then cosine decay to 10% of the peak at the run's real end."""
+"""Learning-rate schedules fitted to the run's real end: linear warmup, then cosine decay to 10% of the peak
+(`cosine`), or a stable peak and a linear cooldown to zero over the last part of the run (`wsd`,
+warmup-stable-decay as in MiniCPM and modded-nanogpt)."""
 
 from __future__ import annotations
 
@@ -27,3 +29,27 @@ class WarmupCosine:
 
 def warmup_steps_for(warmup: float, total_steps: int) -> int:
     return int(warmup * total_steps) if warmup < 1 else int(warmup)
+
+
+class WarmupStableDecay(WarmupCosine):
+    """LR multiplier: linear warmup to 1, 1 until the last `cooldown` fraction of the run, then linearly to 0 at
+    exactly `total_steps`. Same mutable `total_steps`/`warmup_steps` as WarmupCosine (a --max-time run refits it)."""
+
+    def __init__(self, total_steps: int, warmup_steps: int, cooldown: float):
+        super().__init__(total_steps, warmup_steps, min_ratio=0.0)
+        self.cooldown = cooldown
+
+    def __call__(self, step: int) -> float:
+        if step < self.warmup_steps:
+            return (step + 1) / (self.warmup_steps + 1)
+        decay_steps = max(1.0, self.cooldown * self.total_steps)
+        return max(0.0, min(1.0, (self.total_steps - step) / decay_steps))
+
+
+SCHEDULES = ("cosine", "wsd")
+
+
+def make_schedule(kind: str, total_steps: int, warmup_steps: int, cooldown: float) -> WarmupCosine:
+    if kind == "wsd":
+        return WarmupStableDecay(total_steps, warmup_steps, cooldown)
+    return WarmupCosine(total_steps, warmup_steps)
