@@ -20,7 +20,7 @@ from gpt2_dutch.model_loading import load_model
 from gpt2_dutch.train import TrainConfig, train
 
 # Every test here needs `tiny_run`, a model trained for 300 steps until it knows the corpus by heart (its
-# continuations are asserted), which takes longer than the whole fast suite may; test_faults_generate.py,
+# continuations are asserted), which takes longer than the whole fast suite may; test_fault_matrix.py,
 # on random models, is the fast part for generate and evaluate.
 pytestmark = pytest.mark.slow
 
