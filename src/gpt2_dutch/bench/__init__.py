@@ -1,15 +1,18 @@
 """Our speed against the standard recipes, side by side in one run, next to this device's measured limits.
 
-    gpt2-dutch bench                         # limits + preprocess + train + generate (~7 min on 2 CPU cores)
-    gpt2-dutch bench train                   # one part: preprocess, train or generate
-    gpt2-dutch bench --quick                 # every part on small inputs in ~20 s (CI)
+    gpt2-dutch bench                         # limits, preprocess, train, generate, quality (~7 min + quality)
+    gpt2-dutch bench train                   # one part: preprocess, train, generate or quality
+    gpt2-dutch bench quality --seeds 2       # held-out bits per byte after 4 minutes of training, ours vs textbook
+    gpt2-dutch bench quality --ours-config ablation.yaml   # the same, ours with other train settings
+    gpt2-dutch bench --quick                 # every part but quality on small inputs in ~20 s (CI)
     gpt2-dutch bench --json-out b.json --markdown-out b.md --plot-out b.png
 
 Each of our results is measured next to its baseline (gpt2_dutch/bench/baselines.py: run_clm.py's data path, a
 run_clm-style fp32 Trainer, plain fp32 `model.generate`) on the same data in the same run and reported as a
 ratio, so the figures hold on a noisy shared machine. Rates are also given as a fraction of the limit that
 bounds them: the bare encoder for preprocessing (ours and the recipe's), the matmul peak of the dtype for
-training (MFU), memory bandwidth for batch-1 decoding.
+training (MFU), memory bandwidth for batch-1 decoding. `quality` gives both recipes the same --budget of training
+time and scores both on the same held-out documents in bits per byte (see gpt2_dutch/bench/quality.py).
 Text: --data-files FILE, else ../shared/data/dutch/train.jsonl.gz when run from a checkout that has it, else the
 built-in sample. Tokenizer: --tokenizer, else a Dutch BPE trained on that text before any timing.
 The benchmark runs on one device: it sets CUDA_VISIBLE_DEVICES to the first visible GPU before CUDA starts.
@@ -23,6 +26,7 @@ The benchmark runs on one device: it sets CUDA_VISIBLE_DEVICES to the first visi
 #     preprocess_child.py  ... the program each of those processes runs (python -m gpt2_dutch.bench.preprocess_child)
 #     train_speed.py       gpt2-dutch train vs a run_clm-style Trainer, our speed read from the run's metrics.jsonl
 #     generate_speed.py    our decoding vs plain fp32 model.generate
+#     quality.py           held-out bits per byte after the same training time: ours vs a textbook Trainer run
 #     baselines.py         the standard recipes themselves
 #     report.py            progress lines, ratios against targets, the table (screen, markdown) and the bar chart
 # torch is imported only inside the parts, so that `gpt2-dutch bench --help` stays fast.
@@ -34,7 +38,7 @@ import json
 import os
 import sys
 import tempfile
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -42,15 +46,16 @@ from .. import __version__
 from ..config import option
 from ..errors import UsageError, check
 
-PARTS = ["all", "preprocess", "train", "generate"]
+PARTS = ["all", "preprocess", "train", "generate", "quality"]
 REFERENCE_TEXT = Path("../shared/data/dutch/train.jsonl.gz")  # the project's benchmark corpus, in a checkout
 
 
 @dataclass
 class BenchConfig:
-    part: str = option("all", "what to measure: all, preprocess, train or generate", positional=True,
+    part: str = option("all", "what to measure: all, preprocess, train, generate or quality", positional=True,
                        choices=PARTS)
-    quick: bool = option(False, "small inputs, the tiny model and few steps: every part in ~20 s (CI)")
+    quick: bool = option(False, "small inputs, the tiny model and few steps: every part in ~20 s (CI); `all` then "
+                         "leaves quality out, and `quality --quick` trains for 3 s per side unless --budget is given")
     data_files: list[str] = option([], "benchmark text: one .jsonl(.gz) file with a 'text' field (default: "
                                    f"{REFERENCE_TEXT} when present, else the built-in sample)",
                                    aliases=["--data-file"])
@@ -60,6 +65,15 @@ class BenchConfig:
     json_out: str | None = option(None, "write the JSON results here instead", aliases=["--json"])
     markdown_out: str | None = option(None, "write the markdown table here instead", aliases=["--markdown"])
     plot_out: str | None = option(None, "write the bar chart of the ratios (PNG) here instead", aliases=["--plot"])
+    budget: str | None = option(None, "quality: training time per side, e.g. 4m, 90s (default 4m; 3s with --quick)")
+    seeds: int = option(1, "quality: train each side with this many seeds (42, 43, ...); figures per seed and means")
+    ours_config: str | None = option(None, "quality: a JSON or YAML file of train settings for our side (keys as in "
+                                     "`train --config`, e.g. learning_rate: 3e-3), on top of --model-size tiny: "
+                                     "for ablations")
+
+    # derived in __post_init__: the budget in seconds and the checked settings of --ours-config
+    budget_s: float = field(init=False, default=0.0)
+    ours_overrides: dict = field(init=False, default_factory=dict)
 
     def __post_init__(self) -> None:
         check(len(self.data_files) <= 1, "--data-files: the bench measures one file (the run_clm baseline reads "
@@ -69,6 +83,12 @@ class BenchConfig:
             check(path.is_file(), f"--data-files {path} not found")
             check(path.name.endswith((".jsonl", ".jsonl.gz", ".json", ".json.gz")), f"--data-files {path}: the "
                   "run_clm baseline reads JSON lines; give a .jsonl or .jsonl.gz file with a 'text' field")
+        from .quality import ours_overrides, parse_budget  # light: torch is imported only when quality runs
+
+        self.budget_s = parse_budget(self.budget or ("3s" if self.quick else "4m"))
+        check(1 <= self.seeds <= 100, f"--seeds must be between 1 and 100 (got {self.seeds})")
+        if self.ours_config is not None:
+            self.ours_overrides = ours_overrides(self.ours_config)
 
 
 def bench(cfg: BenchConfig) -> dict[str, Any]:
@@ -104,6 +124,7 @@ def _bench(cfg: BenchConfig, builtin: Path) -> dict[str, Any]:
     from .generate_speed import bench_generate
     from .limits import machine_info, measure_limits
     from .preprocess_speed import bench_preprocess, train_bench_tokenizer
+    from .quality import bench_quality
     from .report import ratios, say, write_outputs
     from .train_speed import bench_train
 
@@ -112,13 +133,19 @@ def _bench(cfg: BenchConfig, builtin: Path) -> dict[str, Any]:
     else:
         text = REFERENCE_TEXT if REFERENCE_TEXT.is_file() and not cfg.quick else builtin
     parts = PARTS[1:] if cfg.part == "all" else [cfg.part]
+    if cfg.part == "all" and cfg.quick:
+        # quality trains two models and scores both: ~25 s more even at its 3 s budget, which would double the
+        # quick run; `bench quality --quick` (and tests/test_bench_quality.py) runs it on its own
+        parts.remove("quality")
     results: dict[str, Any] = {"version": __version__, "quick": cfg.quick, "machine": machine_info(),
                                "text": {"file": str(text), "mb": text_megabytes(text)}}
     say(f"device limits ({results['machine']['device']})")
     results["limits"] = measure_limits(cfg.quick)
     with tempfile.TemporaryDirectory(prefix="gpt2-dutch-bench-") as tmp_name:
         tmp = Path(tmp_name)
-        tokenizer = cfg.tokenizer or train_bench_tokenizer(text, tmp / "tokenizer", 4096 if cfg.quick else 32768)
+        speed_parts = [p for p in parts if p != "quality"]  # quality trains its own, on its training documents
+        tokenizer = cfg.tokenizer or (train_bench_tokenizer(text, tmp / "tokenizer", 4096 if cfg.quick else 32768)
+                                      if speed_parts else "")
         results["tokenizer"] = cfg.tokenizer or "Dutch BPE trained on the benchmark text"
         if "preprocess" in parts:
             say("preprocess: gpt2-dutch vs the run_clm.py recipe")
@@ -128,6 +155,9 @@ def _bench(cfg: BenchConfig, builtin: Path) -> dict[str, Any]:
         if "generate" in parts:
             say("generate: gpt2-dutch vs plain fp32 model.generate")
             results["generate"] = bench_generate(tokenizer, tmp, cfg.quick, results["limits"])
+        if "quality" in parts:
+            results["quality"] = bench_quality(text, cfg.tokenizer, tmp, cfg.quick, cfg.budget_s, cfg.seeds,
+                                               cfg.ours_config, cfg.ours_overrides)
     results["ratios"] = ratios(results)
     out = Path(cfg.output_dir)
     write_outputs(results, {"json": Path(cfg.json_out or out / "bench.json"),

@@ -5,12 +5,17 @@ Each is what a user would write without this project, kept as close to its sourc
   -> `map(group_texts)` -> `save_to_disk`, one process, the same tokenizer and block size as ours;
 - train: a run_clm-style `Trainer` on the same chunks: GPT-2's default config (dropout 0.1), fp32, eager
   (no compile), `default_data_collator` with labels = input_ids, the Trainer's default optimiser;
-- generate: plain `AutoModelForCausalLM.from_pretrained(...)` in fp32 and `model.generate`.
+- generate: plain `AutoModelForCausalLM.from_pretrained(...)` in fp32 and `model.generate`;
+- quality: a textbook from-scratch GPT-2 run with the Trainer (TEXTBOOK below): run_clm's data path with an
+  <|endoftext|> after each document, `GPT2Config` defaults but for the shape, AdamW, warmup then cosine to 0
+  (`lr_scheduler_type="cosine"`, i.e. transformers' get_cosine_schedule_with_warmup), fp32, `max_steps` set from
+  a short timing run so that the steps fill the time budget.
 """
 
 from __future__ import annotations
 
 import json
+import math
 import statistics
 import time
 from itertools import chain
@@ -84,6 +89,122 @@ def train_recipe(dataset_dir: str, model_size: str, batch_size: int, steps: int,
                              remove_unused_columns=False)
     Trainer(model=model, args=args, train_dataset=data, data_collator=default_data_collator,
             callbacks=[timer]).train()
+
+
+# The textbook recipe that `gpt2-dutch bench quality` trains next to ours. Written out plainly; nothing of ours.
+TEXTBOOK = {"n_layer": 4, "n_embd": 256, "n_head": 4, "context": 256, "batch_size": 8, "learning_rate": 1e-3,
+            "adam_beta1": 0.9, "adam_beta2": 0.95, "weight_decay": 0.1, "warmup": 0.05,
+            "schedule": "linear warmup, then cosine to 0 (get_cosine_schedule_with_warmup)", "precision": "fp32",
+            "dropout": 0.1, "max_grad_norm": 1.0}  # the last two: GPT2Config's and the Trainer's defaults
+
+
+def textbook_dataset(train_file: str, tokenizer_dir: str, cache_dir: str) -> Any:
+    """run_clm.py's data path on the training documents: tokenize, concatenate, cut into context-sized blocks.
+
+    One change from run_clm: an <|endoftext|> after each document, as GPT-2 was trained (and nanoGPT's
+    prepare.py does). The held-out documents are scored after an <|endoftext|>; a model that never saw that
+    token would lose there for a reason that has nothing to do with its recipe."""
+    from datasets import load_dataset
+    from transformers import AutoTokenizer
+
+    tokenizer = AutoTokenizer.from_pretrained(tokenizer_dir)
+    block = TEXTBOOK["context"]
+    raw = load_dataset("json", data_files=train_file, cache_dir=cache_dir)["train"]
+
+    def tokenize(examples: dict[str, list]) -> dict[str, list]:
+        out = tokenizer(examples["text"])
+        return {k: [v + [tokenizer.eos_token_id if k == "input_ids" else 1] for v in vs] for k, vs in out.items()}
+
+    def group_texts(examples: dict[str, list]) -> dict[str, list]:
+        concatenated = {k: list(chain(*examples[k])) for k in examples}
+        total = len(concatenated["input_ids"]) // block * block
+        result = {k: [t[i:i + block] for i in range(0, total, block)] for k, t in concatenated.items()}
+        result["labels"] = result["input_ids"].copy()
+        return result
+
+    tokenized = raw.map(tokenize, batched=True, remove_columns=raw.column_names)
+    return tokenized.map(group_texts, batched=True)
+
+
+class TimeFirstSteps(TrainerCallback):
+    """What a user does before setting max_steps: run a few steps and time them. The first step (allocation,
+    CUDA start-up) is not counted; it stops once 3 steps or 5% of the budget are timed (the rule by which our
+    --max-time fixes its step count, so both sides measure their speed alike)."""
+
+    def __init__(self, budget_s: float) -> None:
+        self.budget_s, self.start, self.after_first, self.seconds_per_step = budget_s, 0.0, 0.0, 0.0
+
+    def on_train_begin(self, *args: Any, **kwargs: Any) -> None:
+        self.start = time.perf_counter()
+
+    def on_step_end(self, args: Any, state: Any, control: Any, **kwargs: Any) -> None:
+        now = time.perf_counter()
+        if state.global_step == 1:
+            self.after_first = now
+            return
+        measured = state.global_step - 1
+        if measured < 3 and now - self.start < 0.05 * self.budget_s:
+            return
+        self.seconds_per_step = (now - self.after_first) / measured
+        control.should_training_stop = True
+
+
+def _textbook_trainer(data: Any, tokenizer_dir: str, output_dir: str, steps: int, seed: int,
+                      callbacks: list[TrainerCallback]) -> Any:
+    from transformers import (
+        AutoTokenizer,
+        GPT2Config,
+        GPT2LMHeadModel,
+        Trainer,
+        TrainingArguments,
+        default_data_collator,
+        set_seed,
+    )
+
+    t = TEXTBOOK
+    tokenizer = AutoTokenizer.from_pretrained(tokenizer_dir)
+    eos = tokenizer.eos_token_id
+    set_seed(seed)  # the weights: GPT2Config's init, drawn before the Trainer seeds the data order
+    config = GPT2Config(vocab_size=len(tokenizer), n_positions=t["context"], n_embd=t["n_embd"],
+                        n_layer=t["n_layer"], n_head=t["n_head"], bos_token_id=eos, eos_token_id=eos)
+    model = GPT2LMHeadModel(config)
+    # No evaluation and no checkpoints during training: the budget is for training steps (our --max-time counts
+    # only the steps too), and the held-out documents are scored afterwards, the same way for both sides.
+    args = TrainingArguments(output_dir=output_dir, per_device_train_batch_size=t["batch_size"], max_steps=steps,
+                             learning_rate=t["learning_rate"], adam_beta1=t["adam_beta1"], adam_beta2=t["adam_beta2"],
+                             weight_decay=t["weight_decay"], max_grad_norm=t["max_grad_norm"],
+                             lr_scheduler_type="cosine", warmup_steps=t["warmup"], seed=seed, eval_strategy="no",
+                             save_strategy="no", logging_strategy="no", report_to=[], disable_tqdm=True,
+                             use_cpu=not torch.cuda.is_available())
+    return Trainer(model=model, args=args, train_dataset=data, data_collator=default_data_collator,
+                   callbacks=callbacks)
+
+
+def quality_recipe(data: Any, tokenizer_dir: str, output_dir: str, budget_s: float, seed: int) -> dict[str, Any]:
+    """Train the textbook recipe for `budget_s` seconds of steps; save the model in output_dir/final_model.
+
+    The Trainer has no time limit, so do what a user does: time a few steps (a short run that is thrown away),
+    then set max_steps so that the cosine ends when the budget does. A separate run rather than a callback that
+    changes max_steps mid-run: the real run is then an unmodified Trainer with a schedule fixed from the start."""
+    from transformers import AutoTokenizer
+
+    timing = TimeFirstSteps(budget_s)
+    _textbook_trainer(data, tokenizer_dir, f"{output_dir}/timing", 10**9, seed, [timing]).train()
+    steps = max(1, int(budget_s / timing.seconds_per_step))
+    timer = StepTimer()
+    trainer = _textbook_trainer(data, tokenizer_dir, output_dir, steps, seed, [timer])
+    result = trainer.train()
+    final = Path(output_dir) / "final_model"
+    trainer.save_model(str(final))
+    AutoTokenizer.from_pretrained(tokenizer_dir).save_pretrained(str(final))
+    # The Trainer keeps the last, smaller batch of each epoch (dataloader_drop_last=False): count what it saw.
+    n, batch = len(data), TEXTBOOK["batch_size"]
+    per_epoch = math.ceil(n / batch)
+    chunks = steps // per_epoch * n + min(steps % per_epoch * batch, n)
+    return {"steps": trainer.state.global_step, "train_seconds": timer.ends[-1] - timer.ends[0],
+            "seconds_per_step_measured": timing.seconds_per_step, "tokens": chunks * TEXTBOOK["context"],
+            "parameters": sum(p.numel() for p in trainer.model.parameters()), "train_loss": result.training_loss,
+            "model": str(final)}
 
 
 @torch.inference_mode()

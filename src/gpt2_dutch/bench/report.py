@@ -14,7 +14,9 @@ from ..files import write_bytes_atomic, write_text_atomic
 # The targets for a 2-core CPU from the project's issues; the train and generate ones are for `small`.
 TARGETS = {"preprocess_speedup": 2.0, "train_small_speedup": 2.0, "train_small_mfu": 0.5,
            "train_small_compile_speedup": 2.0, "train_small_compile_mfu": 0.5,
-           "generate_batch1_speedup": 1.5, "generate_batch16_over_batch1": 8.0}
+           "generate_batch1_speedup": 1.5, "generate_batch16_over_batch1": 8.0, "quality_bpb_ratio": 0.80}
+# Ratios where less is better (ours / baseline bits per byte): met at or below the target.
+LOWER_IS_BETTER = {"quality_bpb_ratio"}
 
 
 def say(message: str) -> None:
@@ -36,10 +38,12 @@ def ratios(r: dict[str, Any]) -> dict[str, dict[str, Any]]:
         suffix = "" if g["model_size"] == "small" else f"_{g['model_size']}"
         out[f"generate_batch1_speedup{suffix}"] = g["batch1_speedup"]
         out[f"generate_batch{g['batch']}_over_batch1{suffix}"] = g["batchN_over_batch1"]
+    if "quality" in r:
+        out["quality_bpb_ratio"] = r["quality"]["ratio"]
     # --quick runs on ~60 KB of text, where fixed start-up costs dominate: its ratios are not judged.
     targets = {} if r["quick"] else TARGETS
-    return {k: {"value": v, "target": targets.get(k), "met": None if k not in targets else v >= targets[k]}
-            for k, v in out.items()}
+    return {k: {"value": v, "target": targets.get(k), "met": None if k not in targets else
+                v <= targets[k] if k in LOWER_IS_BETTER else v >= targets[k]} for k, v in out.items()}
 
 
 def table_rows(r: dict[str, Any]) -> list[tuple[str, str, str, str]]:
@@ -84,7 +88,46 @@ def table_rows(r: dict[str, Any]) -> list[tuple[str, str, str, str]]:
         rows.append(("generate batch 1, fraction of the bandwidth bound",
                      f"{g['batch1_fraction_of_bandwidth_bound']:.0%} of {g['batch1_bandwidth_bound_tokens_per_s']:.0f}",
                      "", ""))
+    if "quality" in r:
+        rows += quality_rows(r["quality"])
     return rows
+
+
+def _duration(seconds: float) -> str:
+    return f"{seconds / 60:g} min" if seconds >= 60 and seconds % 60 == 0 else f"{seconds:g} s"
+
+
+def quality_rows(q: dict[str, Any]) -> list[tuple[str, str, str, str]]:
+    """Bits per byte per seed and their mean, then what each side really trained: the budgets matched."""
+    budget = _duration(q["budget_s"])
+    name = "" if q["ours"]["config_file"] is None else f" ({q['ours']['name']})"
+    rows = [(f"quality{name}: held-out bits per byte after {budget}, seed {run['seed']}",
+             f"{run['ours']['bits_per_byte']:.4f}", f"{run['baseline']['bits_per_byte']:.4f}", f"{run['ratio']:.3f}")
+            for run in q["runs"]]
+    if len(q["runs"]) > 1:
+        rows.append((f"quality{name}: held-out bits per byte, mean of {len(q['runs'])} seeds",
+                     f"{q['ours_bits_per_byte']:.4f}", f"{q['baseline_bits_per_byte']:.4f}", f"{q['ratio']:.3f}"))
+    for run in q["runs"]:
+        o, b = run["ours"], run["baseline"]
+        rows.append((f"quality, seed {run['seed']}: seconds of training steps, steps, tokens",
+                     f"{o['train_seconds']:.1f}, {o['steps']:,}, {o['tokens'] / 1e6:.3g}M",
+                     f"{b['train_seconds']:.1f}, {b['steps']:,}, {b['tokens'] / 1e6:.3g}M",
+                     f"{o['train_seconds'] / b['train_seconds']:.2f}x time"))
+    o, b = q["runs"][0]["ours"], q["runs"][0]["baseline"]
+    rows.append(("quality: parameters", f"{o['parameters'] / 1e6:.2f}M", f"{b['parameters'] / 1e6:.2f}M", ""))
+    return rows
+
+
+def quality_settings(q: dict[str, Any]) -> str:
+    """One line per side: what was trained, so a table of ablations says what each row changed."""
+    ours = ", ".join(f"{k} {v}" for k, v in q["ours"]["settings"].items())
+    changed = ", ".join(f"{k}: {v}" for k, v in q["ours"]["overrides"].items()) or "none"
+    base = ", ".join(f"{k} {v}" for k, v in q["baseline"]["settings"].items())
+    return (f"Quality: {q['heldout']['documents']} held-out documents ({q['heldout']['bytes'] / 1e3:,.0f} kB), "
+            f"{q['train_text']['documents']} training documents, seeds {', '.join(map(str, q['seeds']))}; ratio = "
+            f"ours / baseline bits per byte (lower is better).\n"
+            f"- gpt2-dutch ({q['ours']['name']}; --ours-config settings: {changed}): {ours}\n"
+            f"- baseline ({q['baseline']['name']}): {base}")
 
 
 def limits_line(r: dict[str, Any]) -> str:
@@ -102,6 +145,8 @@ def markdown(r: dict[str, Any]) -> str:
                for k, v in r["ratios"].items() if v["target"] is not None]
     if targets:
         lines += ["", "Targets: " + "; ".join(targets) + "."]
+    if "quality" in r:
+        lines += ["", quality_settings(r["quality"])]
     return "\n".join(lines) + "\n"
 
 
@@ -121,7 +166,7 @@ def plot_ratios(r: dict[str, Any], path: Path) -> None:
 
     items = [(k, v) for k, v in r["ratios"].items() if not k.endswith("_mfu")]
     fig, ax = plt.subplots(figsize=(7.5, 0.5 * len(items) + 1.6), dpi=110)
-    names = [k.replace("_", " ") for k, _ in items]
+    names = [k.replace("_", " ") + (" (lower is better)" if k in LOWER_IS_BETTER else "") for k, _ in items]
     values = [v["value"] for _, v in items]
     colors = ["tab:green" if v["met"] else "tab:red" if v["met"] is False else "tab:blue" for _, v in items]
     ax.barh(names, values, color=colors)

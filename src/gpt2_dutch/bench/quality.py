@@ -1,0 +1,221 @@
+"""Quality per compute: held-out bits per byte of `gpt2-dutch train` against a textbook Trainer run, each given
+the same time budget on the same text and tokenizer.
+
+    gpt2-dutch bench quality                                 # 4 minutes of training per side, seed 42
+    gpt2-dutch bench quality --seeds 2                       # seeds 42 and 43: per-seed figures and means
+    gpt2-dutch bench quality --budget 90s --ours-config ablation.yaml   # ours with other TrainConfig settings
+    gpt2-dutch bench quality --quick                         # a 3-second budget on the built-in sample (CI)
+
+What happens, in order:
+1. Whole documents are held out before anything else (5% of them, at least 3; seeded, the same for every seed
+   and every --ours-config), and any training document with the same text as a held-out one is dropped.
+2. Tokenizer: --tokenizer, else a Dutch BPE (32,768 tokens) trained on the training documents only.
+3. Ours: `gpt2-dutch preprocess` with its defaults (1024-token chunks; it carves 10% of the documents it gets
+   as its own test split), then `gpt2-dutch train --model-size tiny --max-time BUDGET --seed S`, plus the
+   TrainConfig settings of --ours-config (a JSON/YAML file of train's flags, as `train --config` reads them).
+4. Baseline (baselines.py, TEXTBOOK): the same training documents ours trained on, run_clm's data path, a
+   4x256 GPT-2 (context 256, batch 8), AdamW 1e-3, 5% warmup then cosine to 0, fp32; max_steps set from a
+   short timing run so that its steps fill the same budget.
+5. Both final models score the held-out documents with `gpt2-dutch evaluate` (fp32, each document after an
+   <|endoftext|>), and the report gives both bits per byte and ours / baseline (lower is better).
+
+The budget is for training steps on both sides: our --max-time fixes its step count from the speed of its first
+steps, and its evaluations along the way come on top; the baseline evaluates and saves nothing while training.
+Each side's seconds of training, steps, tokens and parameters are recorded, so the report shows the budgets
+matched.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import gc
+import json
+import random
+import re
+import statistics
+import sys
+from pathlib import Path
+from typing import Any
+
+from ..errors import check
+from .report import say
+
+HELDOUT_FRACTION, HELDOUT_MIN = 0.05, 3
+CARVE_SEED = 0  # the held-out documents do not change with the training seeds: every seed scores the same text
+FIRST_SEED = 42  # train's default seed: seed 1 is what a user's run gets
+# What the bench decides for ours (the data, the budget, the seed, where runs go): not --ours-config's to change.
+SET_BY_BENCH = ("dataset_path", "output_dir", "seed", "max_time", "max_steps", "max_tokens", "resume", "init_from")
+# Our settings as the report shows them (read from the run's run_config.json, so they are the resolved values).
+SHOWN_SETTINGS = ("model_size", "batch_size", "gradient_accumulation_steps", "context", "learning_rate", "warmup",
+                  "weight_decay", "precision", "compile", "tokens_per_step")
+
+
+def parse_budget(text: str) -> float:
+    """'4m', '90s', '1h', '300' (seconds) -> seconds; one line for anything else."""
+    m = re.fullmatch(r"\s*(\d+(?:\.\d+)?)\s*(s|m|h|)\s*", text)
+    check(m is not None and float(m.group(1)) > 0, f"--budget '{text}' is not a positive duration like 4m, 90s or 1h")
+    assert m is not None
+    return float(m.group(1)) * {"": 1, "s": 1, "m": 60, "h": 3600}[m.group(2)]
+
+
+def ours_overrides(path: str) -> dict[str, Any]:
+    """The TrainConfig settings in an --ours-config file, checked as `train --config` checks them (unknown keys,
+    types, values), before any work starts."""
+    from ..config import config_values, read_config_file
+    from ..train.config import TrainConfig
+
+    where = f"--ours-config {path}"
+    check(Path(path).is_file(), f"{where} not found (a JSON or YAML file of train settings, e.g. learning_rate: 3e-3)")
+    values = config_values(TrainConfig, read_config_file(path), where)
+    fixed = [k for k in values if k in SET_BY_BENCH]
+    check(not fixed, f"{where}: {', '.join(fixed)} {'is' if len(fixed) == 1 else 'are'} set by the bench (the same "
+          "data, budget and seeds for both sides: use --budget and --seeds); remove it from the file")
+    TrainConfig(**{**values, "dataset_path": "-"})  # its own checks: a value out of range is one line now
+    return values
+
+
+def split_documents(docs: list[str], seed: int = CARVE_SEED) -> tuple[list[str], list[str], list[int], int]:
+    """(train, held out, held-out indices, training documents dropped as copies of held-out ones).
+
+    Whole documents, drawn with a seeded RNG; a training document with the text of a held-out one is dropped, so
+    no held-out text is ever trained on, even in a corpus with duplicates."""
+    n = len(docs)
+    k = max(HELDOUT_MIN, round(HELDOUT_FRACTION * n))
+    check(n >= 2 * k + 2, f"bench quality needs at least {2 * HELDOUT_MIN + 2} documents to hold {HELDOUT_MIN} out "
+          f"(the text has {n}); give a larger --data-files")
+    indices = sorted(random.Random(seed).sample(range(n), k))
+    chosen = set(indices)
+    heldout = [docs[i] for i in indices]
+    texts = set(heldout)
+    others = [d for i, d in enumerate(docs) if i not in chosen]
+    train = [d for d in others if d not in texts]
+    return train, heldout, indices, len(others) - len(train)
+
+
+def _write_jsonl(path: Path, docs: list[str]) -> Path:
+    path.write_text("".join(json.dumps({"text": d}, ensure_ascii=False) + "\n" for d in docs), encoding="utf-8")
+    return path
+
+
+def _nbytes(docs: list[str]) -> int:
+    return sum(len(d.encode("utf-8")) for d in docs)
+
+
+def bench_quality(text: Path, tokenizer: str | None, tmp: Path, quick: bool, budget_s: float, seeds: int,
+                  ours_config: str | None, overrides: dict[str, Any]) -> dict[str, Any]:
+    from ..data import iter_local_texts
+    from ..preprocess import DEFAULT_CARVE_FRACTION, PreprocessConfig, carve, preprocess
+    from .baselines import TEXTBOOK, textbook_dataset
+    from .preprocess_speed import train_bench_tokenizer
+
+    docs = list(iter_local_texts([text], "text", "paragraph"))  # the documents exactly as preprocess reads them
+    train_docs, heldout, indices, dropped = split_documents(docs)
+    root = tmp / "quality"
+    root.mkdir()
+    train_file, heldout_file = _write_jsonl(root / "train.jsonl", train_docs), _write_jsonl(root / "heldout.jsonl",
+                                                                                             heldout)
+    say(f"quality: {len(heldout)} of {len(docs)} documents held out; each side trains for {budget_s:g} s")
+    if tokenizer is None:
+        tokenizer = train_bench_tokenizer(train_file, root / "tokenizer", 4096 if quick else 32768)
+    with contextlib.redirect_stdout(sys.stderr):  # stdout carries only the report's table
+        dataset = preprocess(PreprocessConfig(data_files=[str(train_file)], tokenizer=tokenizer,
+                                              output_dir=str(root), name="ours-data"))
+    # The baseline trains on exactly the documents ours trains on: preprocess's own carve of its test split
+    # (seeded, per document) decides which those are; the manifest's counts confirm it.
+    defaults = PreprocessConfig(data_files=[str(train_file)])
+    ours_train = list(carve(iter(train_docs), DEFAULT_CARVE_FRACTION, defaults.seed, want_test=False))
+    split = json.loads((dataset / "manifest.json").read_text())["splits"]["train"]
+    if (split["documents"], split["bytes"]) != (len(ours_train), _nbytes(ours_train)):
+        raise RuntimeError(f"bench quality: the training split of {dataset} ({split['documents']} documents) is not "
+                           f"the {len(ours_train)} documents the baseline would get; preprocess's carve changed")
+    baseline_file = _write_jsonl(root / "baseline-train.jsonl", ours_train)
+    with contextlib.redirect_stdout(sys.stderr):
+        baseline_data = textbook_dataset(str(baseline_file), tokenizer, str(root / "hf-cache"))
+
+    runs = []
+    for i in range(seeds):
+        seed = FIRST_SEED + i
+        sides = ["ours", "baseline"] if i % 2 == 0 else ["baseline", "ours"]  # alternate: drift hits both alike
+        run: dict[str, Any] = {"seed": seed}
+        for side in sides:
+            if side == "ours":
+                say(f"quality, seed {seed}: gpt2-dutch train{' (' + ours_config + ')' if ours_config else ''}")
+                run["ours"] = _ours(dataset, budget_s, seed, overrides, root / f"ours-{seed}")
+            else:
+                say(f"quality, seed {seed}: the textbook Trainer recipe (baseline)")
+                run["baseline"] = _baseline(baseline_data, tokenizer, budget_s, seed, root / f"baseline-{seed}")
+            run[side].update(_score(run[side].pop("model"), heldout_file))  # the model goes with tmp
+            _free_memory()
+        run["ratio"] = run["ours"]["bits_per_byte"] / run["baseline"]["bits_per_byte"]
+        runs.append(run)
+
+    ours_bpb = statistics.fmean(r["ours"]["bits_per_byte"] for r in runs)
+    base_bpb = statistics.fmean(r["baseline"]["bits_per_byte"] for r in runs)
+    info = runs[0]["ours"].pop("settings")
+    for r in runs[1:]:
+        r["ours"].pop("settings")
+    return {
+        "budget_s": budget_s, "seeds": [r["seed"] for r in runs],
+        "heldout": {"documents": len(heldout), "bytes": _nbytes(heldout), "indices": indices,
+                    "fraction": HELDOUT_FRACTION, "carve_seed": CARVE_SEED},
+        "train_text": {"documents": len(ours_train), "bytes": _nbytes(ours_train),
+                       "dropped_as_copies_of_heldout": dropped,
+                       "ours_test_split_documents": len(train_docs) - len(ours_train)},
+        "tokenizer": tokenizer if tokenizer != str(root / "tokenizer") else "Dutch BPE trained on the training "
+                                                                             "documents",
+        "ours": {"name": Path(ours_config).stem if ours_config else "gpt2-dutch defaults", "config_file": ours_config,
+                 "overrides": overrides, "settings": info},
+        "baseline": {"name": "textbook Trainer", "settings": TEXTBOOK},
+        "runs": runs,
+        "ours_bits_per_byte": ours_bpb, "baseline_bits_per_byte": base_bpb, "ratio": ours_bpb / base_bpb,
+    }
+
+
+def _ours(dataset: Path, budget_s: float, seed: int, overrides: dict[str, Any], out: Path) -> dict[str, Any]:
+    """`gpt2-dutch train --dataset-path D --model-size tiny --max-time BUDGET --seed S` (+ overrides), through
+    train(TrainConfig(...)); what it did is read from what the run publishes."""
+    from ..train import TrainConfig, train
+    from .train_speed import read_metrics
+
+    cfg = TrainConfig(**{"model_size": "tiny", **overrides, "dataset_path": str(dataset), "max_time": f"{budget_s}s",
+                         "seed": seed, "output_dir": str(out)})
+    with contextlib.redirect_stdout(sys.stderr):
+        run = train(cfg)
+    info = json.loads((run / "run_config.json").read_text())
+    records = read_metrics(run)
+    end = next(i for i, r in enumerate(records) if "train_runtime" in r)
+    # The Trainer's train_runtime holds the evaluations along the way, which --max-time leaves out of its budget:
+    # take them out again (its checkpoints, well under a second each for tiny, stay in).
+    evals = sum(r.get("eval_runtime", 0.0) for r in records[:end])
+    steps = records[end]["step"]
+    return {"steps": steps, "train_seconds": records[end]["train_runtime"] - evals, "eval_seconds": evals,
+            "tokens": steps * info["tokens_per_step"], "parameters": info["parameters"],
+            "seconds_per_step_measured": info.get("seconds_per_step"), "model": str(run / "final_model"),
+            "settings": {**{k: info[k] for k in SHOWN_SETTINGS if k in info},
+                         **{k: info.get(k, v) for k, v in overrides.items()}}}
+
+
+def _baseline(data: Any, tokenizer: str, budget_s: float, seed: int, out: Path) -> dict[str, Any]:
+    from .baselines import quality_recipe
+
+    with contextlib.redirect_stdout(sys.stderr):
+        return quality_recipe(data, tokenizer, str(out), budget_s, seed)
+
+
+def _score(model_dir: str, heldout: Path) -> dict[str, Any]:
+    """`gpt2-dutch evaluate --model-path M --data-files heldout.jsonl --precision fp32`: the same documents, the
+    same code, the same dtype for both sides."""
+    from ..evaluate import EvaluateConfig, evaluate
+
+    with contextlib.redirect_stdout(sys.stderr):
+        r = evaluate(EvaluateConfig(model_path=model_dir, data_files=[str(heldout)], precision="fp32"))
+    return {"bits_per_byte": r["bits_per_byte"], "loss": r["loss"], "tokens_scored": r["tokens_scored"]}
+
+
+def _free_memory() -> None:
+    import torch
+
+    gc.collect()
+    if torch.cuda.is_available():
+        torch.cuda.empty_cache()
+

@@ -1,0 +1,85 @@
+"""`gpt2-dutch bench quality`: both recipes trained for the same budget, scored on the same held-out documents.
+
+The figures of a 3-second run mean nothing; the test asserts that they are there, sane and consistent, that the
+held-out documents were never training text, and that bad input is one line before any work."""
+
+from __future__ import annotations
+
+import json
+import math
+
+import pytest
+from conftest import assert_one_line_error
+
+from gpt2_dutch.bench.quality import split_documents
+from gpt2_dutch.sample import builtin_sample_path
+
+
+def _positive(x: float) -> bool:
+    return isinstance(x, int | float) and math.isfinite(x) and x > 0
+
+
+@pytest.mark.slow
+def test_bench_quality_quick_writes_both_figures_and_their_ratio(cli, tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    ablation = tmp_path / "higher-lr.yaml"
+    ablation.write_text("learning_rate: 3e-3\n")
+    rc, out, err = cli("bench", "quality", "--quick", "--budget", "3s", "--ours-config", ablation,
+                       "--output-dir", "res")
+    assert rc == 0, err
+    r = json.loads((tmp_path / "res" / "bench.json").read_text())
+    q = r["quality"]
+    assert q["budget_s"] == 3.0 and q["seeds"] == [42] and len(q["runs"]) == 1
+    run = q["runs"][0]
+    for side in ("ours", "baseline"):
+        for key in ("bits_per_byte", "loss", "train_seconds", "steps", "tokens", "parameters", "tokens_scored"):
+            assert _positive(run[side][key]), (side, key)
+    # both scored the same documents with the same tokenizer: the same number of tokens
+    assert run["ours"]["tokens_scored"] == run["baseline"]["tokens_scored"]
+    assert run["ratio"] == pytest.approx(run["ours"]["bits_per_byte"] / run["baseline"]["bits_per_byte"], rel=1e-12)
+    assert q["ratio"] == pytest.approx(q["ours_bits_per_byte"] / q["baseline_bits_per_byte"], rel=1e-12)
+    assert q["ours_bits_per_byte"] == run["ours"]["bits_per_byte"]
+    # the ablation is named and applied; the baseline is the textbook shape
+    assert q["ours"]["name"] == "higher-lr" and q["ours"]["overrides"] == {"learning_rate": 3e-3}
+    assert q["ours"]["settings"]["learning_rate"] == 3e-3 and q["ours"]["settings"]["model_size"] == "tiny"
+    assert q["baseline"]["settings"]["n_embd"] == 256 and q["baseline"]["settings"]["precision"] == "fp32"
+    # held out by text: no held-out document is among the documents either side trained on
+    docs = [json.loads(line)["text"] for line in builtin_sample_path().read_text().splitlines() if line.strip()]
+    held = {docs[i] for i in q["heldout"]["indices"]}
+    train = {d for i, d in enumerate(docs) if i not in set(q["heldout"]["indices"])}
+    assert len(held) == q["heldout"]["documents"] >= 3 and not held & train
+    assert q["train_text"]["documents"] + q["train_text"]["ours_test_split_documents"] == len(docs) - len(held)
+    assert r["ratios"]["quality_bpb_ratio"]["value"] == q["ratio"] and r["ratios"]["quality_bpb_ratio"]["met"] is None
+    md = (tmp_path / "res" / "bench.md").read_text()
+    assert "quality (higher-lr): held-out bits per byte after 3 s, seed 42" in md and "learning_rate: 0.003" in md
+    assert "quality (higher-lr)" in out and (tmp_path / "res" / "bench.png").read_bytes()[:4] == b"\x89PNG"
+
+
+def test_heldout_documents_are_whole_seeded_and_never_trained_on():
+    docs = [f"document {i}" for i in range(40)] + ["a copy"] * 20  # duplicates: a held-out copy's twins are dropped
+    train, held, indices, dropped = split_documents(docs)
+    assert len(held) == len(indices) == 3 and held == [docs[i] for i in indices]  # 5% of 60, whole documents
+    assert not set(held) & set(train)
+    assert len(train) + len(held) + dropped == len(docs)
+    assert split_documents(docs) == (train, held, indices, dropped)  # seeded: the same every time
+    many = [f"d{i}" for i in range(1000)]
+    assert len(split_documents(many)[1]) == 50
+
+
+@pytest.mark.parametrize(("args", "message"), [
+    (["--budget", "soon"], "--budget 'soon' is not a positive duration like 4m, 90s or 1h"),
+    (["--budget", "0s"], "--budget '0s' is not a positive duration"),
+    (["--seeds", "0"], "--seeds must be between 1 and 100 (got 0)"),
+    (["--ours-config", "missing.yaml"], "--ours-config missing.yaml not found"),
+    (["--ours-config", "{unknown}"], "unknown setting 'learning_rat' (did you mean learning_rate?)"),
+    (["--ours-config", "{fixed}"], "max_time is set by the bench"),
+    (["--ours-config", "{bad_value}"], "--learning-rate must be positive"),
+], ids=["budget-word", "budget-zero", "seeds-zero", "config-missing", "config-unknown-key", "config-budget",
+        "config-bad-value"])
+def test_bench_quality_bad_input(cli, tmp_path, args, message):
+    files = {"{unknown}": "learning_rat: 3e-3\n", "{fixed}": "max_time: 10m\n", "{bad_value}": "learning_rate: -1\n"}
+    for name, text in files.items():
+        (tmp_path / f"{name[1:-1]}.yaml").write_text(text)
+    args = [str(tmp_path / f"{a[1:-1]}.yaml") if a in files else a for a in args]
+    rc, _, err = cli("bench", "quality", *args)
+    assert_one_line_error(rc, err, message)
