@@ -166,7 +166,8 @@ def _textbook_trainer(data: Any, tokenizer_dir: str, output_dir: str, steps: int
     eos = tokenizer.eos_token_id
     set_seed(seed)  # the weights: GPT2Config's init, drawn before the Trainer seeds the data order
     config = GPT2Config(vocab_size=len(tokenizer), n_positions=t["context"], n_embd=t["n_embd"],
-                        n_layer=t["n_layer"], n_head=t["n_head"], bos_token_id=eos, eos_token_id=eos)
+                        n_layer=t["n_layer"], n_head=t["n_head"], resid_pdrop=t["dropout"], embd_pdrop=t["dropout"],
+                        attn_pdrop=t["dropout"], bos_token_id=eos, eos_token_id=eos)
     model = GPT2LMHeadModel(config)
     # No evaluation and no checkpoints during training: the budget is for training steps (our --max-time counts
     # only the steps too), and the held-out documents are scored afterwards, the same way for both sides.
