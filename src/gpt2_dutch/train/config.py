@@ -65,6 +65,10 @@ class TrainConfig:
     log_format: str = option("text", "text: a progress bar with the live figures and one line per evaluation; "
                              "json: one JSON object per log/eval record on stderr (the records of metrics.jsonl), "
                              "for clusters and scripts", choices=["text", "json"])
+    optimizer: str = option("adamw", "adamw: AdamW for every parameter; muon: Muon (orthogonalized Nesterov "
+                            "momentum, lr 0.02 x sqrt(max(1, out/in)), Q, K and V as three matrices) for the "
+                            "blocks' weight matrices and AdamW at --learning-rate for embeddings, LayerNorms and "
+                            "biases (AdamW with --fsdp)", choices=["adamw", "muon"])
 
     # --max-time in seconds, derived in __post_init__; a field so that run_config.json records it
     max_time_s: float | None = field(init=False, default=None)

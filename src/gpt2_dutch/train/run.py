@@ -24,6 +24,7 @@ from ..errors import MachineError, Stopped, UsageError, check, is_disk_full
 from ..files import replace_dir, temp_name, write_json_atomic
 from ..model import flops_per_token, gpt2_config, matmul_params, preset
 from .config import TrainConfig
+from .muon import MUON_LR, resolve_optimizer
 from .runs import (
     FINISHED,
     checkpoint_problem,
@@ -269,6 +270,7 @@ def _run(cfg: TrainConfig, manifest: dict[str, Any]) -> Path:
     set_seed(cfg.seed)
     model = _initial_model(model_config, init_source)
     lr = cfg.learning_rate or preset(cfg.model_size).learning_rate
+    optimizer, optimizer_notice = resolve_optimizer(cfg.optimizer, cfg.fsdp)
     schedule = make_schedule(cfg.schedule, total_steps, warmup_steps_for(cfg.warmup, total_steps), cfg.cooldown)
     auto_every = max(1, total_steps // 10) if limit != "max_time" else 10**9
     eval_every = cfg.eval_every or auto_every
@@ -280,6 +282,7 @@ def _run(cfg: TrainConfig, manifest: dict[str, Any]) -> Path:
         "tokens_per_step": tokens_per_step, "world_size": world_size(), "context": context,
         "vocab_size": vocab_size, "parameters": sum(p.numel() for p in model.parameters()),
         "flops_per_token": flops_per_token(matmul_params(model), model_config.n_layer, model_config.n_embd, context),
+        **({"muon_lr": MUON_LR} if optimizer == "muon" else {}),
     }
     if is_main_process():
         if resume is None:
@@ -310,13 +313,15 @@ def _run(cfg: TrainConfig, manifest: dict[str, Any]) -> Path:
 
     args = build_training_arguments(cfg, run_dir, precision, lr, total_steps, eval_every, save_every, log_every)
     health, stopper = StepHealth(sync=cfg.fsdp), StopOnSignal()
+    if optimizer_notice and is_main_process():
+        print(optimizer_notice, file=sys.stderr)
     trainer = GPT2Trainer(
         model=model, args=args, train_dataset=train_ds, eval_dataset=test_ds, data_collator=collate,
         callbacks=[health, stopper, *metrics_callbacks(cfg, run_dir, run_info, manifest, schedule,
                                                        auto_eval=cfg.eval_every is None,
                                                        auto_save=cfg.save_every is None)],
         schedule=schedule, keep_checkpoints=cfg.keep_checkpoints, tokens_per_step=tokens_per_step,
-        bytes_per_token=_bytes_per_token(manifest), health=health,
+        bytes_per_token=_bytes_per_token(manifest), health=health, optimizer_kind=optimizer,
     )
     # rank 0 prints; --quiet wins over --log-format (a script that asks for silence gets silence)
     console = install_console(trainer, "quiet" if cfg.quiet or not is_main_process() else cfg.log_format)
@@ -417,6 +422,11 @@ def _check_resumable(checkpoint: Path, cfg: TrainConfig, manifest: dict[str, Any
     if (saved_model.get("n_layer"), saved_model.get("n_embd")) != (p.n_layer, p.n_embd):
         problems.append(f"shape {saved_model.get('n_layer')}x{saved_model.get('n_embd')} is not --model-size "
                         f"{cfg.model_size}")
+    # optimizer.pt holds one optimizer's state: another one cannot load it (and would fail with a traceback)
+    ran = read_run_config(checkpoint.parent.parent)
+    was = resolve_optimizer(ran.get("optimizer", "adamw"), bool(ran.get("fsdp")))[0]
+    if was != resolve_optimizer(cfg.optimizer, cfg.fsdp)[0]:
+        problems.append(f"it was trained with --optimizer {was} (pass --optimizer {was})")
     if problems:
         raise UsageError(f"cannot resume from {checkpoint}: " + "; ".join(problems))
 

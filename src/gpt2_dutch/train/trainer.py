@@ -200,14 +200,25 @@ class StopOnSignal(TrainerCallback):
 
 class GPT2Trainer(Trainer):
     def __init__(self, *args: Any, schedule: WarmupCosine, keep_checkpoints: int, tokens_per_step: int,
-                 bytes_per_token: float, health: StepHealth | None = None, **kwargs: Any):
+                 bytes_per_token: float, health: StepHealth | None = None, optimizer_kind: str = "adamw",
+                 **kwargs: Any):
         super().__init__(*args, **kwargs)
         self.schedule, self.keep_checkpoints = schedule, keep_checkpoints
         self.tokens_per_step, self.bytes_per_token = tokens_per_step, bytes_per_token
         self.health = health
+        self.optimizer_kind = optimizer_kind  # "adamw" (the Trainer's own) or "muon" (muon.MuonAdamW)
         self._last_log: tuple[float, int] | None = None
 
     def create_optimizer(self, model: Any = None) -> torch.optim.Optimizer:
+        if self.optimizer is None and self.optimizer_kind == "muon":
+            from .muon import MuonAdamW, param_groups
+
+            # set before super(), which then keeps it (and wraps it where it wraps its own)
+            opt_model = self.model if model is None else model
+            self.optimizer = MuonAdamW(param_groups(
+                opt_model, self.args.learning_rate, self.args.weight_decay,
+                betas=(self.args.adam_beta1, self.args.adam_beta2), eps=self.args.adam_epsilon,
+                decay_names=self.get_decay_parameter_names(opt_model)))
         optimizer = super().create_optimizer(model)
         if self.health is not None and not getattr(optimizer, "_gpt2_dutch_guarded", False):
             self.health.guard(optimizer)

@@ -1,0 +1,188 @@
+"""`--optimizer muon`: Muon for GPT-2's hidden weight matrices, AdamW for everything else, as one optimizer.
+
+Muon (Keller Jordan, https://kellerjordan.github.io/posts/muon/) replaces each hidden matrix's update by its
+momentum made orthogonal (all singular values ~1) with a Newton-Schulz iteration. Embeddings, the LM head (tied
+to the token embedding here), LayerNorms and biases stay with AdamW, at the preset's --learning-rate.
+
+Why one optimizer class of ours and not torch.optim.Muon (PyTorch >= 2.9) beside a torch.optim.AdamW:
+- GPT-2's hidden matrices are transformers' `Conv1D`, whose weight is stored in x out, the transpose of
+  `nn.Linear`. torch's Muon reads the shape as stored for its learning-rate adjustment (max(1, A/B)**0.5 with
+  A, B = param.shape), so the MLP's c_fc (768x3072 stored) would get 1 instead of 2 and its c_proj 2 instead
+  of 1. And `c_attn` holds Q, K and V side by side (768x2304 stored): three maps, to be orthogonalized as
+  three matrices; torch's Muon orthogonalizes every parameter whole and cannot be told otherwise. So none of
+  GPT-2's matrices is one torch's Muon handles right under its public API (its Newton-Schulz helper is private).
+- The Trainer checkpoints one optimizer (one state_dict in optimizer.pt, restored for exact resume), the
+  schedule is one LambdaLR over that optimizer's param groups, and the health guard wraps its `step`. One
+  `torch.optim.Optimizer` with Muon groups and AdamW groups (as Keller Jordan's MuonWithAuxAdam) keeps all of
+  that working unchanged; two optimizers would need their own checkpoint, resume and schedule plumbing.
+So the Muon update is written here (the quintic is a few lines), and the AdamW groups run torch's own AdamW code
+through its public functional form `torch.optim.adamw.adamw`, with the state laid out as torch.optim.AdamW's.
+
+The learning-rate adjustment is Keller Jordan's ("original" in torch.optim.Muon): Muon's lr times
+max(1, rows/cols)**0.5 with rows = outputs and cols = inputs (nn.Linear orientation), per Q/K/V block. Why this
+and not "match_rms_adamw" (0.2 * sqrt(max(A, B)) times AdamW's lr): it scales the update's spectral norm with
+sqrt(fan_out/fan_in), the condition under which a step changes a layer's outputs by the same amount at every
+width, so one Muon lr (0.02, momentum 0.95, Nesterov: the published defaults) serves every preset without a
+second column in the size table; match_rms_adamw exists to reuse an lr tuned for AdamW, which would tie Muon's
+step to a table that was tuned for AdamW's.
+
+Weight decay: a Muon matrix shrinks by AdamW's lr x --weight-decay per step, as it would under AdamW (and as
+in Moonshot's Muon); torch's Muon multiplies --weight-decay by Muon's own lr, 0.02, which with 0.1 would pull
+the matrices to zero ~33x faster than AdamW does at small's 6e-4. Done by giving the Muon groups
+weight_decay = wd * adamw_lr / muon_lr: the schedule scales both lrs alike, so the ratio holds at every step.
+
+Distributed: under DDP every rank holds whole matrices with all-reduced gradients and computes the same update.
+Under FSDP a rank holds a flat shard of several matrices, not whole ones: `resolve_optimizer` falls back to
+AdamW there, with a one-line notice.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterable
+from typing import Any
+
+import torch
+from torch.optim.adamw import adamw as adamw_step  # torch.optim.AdamW's own code, public (in __all__)
+
+OPTIMIZERS = ("adamw", "muon")
+MUON_LR = 0.02
+MUON_MOMENTUM = 0.95
+
+# Keller Jordan's quintic Newton-Schulz coefficients (https://kellerjordan.github.io/posts/muon/,
+# github.com/KellerJordan/Muon muon.py; also torch.optim.Muon's defaults). They maximise the slope at zero, so
+# five steps take every singular value of a normalised matrix into roughly [0.7, 1.2] rather than exactly 1,
+# which trains as well as the exact orthogonal factor UV^T and costs a few matmuls instead of an SVD.
+NS_COEFFICIENTS = (3.4445, -4.7750, 2.0315)
+NS_STEPS = 5
+
+
+def resolve_optimizer(name: str, fsdp: bool) -> tuple[str, str | None]:
+    """The optimizer a run really uses, and the notice to print when it is not the one asked for."""
+    if name == "muon" and fsdp:
+        return "adamw", ("notice: --optimizer muon is not available with --fsdp (each GPU holds only a shard of "
+                         "every matrix, and Muon orthogonalizes whole matrices): training with AdamW")
+    return name, None
+
+
+def newton_schulz(g: torch.Tensor, steps: int = NS_STEPS, eps: float = 1e-7) -> torch.Tensor:
+    """~U V^T of each matrix in `g` (..., rows, cols), where U S V^T is its SVD: the quintic iteration of
+    Keller Jordan's Muon. bf16 on GPUs, as there (tensor cores; the iteration tolerates it), fp32 elsewhere
+    (a CPU without bf16 matmul units would emulate it)."""
+    x = g.to(torch.bfloat16 if g.is_cuda else torch.float32)
+    tall = x.size(-2) > x.size(-1)
+    if tall:  # iterate on the wide orientation: the Gram matrix x x^T is then the smaller one
+        x = x.mT
+    x = x / x.norm(dim=(-2, -1), keepdim=True).clamp(min=eps)  # Frobenius norm >= spectral norm: all s.v. <= 1
+    a, b, c = NS_COEFFICIENTS
+    for _ in range(steps):
+        gram = x @ x.mT
+        x = a * x + (b * gram + c * gram @ gram) @ x
+    return x.mT if tall else x
+
+
+def orthogonal_update(momentum: torch.Tensor, conv1d: bool, blocks: int) -> torch.Tensor:
+    """Muon's update for one weight, in its stored layout, before the learning rate: each of the `blocks` output
+    blocks orthogonalized on its own in nn.Linear orientation (out x in; a Conv1D weight is in x out) and
+    scaled by max(1, out/in)**0.5 of that block."""
+    w = momentum.mT if conv1d else momentum
+    rows, cols = w.shape
+    per_block = rows // blocks
+    update = newton_schulz(w.reshape(blocks, per_block, cols)).to(momentum.dtype)
+    update = (update * max(1.0, per_block / cols) ** 0.5).reshape(rows, cols)
+    return update.mT if conv1d else update
+
+
+def param_groups(model: torch.nn.Module, lr: float, weight_decay: float, muon_lr: float = MUON_LR,
+                 betas: tuple[float, float] = (0.9, 0.95), eps: float = 1e-8,
+                 decay_names: Iterable[str] | None = None) -> list[dict[str, Any]]:
+    """MuonAdamW's param groups for a GPT-2 model: the weights of the blocks' Conv1D/Linear layers (c_attn as Q,
+    K and V; cross-attention's c_attn as K and V) to Muon, every other parameter to AdamW at `lr`, with weight
+    decay on the names in `decay_names` (the Trainer's choice: not biases or LayerNorms; default: >= 2-D).
+
+    The AdamW group with decay comes first: the Trainer logs the first group's lr as the run's lr."""
+    from transformers.models.gpt2.modeling_gpt2 import GPT2Attention
+    from transformers.pytorch_utils import Conv1D
+
+    output = model.get_output_embeddings() if hasattr(model, "get_output_embeddings") else None
+    head = output.weight if output is not None else None  # tied to wte in GPT-2: an embedding, AdamW's
+    qkv = {id(m.c_attn.weight): 2 if m.is_cross_attention else 3
+           for m in model.modules() if isinstance(m, GPT2Attention)}
+    muon: dict[tuple[bool, int], list[torch.nn.Parameter]] = {}
+    for module in model.modules():
+        if (isinstance(module, Conv1D | torch.nn.Linear) and module.weight is not head and module.weight.ndim == 2
+                and module.weight.requires_grad):
+            key = (isinstance(module, Conv1D), qkv.get(id(module.weight), 1))
+            muon.setdefault(key, []).append(module.weight)
+    in_muon = {id(p) for ps in muon.values() for p in ps}
+    named = [(n, p) for n, p in model.named_parameters() if p.requires_grad and id(p) not in in_muon]
+    decay = set(decay_names) if decay_names is not None else {n for n, p in named if p.ndim >= 2}
+    adamw = {"use_muon": False, "lr": lr, "betas": betas, "eps": eps}
+    groups = [{**adamw, "params": [p for n, p in named if n in decay], "weight_decay": weight_decay},
+              {**adamw, "params": [p for n, p in named if n not in decay], "weight_decay": 0.0}]
+    for (conv1d, blocks), params in sorted(muon.items()):
+        groups.append({"use_muon": True, "params": params, "lr": muon_lr, "momentum": MUON_MOMENTUM,
+                       "nesterov": True, "layout": "conv1d" if conv1d else "linear", "blocks": blocks,
+                       "weight_decay": weight_decay * lr / muon_lr})  # shrinks by lr * wd per step, as AdamW
+    return [g for g in groups if g["params"]]
+
+
+class MuonAdamW(torch.optim.Optimizer):
+    """One optimizer, two kinds of param groups (see `param_groups`): `use_muon` groups get Muon (Nesterov
+    momentum, orthogonalized per block in nn.Linear orientation, decoupled weight decay), the others AdamW.
+    One state_dict, so the Trainer's checkpoints and exact resume work unchanged; the schedule's LambdaLR scales
+    every group's lr."""
+
+    def __init__(self, groups: list[dict[str, Any]]):
+        for g in groups:
+            if g.get("use_muon"):
+                bad = [tuple(p.shape) for p in g["params"] if p.ndim != 2]
+                if bad:
+                    raise ValueError(f"Muon takes 2-D weights only, got {bad}")
+        super().__init__(groups, {"use_muon": False, "weight_decay": 0.0})
+
+    @torch.no_grad()
+    def step(self, closure: Any = None) -> Any:
+        loss = None
+        if closure is not None:
+            with torch.enable_grad():
+                loss = closure()
+        for group in self.param_groups:
+            if group["use_muon"]:
+                self._muon(group)
+            else:
+                self._adamw(group)
+        return loss
+
+    def _muon(self, group: dict[str, Any]) -> None:
+        lr, momentum, conv1d = group["lr"], group["momentum"], group["layout"] == "conv1d"
+        for p in group["params"]:
+            if p.grad is None:
+                continue
+            state = self.state[p]
+            if "momentum_buffer" not in state:
+                state["momentum_buffer"] = torch.zeros_like(p, memory_format=torch.preserve_format)
+            buf = state["momentum_buffer"]
+            buf.lerp_(p.grad, 1 - momentum)
+            update = p.grad.lerp(buf, momentum) if group["nesterov"] else buf
+            p.mul_(1 - lr * group["weight_decay"])
+            p.add_(orthogonal_update(update, conv1d, group["blocks"]), alpha=-lr)
+
+    def _adamw(self, group: dict[str, Any]) -> None:
+        params, grads, exp_avgs, exp_avg_sqs, steps = [], [], [], [], []
+        for p in group["params"]:
+            if p.grad is None:
+                continue
+            state = self.state[p]
+            if not state:  # the layout of torch.optim.AdamW's state (step on the CPU, not capturable)
+                state["step"] = torch.tensor(0.0, dtype=torch.float32)
+                state["exp_avg"] = torch.zeros_like(p, memory_format=torch.preserve_format)
+                state["exp_avg_sq"] = torch.zeros_like(p, memory_format=torch.preserve_format)
+            params.append(p)
+            grads.append(p.grad)
+            exp_avgs.append(state["exp_avg"])
+            exp_avg_sqs.append(state["exp_avg_sq"])
+            steps.append(state["step"])
+        if params:
+            beta1, beta2 = group["betas"]
+            adamw_step(params, grads, exp_avgs, exp_avg_sqs, [], steps, amsgrad=False, beta1=beta1, beta2=beta2,
+                       lr=group["lr"], weight_decay=group["weight_decay"], eps=group["eps"], maximize=False)

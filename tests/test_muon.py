@@ -1,0 +1,242 @@
+"""--optimizer muon: Muon's update in nn.Linear orientation (Conv1D transposed), c_attn as Q, K and V, which
+parameters go where, training and exact resume with it, the CLI's errors and the FSDP fallback."""
+
+from __future__ import annotations
+
+import functools
+import io
+import json
+import os
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+from conftest import assert_one_line_error
+from safetensors.torch import load_file
+
+from gpt2_dutch.train import TrainConfig, train
+from gpt2_dutch.train.muon import MUON_LR, MuonAdamW, newton_schulz, param_groups, resolve_optimizer
+
+TINY = ["--model-size", "tiny", "--batch-size", "4", "--precision", "fp32"]
+BAND = (0.6, 1.3)  # the quintic's 5 steps leave singular values in ~[0.7, 1.2], not exactly 1
+
+
+@pytest.fixture(autouse=True)
+def _one_thread():
+    """These matrices are tiny: one thread, as a thread pool's wake-ups cost more than the matmuls (and on a
+    shared, busy CPU far more: a 128x128 matmul took 30 ms with 2 threads instead of 0.1 ms with one)."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
+def tiny_cfg(dataset: Path, out: Path, **kw) -> TrainConfig:
+    base = dict(dataset_path=str(dataset), model_size="tiny", batch_size=4, precision="fp32", output_dir=str(out),
+                optimizer="muon")
+    base.update(kw)
+    return TrainConfig(**base)
+
+
+def metrics(run: Path) -> list[dict]:
+    return [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines()]
+
+
+def conditioned(rows: int, cols: int, seed: int) -> torch.Tensor:
+    """A random matrix whose singular values are spread over [1, 3]: a gradient Newton-Schulz can orthogonalize
+    in 5 steps (a Gaussian matrix has singular values near 0 that no 5-step iteration lifts to ~1)."""
+    g = torch.Generator().manual_seed(seed)
+    u, _ = torch.linalg.qr(torch.randn(rows, rows, generator=g))
+    v, _ = torch.linalg.qr(torch.randn(cols, cols, generator=g))
+    k = min(rows, cols)
+    return u[:, :k] @ torch.diag(torch.linspace(1, 3, k)) @ v[:, :k].T
+
+
+def in_band(m: torch.Tensor) -> bool:
+    s = torch.linalg.svdvals(m)
+    return bool(((s > BAND[0]) & (s < BAND[1])).all())
+
+
+def one_step(weight: torch.nn.Parameter, grad: torch.Tensor, blocks: int, lr: float = 0.01) -> torch.Tensor:
+    """The change that one Muon step (no weight decay) makes to a Conv1D weight, divided by the lr."""
+    before = weight.detach().clone()
+    opt = MuonAdamW([{"use_muon": True, "params": [weight], "lr": lr, "momentum": 0.95, "nesterov": True,
+                      "layout": "conv1d", "blocks": blocks, "weight_decay": 0.0}])
+    weight.grad = grad
+    opt.step()
+    return (weight.detach() - before) / -lr
+
+
+def test_a_conv1d_weight_is_updated_by_its_orthogonalized_momentum_in_linear_orientation():
+    from transformers.pytorch_utils import Conv1D
+
+    layer = Conv1D(96, 32)  # 32 inputs, 96 outputs: stored 32x96, as nn.Linear 96x32
+    assert layer.weight.shape == (32, 96)
+    grad = conditioned(32, 96, seed=0)
+    update = one_step(layer.weight, grad, blocks=1)
+    # orthogonalized as the 96x32 Linear weight, transposed back, and scaled by sqrt(max(1, out/in)) = sqrt(3):
+    # read as stored (32x96) the scale would be 1
+    assert torch.allclose(update, 3**0.5 * newton_schulz(grad.T).T, atol=1e-5)
+    assert in_band(update.T / 3**0.5)
+
+
+def test_c_attn_is_orthogonalized_as_three_matrices():
+    from transformers.pytorch_utils import Conv1D
+
+    d = 32
+    layer = Conv1D(3 * d, d)  # c_attn: Q, K and V side by side, the column blocks of the stored d x 3d weight
+    # Q's gradient dwarfs V's: orthogonalized whole, V's block would be left ~0
+    grad = torch.cat([scale * conditioned(d, d, seed=i) for i, scale in enumerate((100.0, 1.0, 0.01))], dim=1)
+    update = one_step(layer.weight, grad, blocks=3)
+    for i in range(3):  # square blocks: the lr scale is 1
+        assert in_band(update[:, i * d:(i + 1) * d]), i
+    whole = newton_schulz(grad.T).T
+    assert torch.linalg.svdvals(whole[:, 2 * d:]).max() < 0.1  # what one 3d x d matrix would have given V
+
+
+def _tiny_gpt2():
+    from transformers import GPT2Config, GPT2LMHeadModel
+
+    torch.manual_seed(0)
+    return GPT2LMHeadModel(GPT2Config(n_layer=2, n_embd=32, n_head=2, vocab_size=64, n_positions=16,
+                                      bos_token_id=0, eos_token_id=0))
+
+
+def test_hidden_matrices_go_to_muon_and_the_rest_to_adamw():
+    model = _tiny_gpt2()
+    assert model.lm_head.weight is model.transformer.wte.weight  # tied: one parameter, an embedding
+    names = {id(p): n for n, p in model.named_parameters()}
+    groups = param_groups(model, lr=1e-3, weight_decay=0.1)
+    muon = {names[id(p)]: g["blocks"] for g in groups if g["use_muon"] for p in g["params"]}
+    adamw = {names[id(p)]: g["weight_decay"] for g in groups if not g["use_muon"] for p in g["params"]}
+    assert muon == {f"transformer.h.{i}.{m}.weight": 3 if m == "attn.c_attn" else 1
+                    for i in range(2) for m in ("attn.c_attn", "attn.c_proj", "mlp.c_fc", "mlp.c_proj")}
+    assert set(muon) | set(adamw) == set(names.values()) and not set(muon) & set(adamw)
+    assert adamw["transformer.wte.weight"] == adamw["transformer.wpe.weight"] == 0.1  # embeddings decay
+    assert all(wd == 0.0 for n, wd in adamw.items() if n.endswith(".bias") or ".ln_" in n)
+    assert not groups[0]["use_muon"] and groups[0]["lr"] == 1e-3  # the first group's lr is the one logged
+    # the schedule scales every group; a Muon matrix decays by AdamW's lr x wd per step
+    opt = MuonAdamW(groups)
+    torch.optim.lr_scheduler.LambdaLR(opt, lambda step: 0.5)
+    for g in opt.param_groups:
+        assert g["lr"] == pytest.approx(0.5 * (MUON_LR if g["use_muon"] else 1e-3))
+        if g["use_muon"]:
+            assert g["lr"] * g["weight_decay"] == pytest.approx(0.5 * 1e-3 * 0.1)
+
+
+def test_the_state_dict_restores_the_same_next_step():
+    """What the Trainer's checkpoint relies on: state_dict -> load_state_dict -> the same update."""
+    def steps(model, opt, n):
+        for i in range(n):
+            torch.manual_seed(100 + i)
+            ids = torch.randint(0, 64, (2, 16))
+            opt.zero_grad()
+            model(ids, labels=ids).loss.backward()
+            opt.step()
+
+    a = _tiny_gpt2()
+    opt_a = MuonAdamW(param_groups(a, lr=1e-3, weight_decay=0.1))
+    steps(a, opt_a, 2)
+    b = _tiny_gpt2()
+    b.load_state_dict(a.state_dict())
+    opt_b = MuonAdamW(param_groups(b, lr=1e-3, weight_decay=0.1))
+    saved = io.BytesIO()  # through a file, as optimizer.pt (a loaded state would share tensors otherwise)
+    torch.save(opt_a.state_dict(), saved)
+    saved.seek(0)
+    opt_b.load_state_dict(torch.load(saved, weights_only=True))
+    steps(a, opt_a, 2)
+    steps(b, opt_b, 2)
+    for (name, pa), pb in zip(a.named_parameters(), b.parameters(), strict=True):
+        assert torch.equal(pa, pb), name
+
+
+def test_under_fsdp_muon_falls_back_to_adamw_with_a_one_line_notice():
+    used, notice = resolve_optimizer("muon", fsdp=True)
+    assert used == "adamw" and notice is not None and "\n" not in notice
+    assert "--fsdp" in notice and "AdamW" in notice
+    assert resolve_optimizer("muon", fsdp=False) == ("muon", None)
+    assert resolve_optimizer("adamw", fsdp=True) == ("adamw", None)
+
+
+def test_an_unknown_optimizer_is_a_one_line_error(tiny_dataset, tmp_path, cli):
+    rc, _, err = cli("train", "--dataset-path", tiny_dataset, *TINY, "--output-dir", tmp_path, "--max-steps", "1",
+                     "--optimizer", "foo")
+    assert_one_line_error(rc, err, "invalid choice: 'foo'")
+
+
+def _poison_the_second_step(monkeypatch: pytest.MonkeyPatch) -> None:
+    from transformers import GPT2LMHeadModel
+
+    forward, calls = GPT2LMHeadModel.forward, {"n": 0}
+
+    @functools.wraps(forward)  # the Trainer reads the signature: with `labels` in it, it evaluates the loss
+    def poisoned(self, *args, **kwargs):
+        out = forward(self, *args, **kwargs)
+        if self.training:
+            calls["n"] += 1
+            if calls["n"] == 2:
+                out.loss = out.loss * float("nan")
+        return out
+
+    monkeypatch.setattr(GPT2LMHeadModel, "forward", poisoned)
+
+
+@pytest.mark.slow
+def test_muon_trains_the_tiny_model_and_the_health_guard_wraps_its_step(tiny_dataset, tmp_path, monkeypatch):
+    _poison_the_second_step(monkeypatch)  # Muon would turn a NaN gradient into NaN weights: the guard skips it
+    run = train(tiny_cfg(tiny_dataset, tmp_path, max_steps=30, eval_every=30, log_every=1))
+    m = metrics(run)
+    losses = [r["loss"] for r in m if r.get("loss") is not None]
+    assert losses[0] > 5.0 and losses[-1] < losses[0] - 1.0, losses
+    assert m[-1].get("skipped_steps") == 1 or any(r.get("skipped_steps") == 1 for r in m)
+    evals = [r["eval_loss"] for r in m if "eval_loss" in r]
+    assert evals and evals[-1] < 4.5
+    saved = json.loads((run / "run_config.json").read_text())
+    assert saved["optimizer"] == "muon" and saved["muon_lr"] == MUON_LR
+    assert (run / "final_model" / "model.safetensors").is_file()
+
+
+@pytest.mark.slow
+def test_exact_resume_with_muon_and_a_changed_optimizer_is_refused(tiny_dataset, tmp_path, cli):
+    """8 steps straight vs the same run cut after its step-4 checkpoint (as a kill leaves it) and resumed:
+    the same weights, bit for bit (Muon's momentum and AdamW's moments come back from optimizer.pt)."""
+    straight = train(tiny_cfg(tiny_dataset, tmp_path / "a", max_steps=8, save_every=4, eval_every=8,
+                              keep_checkpoints=5))
+    cut = tmp_path / "b" / straight.name
+    shutil.copytree(straight, cut, symlinks=True)
+    shutil.rmtree(cut / "final_model")
+    shutil.rmtree(cut / "checkpoints" / "checkpoint-8")
+    saved = json.loads((cut / "run_config.json").read_text())
+    (cut / "run_config.json").write_text(json.dumps({**saved, "status": "running"}))
+
+    rc, _, err = cli("train", "--dataset-path", tiny_dataset, *TINY, "--output-dir", tmp_path / "b",
+                     "--max-steps", "8", "--save-every", "4", "--resume", cut, "--optimizer", "adamw")
+    assert_one_line_error(rc, err, "it was trained with --optimizer muon (pass --optimizer muon)")
+
+    resumed = train(tiny_cfg(tiny_dataset, tmp_path / "b", max_steps=8, save_every=4, eval_every=8,
+                             resume=str(cut / "checkpoints" / "checkpoint-4")))
+    assert resumed == cut
+    a = load_file(straight / "final_model" / "model.safetensors")
+    b = load_file(cut / "final_model" / "model.safetensors")
+    assert a.keys() == b.keys()
+    for k in a:
+        assert torch.equal(a[k], b[k]), k
+
+
+@pytest.mark.slow
+def test_muon_under_two_process_ddp_on_cpu(tiny_dataset, tmp_path):
+    """DDP all-reduces the gradients before the step: every rank orthogonalizes the same momentum."""
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2", "-m",
+           "gpt2_dutch", "train", "--dataset-path", str(tiny_dataset), *TINY, "--output-dir", str(tmp_path),
+           "--max-steps", "6", "--eval-every", "3", "--save-every", "3", "--optimizer", "muon"]
+    r = subprocess.run(cmd, capture_output=True, text=True, env={**os.environ, "OMP_NUM_THREADS": "1"})
+    assert r.returncode == 0, r.stderr[-3000:]
+    (run,) = tmp_path.glob("gpt2-dutch-tiny-2*")
+    saved = json.loads((run / "run_config.json").read_text())
+    assert saved["world_size"] == 2 and saved["optimizer"] == "muon"
+    losses = [r["loss"] for r in metrics(run) if r.get("loss") is not None]
+    assert losses[-1] < losses[0]
+    assert (run / "final_model" / "model.safetensors").is_file()
