@@ -222,6 +222,8 @@ def test_max_time_fits_the_step_count_so_the_schedule_ends(tiny_dataset, tmp_pat
     assert rc["length_set_by"] == "max_time" and 0 < rc["total_steps"] < 10**5
     lrs = [r["lr"] for r in m if "lr" in r]
     assert lrs[-1] == pytest.approx(1e-3 * 0.1, rel=0.15)  # the cosine reached its floor at the fitted end
+    # before the fit, the first steps warm up as a 100-step run would, not at ~1e-10 of the peak
+    assert lrs[0] == pytest.approx(1e-3 / 6, rel=1e-6)
     assert any("eval_loss" in r for r in m)
 
 

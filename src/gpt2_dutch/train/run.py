@@ -41,6 +41,7 @@ from .runs import (
 from .schedule import make_schedule, warmup_steps_for
 
 MAX_CONTEXT = 16384  # dense attention beyond this needs more memory than any preset is sized for
+PROVISIONAL_STEPS = 100  # the run length a --max-time run warms up for until its speed is measured
 _USER_TENSORBOARD_DIR = os.environ.get("TENSORBOARD_LOGGING_DIR")  # a directory the user chose wins
 
 
@@ -271,7 +272,11 @@ def _run(cfg: TrainConfig, manifest: dict[str, Any]) -> Path:
     model = _initial_model(model_config, init_source)
     lr = cfg.learning_rate or preset(cfg.model_size).learning_rate
     optimizer, optimizer_notice = resolve_optimizer(cfg.optimizer, cfg.fsdp)
-    schedule = make_schedule(cfg.schedule, total_steps, warmup_steps_for(cfg.warmup, total_steps), cfg.cooldown)
+    # A --max-time run knows its length only after its first steps (total_steps is a 10**9 upper bound until
+    # then): a warmup of 5% of that bound would train those steps at ~1e-10 of the peak. Until the fit, warm up
+    # as a 100-step run would; the fit then sets the real warmup (the schedule is a pure function of the step).
+    provisional = PROVISIONAL_STEPS if limit == "max_time" else total_steps
+    schedule = make_schedule(cfg.schedule, total_steps, warmup_steps_for(cfg.warmup, provisional), cfg.cooldown)
     auto_every = max(1, total_steps // 10) if limit != "max_time" else 10**9
     eval_every = cfg.eval_every or auto_every
     save_every = cfg.save_every or auto_every
