@@ -69,6 +69,10 @@ class TrainConfig:
                             "momentum, lr 0.02 x sqrt(max(1, out/in)), Q, K and V as three matrices) for the "
                             "blocks' weight matrices and AdamW at --learning-rate for embeddings, LayerNorms and "
                             "biases (AdamW with --fsdp)", choices=["adamw", "muon"])
+    loss_chunk_tokens: int = option(2048, "compute the LM head and its cross-entropy this many tokens at a time, "
+                                    "so the [batch, context, vocab] logits never exist whole (less memory, "
+                                    "faster on CPU; on CUDA a fused kernel from liger-kernel or "
+                                    "cut-cross-entropy when installed); 0: the model's own full-logits loss")
 
     # --max-time in seconds, derived in __post_init__; a field so that run_config.json records it
     max_time_s: float | None = field(init=False, default=None)
@@ -90,6 +94,8 @@ class TrainConfig:
         check_number(self.cooldown, "--cooldown", minimum=0, exclusive_minimum=True, maximum=1)
         check_seed(self.seed)
         check(self.eval_chunks >= 0, "--eval-chunks must be >= 0")
+        check(isinstance(self.loss_chunk_tokens, int) and self.loss_chunk_tokens >= 0, "--loss-chunk-tokens must "
+              f"be a whole number >= 0 (0: the full-logits loss; got {self.loss_chunk_tokens})")
         check(0 <= self.num_workers <= 256, f"--num-workers must be between 0 and 256 (got {self.num_workers})")
         check(not (self.resume and self.init_from), "give --resume (continue a run) or --init-from (a new run "
               "from a model's weights), not both")

@@ -327,6 +327,7 @@ def _run(cfg: TrainConfig, manifest: dict[str, Any]) -> Path:
                                                        auto_save=cfg.save_every is None)],
         schedule=schedule, keep_checkpoints=cfg.keep_checkpoints, tokens_per_step=tokens_per_step,
         bytes_per_token=_bytes_per_token(manifest), health=health, optimizer_kind=optimizer,
+        loss_chunk_tokens=cfg.loss_chunk_tokens,
     )
     # rank 0 prints; --quiet wins over --log-format (a script that asks for silence gets silence)
     console = install_console(trainer, "quiet" if cfg.quiet or not is_main_process() else cfg.log_format)

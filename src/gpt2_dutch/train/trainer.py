@@ -201,8 +201,9 @@ class StopOnSignal(TrainerCallback):
 class GPT2Trainer(Trainer):
     def __init__(self, *args: Any, schedule: WarmupCosine, keep_checkpoints: int, tokens_per_step: int,
                  bytes_per_token: float, health: StepHealth | None = None, optimizer_kind: str = "adamw",
-                 **kwargs: Any):
+                 loss_chunk_tokens: int = 0, **kwargs: Any):
         super().__init__(*args, **kwargs)
+        self.loss_chunk_tokens = loss_chunk_tokens  # 0: the model's own loss over full logits (see compute_loss)
         self.schedule, self.keep_checkpoints = schedule, keep_checkpoints
         self.tokens_per_step, self.bytes_per_token = tokens_per_step, bytes_per_token
         self.health = health
@@ -224,6 +225,39 @@ class GPT2Trainer(Trainer):
             self.health.guard(optimizer)
             optimizer._gpt2_dutch_guarded = True  # type: ignore[attr-defined]
         return optimizer
+
+    def compute_loss(self, model: Any, inputs: dict[str, Any], return_outputs: bool = False,
+                     num_items_in_batch: torch.Tensor | int | None = None) -> Any:
+        """The LM head's loss without full logits (loss.py), or the Trainer's own with --loss-chunk-tokens 0.
+
+        The model is called through `model`, the wrapped one (DDP, compile), so its forward hooks run as always;
+        `logits_to_keep=1` makes GPT-2 project only the last position (batch x vocab, unused) and
+        `output_hidden_states` hands back the final hidden states (after ln_f). The head's weight is the
+        unwrapped model's own parameter (tied to the token embedding): its gradient from the loss reaches the
+        same AccumulateGrad as the embedding's, and autograd runs that node once, with the sum, so DDP's
+        gradient hook (on that node) fires once and all-reduces the full gradient. FSDP keeps the weight
+        sharded outside the forward, so it keeps the plain path.
+        """
+        if (not self.loss_chunk_tokens or "labels" not in inputs or self.is_fsdp_enabled
+                or self.label_smoother is not None or self.compute_loss_func is not None):
+            return super().compute_loss(model, inputs, return_outputs, num_items_in_batch)
+        from .loss import IGNORE_INDEX, lm_head_loss_sum
+
+        labels = inputs["labels"]
+        outputs = model(**{k: v for k, v in inputs.items() if k != "labels"}, logits_to_keep=1,
+                        output_hidden_states=True)
+        weight = self.accelerator.unwrap_model(model).get_output_embeddings().weight
+        loss = lm_head_loss_sum(outputs.hidden_states[-1], weight, labels, self.loss_chunk_tokens)
+        # the same normalisation as the model's own loss under the Trainer: a sum over the tokens of every
+        # micro-batch of the step (num_items_in_batch; all ranks' with average_tokens_across_devices, hence the
+        # factor of ranks, which DDP's gradient mean divides out again), else a mean over this batch
+        if num_items_in_batch is None:
+            loss = loss / (labels[:, 1:] != IGNORE_INDEX).sum().clamp_min(1)
+        else:
+            loss = loss / num_items_in_batch
+            if self.args.average_tokens_across_devices and self.model_accepts_loss_kwargs:
+                loss = loss * self.accelerator.num_processes
+        return (loss, outputs) if return_outputs else loss
 
     def create_scheduler(self, num_training_steps: int, optimizer: torch.optim.Optimizer | None = None) -> Any:
         if self.lr_scheduler is None:

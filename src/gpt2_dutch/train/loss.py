@@ -1,0 +1,136 @@
+"""GPT-2's LM head and cross-entropy without the full `[tokens, vocab]` logits.
+
+Why: with a 32,768-token vocabulary the LM head dominates small models (`tiny`: ~85% of the FLOPs), and the
+plain path (`GPT2LMHeadModel(labels=...)`) materializes the logits of every position, casts them to fp32 and
+keeps the fp32 log-softmax for backward: 8 x 1024 tokens x 32,768 x 4 bytes = 1 GiB per micro-batch, and
+several passes over it through memory.
+
+Here the loss is computed `chunk_tokens` rows of hidden states at a time: logits = h @ W^T in the compute
+dtype (the autocast dtype, as the plain path's `lm_head`), log-sum-exp and the target's logit in fp32, and,
+while the chunk's logits are still at hand, their gradient (softmax - one-hot, in place) and its two products:
+dL/dh for the chunk's rows and dL/dW accumulated in fp32. So no chunk's logits outlive its iteration, and
+nothing is recomputed in backward (the same 3 matmuls as the plain path; torch.utils.checkpoint per chunk
+would need a 4th). Backward only scales the stored gradients by the incoming scalar.
+
+On CUDA a fused kernel from an installed library (Liger Kernel, then Apple's cut-cross-entropy) is used when
+one imports; neither is a dependency. The model itself is never changed: the final model stays a plain
+GPT2LMHeadModel (see GPT2Trainer.compute_loss for how the hidden states are obtained under DDP).
+"""
+
+from __future__ import annotations
+
+import functools
+from collections.abc import Callable
+from typing import Any
+
+import torch
+
+IGNORE_INDEX = -100  # what transformers' ForCausalLMLoss ignores; the Trainer counts labels != -100 as items
+
+
+def compute_dtype(device: torch.device) -> torch.dtype | None:
+    """The dtype autocast gives a matmul on `device` right now (None: autocast is off)."""
+    kind = device.type
+    if not torch.is_autocast_enabled(kind):
+        return None
+    return torch.get_autocast_dtype(kind)
+
+
+class _ChunkedLinearCrossEntropy(torch.autograd.Function):
+    """sum over rows of cross_entropy(hidden @ weight^T, targets), `chunk` rows at a time; see the module doc."""
+
+    @staticmethod
+    def forward(ctx: Any, hidden: torch.Tensor, weight: torch.Tensor, targets: torch.Tensor, chunk: int,
+                dtype: torch.dtype) -> torch.Tensor:
+        want_h, want_w = ctx.needs_input_grad[0], ctx.needs_input_grad[1]
+        # autocast off: every dtype below is chosen explicitly (matmuls in `dtype`, softmax in fp32)
+        with torch.autocast(hidden.device.type, enabled=False):
+            h, w = hidden.to(dtype), weight.to(dtype)
+            total = torch.zeros((), dtype=torch.float32, device=hidden.device)
+            grad_h = torch.empty_like(h) if want_h else None
+            # fp32 across chunks: summing per-chunk bf16 products in bf16 would lose the small ones
+            grad_w = torch.zeros(w.shape, dtype=torch.float32, device=w.device) if want_w else None
+            for start in range(0, h.shape[0], chunk):
+                hc, t = h[start:start + chunk], targets[start:start + chunk]
+                logits = (hc @ w.t()).float()
+                valid = (t != IGNORE_INDEX).unsqueeze(1)
+                safe = torch.where(valid.squeeze(1), t, 0).unsqueeze(1)
+                target_logit = logits.gather(1, safe)
+                # log-sum-exp by hand, in place: torch.logsumexp allocates a second [chunk, vocab] for x - max,
+                # and the exponentials it computes are the softmax that backward needs
+                top = logits.amax(dim=1, keepdim=True)
+                e = logits.sub_(top).exp_()
+                sum_e = e.sum(dim=1, keepdim=True)
+                total += ((top + sum_e.log() - target_logit) * valid).sum()
+                if not (want_h or want_w):
+                    continue  # evaluation: the loss is all
+                # dL/dlogits = softmax - one_hot = (e - sum_e at the target) / sum_e, rounded to `dtype` once in
+                # the same pass as the division (as the plain path, which rounds the fp32 gradient); ignored rows
+                # get a zero scale: no gradient
+                e.scatter_add_(1, safe, -sum_e * valid)
+                g = torch.empty(e.shape, dtype=dtype, device=e.device)
+                torch.mul(e, valid / sum_e, out=g)
+                del logits, e
+                if grad_h is not None:
+                    torch.matmul(g, w, out=grad_h[start:start + chunk])
+                if grad_w is not None:
+                    if dtype == torch.float32:
+                        grad_w.addmm_(g.t(), hc)
+                    else:
+                        grad_w += (g.t() @ hc).float()
+        ctx.save_for_backward(grad_h, grad_w)
+        ctx.dtypes = (hidden.dtype, weight.dtype)
+        return total
+
+    @staticmethod
+    def backward(ctx: Any, grad_out: torch.Tensor) -> tuple[torch.Tensor | None, ...]:
+        grad_h, grad_w = ctx.saved_tensors
+        h_dtype, w_dtype = ctx.dtypes
+        dh = None if grad_h is None else (grad_h * grad_out).to(h_dtype)
+        dw = None if grad_w is None else (grad_w * grad_out).to(w_dtype)
+        return dh, dw, None, None, None
+
+
+def chunked_linear_cross_entropy(hidden: torch.Tensor, weight: torch.Tensor, targets: torch.Tensor,
+                                 chunk_tokens: int) -> torch.Tensor:
+    """The summed (fp32) cross-entropy of `hidden [N, C] @ weight[V, C]^T` against `targets [N]` (-100:
+    ignored), `chunk_tokens` rows at a time; matmuls in the autocast dtype if autocast is on."""
+    dtype = compute_dtype(hidden.device) or hidden.dtype
+    return _ChunkedLinearCrossEntropy.apply(hidden, weight, targets, max(1, chunk_tokens), dtype)
+
+
+@functools.cache
+def fused_cuda_loss() -> tuple[str, Callable[[torch.Tensor, torch.Tensor, torch.Tensor], torch.Tensor]] | None:
+    """(name, fn(hidden, weight, targets) -> summed loss) from an installed fused linear-cross-entropy library,
+    or None. Imported lazily and only for CUDA tensors: neither library is a dependency (both need Triton)."""
+    try:
+        from liger_kernel.transformers import LigerFusedLinearCrossEntropyLoss
+
+        liger = LigerFusedLinearCrossEntropyLoss(ignore_index=IGNORE_INDEX, reduction="sum")
+        return "liger_kernel", lambda h, w, t: liger(w, h, t)
+    except Exception:  # noqa: BLE001 - not installed, or broken against this torch: the chunked path instead
+        pass
+    try:
+        from cut_cross_entropy import linear_cross_entropy
+
+        return "cut_cross_entropy", lambda h, w, t: linear_cross_entropy(h, w, t, ignore_index=IGNORE_INDEX,
+                                                                         reduction="sum")
+    except Exception:  # noqa: BLE001 - as above
+        return None
+
+
+def lm_head_loss_sum(hidden: torch.Tensor, weight: torch.Tensor, labels: torch.Tensor,
+                     chunk_tokens: int) -> torch.Tensor:
+    """Summed next-token cross-entropy of GPT-2's head: position i predicts labels[:, i + 1], as
+    GPT2LMHeadModel's own loss (labels shifted inside; the last position predicts nothing).
+
+    hidden: [batch, seq, C] (after ln_f); weight: the head's [vocab, C] (tied to the token embedding)."""
+    h = hidden[:, :-1].reshape(-1, hidden.shape[-1])
+    t = labels[:, 1:].reshape(-1).to(hidden.device)
+    if hidden.is_cuda:
+        fused = fused_cuda_loss()
+        if fused is not None:
+            # the kernels want one dtype for both operands: the autocast dtype, as the plain path's lm_head
+            dtype = compute_dtype(hidden.device) or hidden.dtype
+            return fused[1](h.to(dtype), weight.to(dtype), t).float()
+    return chunked_linear_cross_entropy(h, weight, t, chunk_tokens)
