@@ -593,7 +593,10 @@ def test_a_single_nonfinite_step_is_skipped_and_the_run_goes_on(tiny_dataset, tm
         if self.training:
             calls["n"] += 1
             if calls["n"] == 3:  # the third training step's loss becomes NaN
-                out.loss = out.loss * float("nan")
+                if out.loss is not None:
+                    out.loss = out.loss * float("nan")
+                else:  # --loss-chunk-tokens: the loss comes from the hidden states (train/loss.py)
+                    out.hidden_states = tuple(h * float("nan") for h in out.hidden_states)
         return out
 
     monkeypatch.setattr(GPT2LMHeadModel, "forward", poisoned)

@@ -48,7 +48,10 @@ def _poison_the_second_step(monkeypatch: pytest.MonkeyPatch) -> None:
         if self.training:
             calls["n"] += 1
             if calls["n"] == 2:
-                out.loss = out.loss * float("nan")
+                if out.loss is not None:
+                    out.loss = out.loss * float("nan")
+                else:  # --loss-chunk-tokens: the loss comes from the hidden states (train/loss.py)
+                    out.hidden_states = tuple(h * float("nan") for h in out.hidden_states)
         return out
 
     monkeypatch.setattr(GPT2LMHeadModel, "forward", poisoned)
