@@ -108,3 +108,29 @@ class CLI:
 @pytest.fixture
 def cli(capsys: pytest.CaptureFixture[str]) -> CLI:
     return CLI(capsys)
+
+
+def poison_training_step(monkeypatch: pytest.MonkeyPatch, step: int) -> None:
+    """Make the `step`-th training forward's loss NaN (the health guard must skip that update).
+
+    With the chunked loss (--loss-chunk-tokens) the loss is computed from the hidden states, so those are poisoned.
+    """
+    import functools
+
+    from transformers import GPT2LMHeadModel
+
+    forward, calls = GPT2LMHeadModel.forward, {"n": 0}
+
+    @functools.wraps(forward)  # the Trainer reads the signature: with `labels` in it, it evaluates the loss
+    def poisoned(self, *args, **kwargs):
+        out = forward(self, *args, **kwargs)
+        if self.training:
+            calls["n"] += 1
+            if calls["n"] == step:
+                if out.loss is not None:
+                    out.loss = out.loss * float("nan")
+                else:
+                    out.hidden_states = tuple(h * float("nan") for h in out.hidden_states)
+        return out
+
+    monkeypatch.setattr(GPT2LMHeadModel, "forward", poisoned)

@@ -33,7 +33,7 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
 import torch
-from conftest import DOCS, assert_one_line_error, write_jsonl
+from conftest import DOCS, assert_one_line_error, poison_training_step, write_jsonl
 from safetensors.torch import load_file
 
 from gpt2_dutch.train import TrainConfig, train
@@ -583,23 +583,7 @@ def test_a_diverged_run_is_not_published_and_exits_nonzero(tiny_dataset, tmp_pat
 
 @pytest.mark.slow
 def test_a_single_nonfinite_step_is_skipped_and_the_run_goes_on(tiny_dataset, tmp_path, monkeypatch, capsys):
-    from transformers import GPT2LMHeadModel
-
-    forward = GPT2LMHeadModel.forward
-    calls = {"n": 0}
-
-    def poisoned(self, *args, **kwargs):
-        out = forward(self, *args, **kwargs)
-        if self.training:
-            calls["n"] += 1
-            if calls["n"] == 3:  # the third training step's loss becomes NaN
-                if out.loss is not None:
-                    out.loss = out.loss * float("nan")
-                else:  # --loss-chunk-tokens: the loss comes from the hidden states (train/loss.py)
-                    out.hidden_states = tuple(h * float("nan") for h in out.hidden_states)
-        return out
-
-    monkeypatch.setattr(GPT2LMHeadModel, "forward", poisoned)
+    poison_training_step(monkeypatch, 3)  # the third training step's loss becomes NaN
     run = train(tiny_cfg(tiny_dataset, tmp_path, max_steps=6, log_every=1))
     assert "step 3: non-finite loss or gradient, update skipped (1 in a row" in capsys.readouterr().err
     weights = load_file(run / "final_model" / "model.safetensors")

@@ -3,7 +3,6 @@ parameters go where, training and exact resume with it, the CLI's errors and the
 
 from __future__ import annotations
 
-import functools
 import io
 import json
 import os
@@ -14,7 +13,7 @@ from pathlib import Path
 
 import pytest
 import torch
-from conftest import assert_one_line_error
+from conftest import assert_one_line_error, poison_training_step
 from safetensors.torch import load_file
 
 from gpt2_dutch.train import TrainConfig, train
@@ -167,29 +166,9 @@ def test_an_unknown_optimizer_is_a_one_line_error(tiny_dataset, tmp_path, cli):
     assert_one_line_error(rc, err, "invalid choice: 'foo'")
 
 
-def _poison_the_second_step(monkeypatch: pytest.MonkeyPatch) -> None:
-    from transformers import GPT2LMHeadModel
-
-    forward, calls = GPT2LMHeadModel.forward, {"n": 0}
-
-    @functools.wraps(forward)  # the Trainer reads the signature: with `labels` in it, it evaluates the loss
-    def poisoned(self, *args, **kwargs):
-        out = forward(self, *args, **kwargs)
-        if self.training:
-            calls["n"] += 1
-            if calls["n"] == 2:
-                if out.loss is not None:
-                    out.loss = out.loss * float("nan")
-                else:  # --loss-chunk-tokens: the loss comes from the hidden states (train/loss.py)
-                    out.hidden_states = tuple(h * float("nan") for h in out.hidden_states)
-        return out
-
-    monkeypatch.setattr(GPT2LMHeadModel, "forward", poisoned)
-
-
 @pytest.mark.slow
 def test_muon_trains_the_tiny_model_and_the_health_guard_wraps_its_step(tiny_dataset, tmp_path, monkeypatch):
-    _poison_the_second_step(monkeypatch)  # Muon would turn a NaN gradient into NaN weights: the guard skips it
+    poison_training_step(monkeypatch, 2)  # Muon would turn a NaN gradient into NaN weights: the guard skips it
     run = train(tiny_cfg(tiny_dataset, tmp_path, max_steps=30, eval_every=30, log_every=1))
     m = metrics(run)
     losses = [r["loss"] for r in m if r.get("loss") is not None]

@@ -3,7 +3,6 @@
 
 from __future__ import annotations
 
-import functools
 import json
 import os
 import re
@@ -15,6 +14,7 @@ from pathlib import Path
 from types import SimpleNamespace
 
 import pytest
+from conftest import poison_training_step
 
 from gpt2_dutch.train.runs import checkpoint_problem
 
@@ -36,27 +36,6 @@ def _run_dir(out: Path) -> Path:
 
 # ----------------------------------------------------------------------------- the console
 
-def _poison_the_second_step(monkeypatch: pytest.MonkeyPatch) -> None:
-    """The second training step's loss becomes NaN: a warning to print while the bar is drawn."""
-    from transformers import GPT2LMHeadModel
-
-    forward, calls = GPT2LMHeadModel.forward, {"n": 0}
-
-    @functools.wraps(forward)  # the Trainer reads the signature: with `labels` in it, it evaluates the loss
-    def poisoned(self, *args, **kwargs):
-        out = forward(self, *args, **kwargs)
-        if self.training:
-            calls["n"] += 1
-            if calls["n"] == 2:
-                if out.loss is not None:
-                    out.loss = out.loss * float("nan")
-                else:  # --loss-chunk-tokens: the loss comes from the hidden states (train/loss.py)
-                    out.hidden_states = tuple(h * float("nan") for h in out.hidden_states)
-        return out
-
-    monkeypatch.setattr(GPT2LMHeadModel, "forward", poisoned)
-
-
 def _check_text_console(err: str, run: Path) -> None:
     assert not any(line.lstrip().startswith("{") for line in err.replace("\r", "\n").split("\n")), err
     assert "{'loss'" not in err and "'grad_norm'" not in err  # the Trainer's raw dicts
@@ -76,7 +55,7 @@ def _check_text_console(err: str, run: Path) -> None:
 
 
 def test_text_console_is_a_bar_and_one_line_per_evaluation(tiny_dataset, tmp_path, cli, monkeypatch):
-    _poison_the_second_step(monkeypatch)
+    poison_training_step(monkeypatch, 2)
     rc, _, err = cli("train", "--dataset-path", tiny_dataset, *TINY, "--output-dir", tmp_path, "--max-steps", "6",
                      "--eval-every", "3", "--log-every", "1")
     assert rc == 0, err
@@ -87,7 +66,7 @@ def test_text_console_is_a_bar_and_one_line_per_evaluation(tiny_dataset, tmp_pat
 @pytest.mark.slow
 def test_text_console_of_a_max_time_run_corrects_the_bars_total(tiny_dataset, tmp_path, cli, monkeypatch):
     """--max-time: the bar has no total until the step count is fitted, then the fitted one."""
-    _poison_the_second_step(monkeypatch)
+    poison_training_step(monkeypatch, 2)
     rc, _, err = cli("train", "--dataset-path", tiny_dataset, *TINY, "--output-dir", tmp_path, "--max-time", "3s")
     assert rc == 0, err
     _check_text_console(err, _run_dir(tmp_path))
