@@ -17,6 +17,7 @@ import gzip
 import hashlib
 import io
 import json
+import math
 import os
 import random
 import shutil
@@ -551,8 +552,16 @@ def test_a_finished_run_grows_only_with_a_larger_max_steps_and_says_so(tiny_data
     assert saved["total_steps"] == 6 and saved["status"] == "finished"
     assert saved["extensions"] == [{"from_step": 4, "to_step": 6}]
     assert (run / "final_model" / "model.safetensors").read_bytes() != old_final
-    steps = [r["step"] for r in map(json.loads, (run / "metrics.jsonl").read_text().splitlines()) if "loss" in r]
+    rows = [r for r in map(json.loads, (run / "metrics.jsonl").read_text().splitlines()) if "loss" in r]
+    steps = [r["step"] for r in rows]
     assert steps == sorted(set(steps)) and steps[-1] == 6  # no repeated rows
+    # the extension follows the schedule refitted to 6 steps (cosine from 2e-3 to 10%, no warmup at 5% of 6):
+    # scheduler.pt of the finished run must not bring the 4-step schedule back (which would log 2e-4 here).
+    # Step 5 itself runs at the learning rate the finished run ended with (restored with the optimizer).
+    lrs = {r["step"]: r["lr"] for r in rows}
+    for step in (6,):
+        expected = 2e-3 * (0.1 + 0.9 * 0.5 * (1 + math.cos(math.pi * (step - 1) / 6)))
+        assert lrs[step] == pytest.approx(expected, rel=1e-6), (step, lrs)
 
 
 def test_init_from_starts_a_new_run_from_the_weights(tiny_dataset, run_copy, tmp_path):
@@ -1001,3 +1010,30 @@ def test_the_matrix_covers_every_numeric_flag_at_every_extreme() -> None:
                 for extreme in ("negative", "huge", "inf", "nan"):
                     assert f"{command}-{flag}-{extreme}" in ids, f"no case {command}-{flag}-{extreme}"
                 assert f"{command}-{flag}-0" in ids
+
+
+def test_a_max_time_run_stopped_before_its_fit_fits_after_resume(tmp_path):
+    """A --max-time run stopped during its first steps has no fitted length (run_config.json has no
+    seconds_per_step): resumed, it measures from its first step after the resume and fits then, instead of
+    keeping the 10**9-step upper bound forever."""
+    from types import SimpleNamespace
+
+    from gpt2_dutch.train.schedule import make_schedule
+    from gpt2_dutch.train.trainer import MaxTimeCallback
+
+    (tmp_path / "run_config.json").write_text(json.dumps({"total_steps": 10**9}))
+    schedule = make_schedule("cosine", 10**9, 5, 0.2)
+    cb = MaxTimeCallback(60.0, schedule, 0.05, tmp_path, 10**9, auto_eval=True, auto_save=True)
+    state = SimpleNamespace(global_step=7, max_steps=10**9, is_world_process_zero=True)
+    args = SimpleNamespace(max_steps=10**9)
+    control = SimpleNamespace(should_training_stop=False, should_save=False)
+    cb.on_train_begin(args, state, control)
+    assert not cb.fitted
+    for step in (8, 9, 10, 11):  # the first step after the resume is the reference, then 3 measured steps
+        state.global_step = step
+        cb.on_step_end(args, state, control)
+    assert cb.fitted and 11 < state.max_steps < 10**9 and schedule.total_steps == state.max_steps
+    saved = json.loads((tmp_path / "run_config.json").read_text())
+    assert saved["total_steps"] == state.max_steps and saved["seconds_per_step"] >= 0
+    cb.on_train_begin(args, state, control)  # resumed again after the fit: the fitted length stays
+    assert cb.fitted

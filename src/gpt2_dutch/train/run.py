@@ -42,6 +42,7 @@ from .schedule import make_schedule, warmup_steps_for
 
 MAX_CONTEXT = 16384  # dense attention beyond this needs more memory than any preset is sized for
 PROVISIONAL_STEPS = 100  # the run length a --max-time run warms up for until its speed is measured
+UNFITTED = 10**9  # the step count of a --max-time run until its speed is measured (an upper bound)
 _USER_TENSORBOARD_DIR = os.environ.get("TENSORBOARD_LOGGING_DIR")  # a directory the user chose wins
 
 
@@ -99,7 +100,7 @@ def plan_steps(cfg: TrainConfig, n_train_chunks: int, tokens_per_step: int) -> t
         return max(1, math.ceil(cfg.max_tokens / tokens_per_step)), "max_tokens"
     steps = max(1, int(per_epoch * cfg.epochs))
     if cfg.max_time_s:  # an upper bound until the speed of the first steps is measured
-        return 10**9, "max_time"
+        return UNFITTED, "max_time"
     return steps, "epochs"
 
 
@@ -275,12 +276,13 @@ def _run(cfg: TrainConfig, manifest: dict[str, Any]) -> Path:
     # A --max-time run knows its length only after its first steps (total_steps is a 10**9 upper bound until
     # then): a warmup of 5% of that bound would train those steps at ~1e-10 of the peak. Until the fit, warm up
     # as a 100-step run would; the fit then sets the real warmup (the schedule is a pure function of the step).
-    provisional = PROVISIONAL_STEPS if limit == "max_time" else total_steps
+    provisional = PROVISIONAL_STEPS if total_steps >= UNFITTED else total_steps
     schedule = make_schedule(cfg.schedule, total_steps, warmup_steps_for(cfg.warmup, provisional), cfg.cooldown)
-    auto_every = max(1, total_steps // 10) if limit != "max_time" else 10**9
+    # An unfitted --max-time run sets these once its length is known; a resumed one knows it already.
+    auto_every = max(1, total_steps // 10) if total_steps < UNFITTED else UNFITTED
     eval_every = cfg.eval_every or auto_every
     save_every = cfg.save_every or auto_every
-    log_every = cfg.log_every or (max(1, total_steps // 100) if limit != "max_time" else 10)
+    log_every = cfg.log_every or (max(1, total_steps // 100) if total_steps < UNFITTED else 10)
     run_info = {
         "model_size": cfg.model_size, "dataset_path": str(dataset_path.resolve()), "precision": precision,
         "learning_rate": lr, "total_steps": total_steps, "length_set_by": limit,
@@ -359,9 +361,10 @@ def _run(cfg: TrainConfig, manifest: dict[str, Any]) -> Path:
                          f"(from step {health.first_bad_of_streak}); nothing was published" +
                          (f", the last good checkpoint is {kept}" if kept else " and no checkpoint was written") +
                          f"; lower --learning-rate (it was {lr:g}) or use --precision fp32, and start again")
-    if health.applied == 0 and checkpoint is None or not weights_finite(trainer.model):
+    finite = weights_finite(trainer.model, sync=cfg.fsdp)
+    if health.applied == 0 and checkpoint is None or not finite:
         _set_status(run_dir, "failed")
-        why = ("no optimizer step was applied" if weights_finite(trainer.model)
+        why = ("no optimizer step was applied" if finite
                else "the weights are not finite")
         raise UsageError(f"the run ended but {why}; nothing was published as final_model; lower --learning-rate "
                          "or check the data")

@@ -32,7 +32,7 @@ from transformers.trainer_callback import PrinterCallback, ProgressCallback
 from ..devices import is_main_process
 from ..files import replace_dir, write_bytes_atomic
 from .config import TrainConfig
-from .runs import update_run_config
+from .runs import read_run_config, update_run_config
 from .schedule import WarmupCosine, warmup_steps_for
 
 
@@ -84,8 +84,15 @@ def say(message: str) -> None:
     sys.stderr.flush()
 
 
-def weights_finite(model: torch.nn.Module) -> bool:
-    return all(bool(torch.isfinite(p).all()) for p in model.parameters())
+def weights_finite(model: torch.nn.Module, sync: bool = False) -> bool:
+    """Every weight finite. `sync` (FSDP: each rank holds a shard) all-reduces the verdict, so every rank takes
+    the same branch: one rank skipping a save that the others enter would hang their collectives."""
+    finite = all(bool(torch.isfinite(p).all()) for p in model.parameters())
+    if sync and torch.distributed.is_available() and torch.distributed.is_initialized():
+        flag = torch.tensor([float(finite)], device=next(model.parameters()).device)
+        torch.distributed.all_reduce(flag, op=torch.distributed.ReduceOp.MIN)
+        finite = bool(flag.item())
+    return finite
 
 
 class StepHealth(TrainerCallback):
@@ -261,7 +268,12 @@ class GPT2Trainer(Trainer):
 
     def create_scheduler(self, num_training_steps: int, optimizer: torch.optim.Optimizer | None = None) -> Any:
         if self.lr_scheduler is None:
-            self.lr_scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer or self.optimizer, self.schedule)
+            # A plain function, not the schedule object: LambdaLR saves a callable object's __dict__ in
+            # scheduler.pt and puts it back on resume, which would undo a refit (an extended run's new length).
+            # The schedule is rebuilt from run_config.json on resume, so nothing needs restoring.
+            schedule = self.schedule
+            self.lr_scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer or self.optimizer,
+                                                                  lambda step: schedule(step))
         return self.lr_scheduler
 
     def log(self, logs: dict[str, float], start_time: float | None = None) -> None:
@@ -297,7 +309,7 @@ class GPT2Trainer(Trainer):
         higher step counts as the newest and the one just written, the newest complete one, can be deleted.
         Here the checkpoint just written is always kept (tests/test_trainer.py shows both guarantees).
         """
-        if not weights_finite(self.model):  # never let NaN weights rotate a good checkpoint out
+        if not weights_finite(self.model, sync=self.is_fsdp_enabled):  # NaN weights never rotate a good one out
             if self.args.should_save:
                 say(f"warning: step {self.state.global_step}: the weights are not finite; no checkpoint written")
             return
@@ -480,21 +492,24 @@ class MaxTimeCallback(TrainerCallback):
         self.budget_s, self.schedule, self.warmup, self.run_dir = budget_s, schedule, warmup, run_dir
         self.upper_bound, self.auto_eval, self.auto_save = upper_bound, auto_eval, auto_save
         self.start = self.after_first = 0.0
+        self.first_step: int | None = None
         self.fitted = False
         self.console: ConsoleCallback | None = None  # its bar's total is corrected once the length is fitted
 
     def on_train_begin(self, args: Any, state: Any, control: Any, **kw: Any) -> None:
         self.start = time.perf_counter()
-        self.fitted = state.global_step > 0  # a resumed run keeps the step count fitted before
+        # A resumed run keeps the step count fitted before; one stopped before its fit measures now.
+        self.fitted = "seconds_per_step" in read_run_config(self.run_dir)
+        self.first_step = None
 
     def on_step_end(self, args: Any, state: Any, control: Any, **kw: Any) -> None:
         if self.fitted:
             return
         now = time.perf_counter()
-        if state.global_step == 1:
-            self.after_first = now  # the first step pays for warm-up/compilation: not representative
+        if self.first_step is None:  # step 1, or the first after a resume
+            self.first_step, self.after_first = state.global_step, now  # it pays for warm-up: not representative
             return
-        measured = state.global_step - 1
+        measured = state.global_step - self.first_step
         if measured < 3 and now - self.start < 0.05 * self.budget_s:
             return
         per_step = (now - self.after_first) / measured
