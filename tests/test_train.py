@@ -18,6 +18,7 @@ from conftest import assert_one_line_error
 from safetensors.torch import load_file
 
 from gpt2_dutch.train import TrainConfig, train
+from gpt2_dutch.train.run import EVAL_CHUNKS_MAX, EVAL_CHUNKS_MIN, auto_eval_chunks
 from gpt2_dutch.train.schedule import WarmupCosine
 
 TINY = ["--model-size", "tiny", "--batch-size", "4", "--precision", "fp32"]
@@ -216,6 +217,8 @@ def test_max_time_fits_the_step_count_so_the_schedule_ends(tiny_dataset, tmp_pat
     assert [r["step"] for r in m if "eval_loss" in r][-1] == total
     assert total - max(1, total // 100) < [r["step"] for r in m if "loss" in r][-1] <= total
     assert rc["length_set_by"] == "max_time"
+    # the evaluations' size follows the fitted length (chunks of 4 per step), not the 10**9-step bound
+    assert rc["eval_chunks_per_evaluation"] == auto_eval_chunks(total, 4)
     # with a --max-steps the budget cannot reach, the budget still decides, and run_config.json says so
     run = train(tiny_cfg(tiny_dataset, tmp_path / "capped", max_time="2s", max_steps=10**5))
     rc = json.loads((run / "run_config.json").read_text())
@@ -276,3 +279,36 @@ def test_schedule_wsd_is_flat_then_linear_to_zero_at_the_end():
     assert lrs[90] == pytest.approx(0.5) and lrs[100] == 0.0  # linear to zero over the last 20 steps
     s.total_steps = 200  # a --max-time run refits the length: the cooldown moves with it
     assert s(100) == pytest.approx(1.0) and s(180) == pytest.approx(0.5)
+
+
+@pytest.mark.parametrize(("total_steps", "chunks_per_step", "expected"), [
+    (90, 8, 22),  # a 4-minute tiny run: ceil(3% of its 720 training chunks)
+    (10, 4, EVAL_CHUNKS_MIN),  # a short run still scores a few batches
+    (100_000, 8, EVAL_CHUNKS_MAX),  # a long one at most 1000 chunks
+])
+def test_evaluation_size_follows_the_run_length(total_steps, chunks_per_step, expected):
+    assert auto_eval_chunks(total_steps, chunks_per_step) == expected
+
+
+def test_each_evaluation_scores_eval_chunks_chunks(tiny_dataset, tmp_path, monkeypatch):
+    from transformers import Trainer
+
+    scored, evaluate = [], Trainer.evaluate
+
+    def spy(self, eval_dataset=None, *args, **kwargs):
+        scored.append(len(eval_dataset if eval_dataset is not None else self.eval_dataset))
+        return evaluate(self, eval_dataset, *args, **kwargs)
+
+    monkeypatch.setattr(Trainer, "evaluate", spy)
+    run = train(tiny_cfg(tiny_dataset, tmp_path, max_steps=2, eval_every=1, eval_chunks=2))
+    # steps 1 and 2 (the one at step 2 is the final evaluation); 2 chunks are rounded up to one whole batch of 4
+    assert scored == [4, 4]
+    assert json.loads((run / "run_config.json").read_text())["eval_chunks_per_evaluation"] == 2
+    assert all(r["eval_loss"] > 0 for r in metrics(run) if "eval_runtime" in r)
+
+
+def test_a_test_split_smaller_than_one_batch_is_still_evaluated(tiny_dataset, tmp_path):
+    n_test = json.loads((tiny_dataset / "manifest.json").read_text())["splits"]["test"]["chunks"]
+    run = train(tiny_cfg(tiny_dataset, tmp_path, max_steps=1, batch_size=n_test + 1))
+    evals = [r for r in metrics(run) if "eval_runtime" in r]
+    assert len(evals) == 1 and evals[0]["eval_loss"] > 0

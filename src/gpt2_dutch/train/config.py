@@ -52,7 +52,9 @@ class TrainConfig:
     compile: bool = option(False, "torch.compile the model")
     gradient_checkpointing: bool = option(False, "recompute activations in backward to save memory")
     eval_every: int | None = option(None, "evaluate every N steps (default: 10 times per run)")
-    eval_chunks: int = option(1000, "test chunks used per evaluation (0: the whole test split)")
+    eval_chunks: int | None = option(None, "test chunks scored per evaluation (0: the whole test split; default: "
+                                     "3%% of the run's training chunks, at least 16 and at most 1000, so that its "
+                                     "ten evaluations cost about a tenth of the training time)")
     save_every: int | None = option(None, "checkpoint every N steps (default: 10 times per run)")
     keep_checkpoints: int = option(2, "keep the newest K checkpoints")
     log_every: int | None = option(None, "log train loss every N steps (default: ~100 times per run)")
@@ -93,7 +95,7 @@ class TrainConfig:
         check_number(self.weight_decay, "--weight-decay", minimum=0)
         check_number(self.cooldown, "--cooldown", minimum=0, exclusive_minimum=True, maximum=1)
         check_seed(self.seed)
-        check(self.eval_chunks >= 0, "--eval-chunks must be >= 0")
+        check(self.eval_chunks is None or self.eval_chunks >= 0, "--eval-chunks must be >= 0")
         check(isinstance(self.loss_chunk_tokens, int) and self.loss_chunk_tokens >= 0, "--loss-chunk-tokens must "
               f"be a whole number >= 0 (0: the full-logits loss; got {self.loss_chunk_tokens})")
         check(0 <= self.num_workers <= 256, f"--num-workers must be between 0 and 256 (got {self.num_workers})")

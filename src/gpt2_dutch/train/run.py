@@ -43,6 +43,10 @@ from .schedule import make_schedule, warmup_steps_for
 MAX_CONTEXT = 16384  # dense attention beyond this needs more memory than any preset is sized for
 PROVISIONAL_STEPS = 100  # the run length a --max-time run warms up for until its speed is measured
 UNFITTED = 10**9  # the step count of a --max-time run until its speed is measured (an upper bound)
+# An evaluation chunk costs about a third of a training chunk (forward only): scoring 3% of the run's training
+# chunks at each of its ten evaluations costs about 10% of the training time. Before this, a 4-minute tiny run
+# scored 1000 chunks ten times and took 15 minutes.
+EVAL_SHARE, EVAL_CHUNKS_MIN, EVAL_CHUNKS_MAX = 0.03, 16, 1000
 _USER_TENSORBOARD_DIR = os.environ.get("TENSORBOARD_LOGGING_DIR")  # a directory the user chose wins
 
 
@@ -102,6 +106,11 @@ def plan_steps(cfg: TrainConfig, n_train_chunks: int, tokens_per_step: int) -> t
     if cfg.max_time_s:  # an upper bound until the speed of the first steps is measured
         return UNFITTED, "max_time"
     return steps, "epochs"
+
+
+def auto_eval_chunks(total_steps: int, chunks_per_step: int) -> int:
+    """Test chunks per evaluation when --eval-chunks is not given (see EVAL_SHARE)."""
+    return max(EVAL_CHUNKS_MIN, min(EVAL_CHUNKS_MAX, math.ceil(EVAL_SHARE * total_steps * chunks_per_step)))
 
 
 def run_config_dict(cfg: TrainConfig, **extra: Any) -> dict[str, Any]:
@@ -249,8 +258,6 @@ def _run(cfg: TrainConfig, manifest: dict[str, Any]) -> Path:
     check(context <= MAX_CONTEXT, f"the dataset's chunks are {context} tokens, longer than the {MAX_CONTEXT} "
           "this trainer allows; preprocess with a smaller --chunk-size (GPT-2 uses 1024)")
     train_ds, test_ds = load_split(dataset_path, "train"), load_split(dataset_path, "test")
-    if cfg.eval_chunks and len(test_ds) > cfg.eval_chunks:
-        test_ds = test_ds.select(range(cfg.eval_chunks))
     tokenizer = AutoTokenizer.from_pretrained(str(dataset_path))
     precision = resolve_precision(cfg.precision)
     _check_tracker(cfg.report_to)
@@ -283,10 +290,14 @@ def _run(cfg: TrainConfig, manifest: dict[str, Any]) -> Path:
     eval_every = cfg.eval_every or auto_every
     save_every = cfg.save_every or auto_every
     log_every = cfg.log_every or (max(1, total_steps // 100) if total_steps < UNFITTED else 10)
+    chunks_per_step = cfg.batch_size * cfg.gradient_accumulation_steps * world_size()
+    # an unfitted --max-time run chooses it at the fit (MaxTimeCallback), when its length is known
+    eval_chunks = cfg.eval_chunks if cfg.eval_chunks is not None else auto_eval_chunks(total_steps, chunks_per_step)
     run_info = {
         "model_size": cfg.model_size, "dataset_path": str(dataset_path.resolve()), "precision": precision,
         "learning_rate": lr, "total_steps": total_steps, "length_set_by": limit,
         "tokens_per_step": tokens_per_step, "world_size": world_size(), "context": context,
+        "eval_chunks_per_evaluation": eval_chunks,
         "vocab_size": vocab_size, "parameters": sum(p.numel() for p in model.parameters()),
         "flops_per_token": flops_per_token(matmul_params(model), model_config.n_layer, model_config.n_embd, context),
         **({"muon_lr": MUON_LR} if optimizer == "muon" else {}),
@@ -310,6 +321,7 @@ def _run(cfg: TrainConfig, manifest: dict[str, Any]) -> Path:
 
     from .trainer import (
         GPT2Trainer,
+        MaxTimeCallback,
         StepHealth,
         StopOnSignal,
         build_training_arguments,
@@ -329,8 +341,16 @@ def _run(cfg: TrainConfig, manifest: dict[str, Any]) -> Path:
                                                        auto_save=cfg.save_every is None)],
         schedule=schedule, keep_checkpoints=cfg.keep_checkpoints, tokens_per_step=tokens_per_step,
         bytes_per_token=_bytes_per_token(manifest), health=health, optimizer_kind=optimizer,
-        loss_chunk_tokens=cfg.loss_chunk_tokens,
+        loss_chunk_tokens=cfg.loss_chunk_tokens, eval_chunks=eval_chunks,
     )
+    fitting = next((c for c in trainer.callback_handler.callbacks if isinstance(c, MaxTimeCallback)), None)
+    if fitting is not None and cfg.eval_chunks is None:
+        def _refit_eval_chunks(total: int) -> None:
+            trainer.eval_chunks = auto_eval_chunks(total, chunks_per_step)
+            if is_main_process():
+                update_run_config(run_dir, eval_chunks_per_evaluation=trainer.eval_chunks)
+
+        fitting.fit_listeners.append(_refit_eval_chunks)
     # rank 0 prints; --quiet wins over --log-format (a script that asks for silence gets silence)
     console = install_console(trainer, "quiet" if cfg.quiet or not is_main_process() else cfg.log_format)
     what = f"a {cfg.max_time} budget" if limit == "max_time" else f"{total_steps} steps"

@@ -20,7 +20,7 @@ import shutil
 import signal
 import sys
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
 
@@ -208,8 +208,9 @@ class StopOnSignal(TrainerCallback):
 class GPT2Trainer(Trainer):
     def __init__(self, *args: Any, schedule: WarmupCosine, keep_checkpoints: int, tokens_per_step: int,
                  bytes_per_token: float, health: StepHealth | None = None, optimizer_kind: str = "adamw",
-                 loss_chunk_tokens: int = 0, **kwargs: Any):
+                 loss_chunk_tokens: int = 0, eval_chunks: int = 0, **kwargs: Any):
         super().__init__(*args, **kwargs)
+        self.eval_chunks = eval_chunks  # test chunks per evaluation (0: all); a --max-time fit may change it
         self.loss_chunk_tokens = loss_chunk_tokens  # 0: the model's own loss over full logits (see compute_loss)
         self.schedule, self.keep_checkpoints = schedule, keep_checkpoints
         self.tokens_per_step, self.bytes_per_token = tokens_per_step, bytes_per_token
@@ -265,6 +266,22 @@ class GPT2Trainer(Trainer):
             if self.args.average_tokens_across_devices and self.model_accepts_loss_kwargs:
                 loss = loss * self.accelerator.num_processes
         return (loss, outputs) if return_outputs else loss
+
+    def evaluate(self, eval_dataset: Any = None, *args: Any, **kwargs: Any) -> dict[str, float]:
+        """The Trainer's evaluation, on the first --eval-chunks chunks of the test split (the same ones each time,
+        so the evaluations of a run are comparable)."""
+        if eval_dataset is None and self.eval_dataset is not None:
+            # Evaluation batches are whole (dataloader_drop_last): a test split smaller than one batch would give
+            # no loss at all, and a limit that is not a multiple of the batch would score fewer chunks than asked.
+            batch = self.args.per_device_eval_batch_size * self.args.world_size
+            available = len(self.eval_dataset)
+            if 0 < available < batch:
+                self.args.per_device_eval_batch_size = max(1, available // self.args.world_size)
+                batch = self.args.per_device_eval_batch_size * self.args.world_size
+            if self.eval_chunks and available > self.eval_chunks:
+                n = min(available, max(batch, -(-self.eval_chunks // batch) * batch))  # whole batches, rounded up
+                eval_dataset = self.eval_dataset.select(range(n))
+        return super().evaluate(eval_dataset, *args, **kwargs)
 
     def create_scheduler(self, num_training_steps: int, optimizer: torch.optim.Optimizer | None = None) -> Any:
         if self.lr_scheduler is None:
@@ -495,6 +512,7 @@ class MaxTimeCallback(TrainerCallback):
         self.first_step: int | None = None
         self.fitted = False
         self.console: ConsoleCallback | None = None  # its bar's total is corrected once the length is fitted
+        self.fit_listeners: list[Callable[[int], None]] = []  # called with the fitted step count (rank 0 and all)
 
     def on_train_begin(self, args: Any, state: Any, control: Any, **kw: Any) -> None:
         self.start = time.perf_counter()
@@ -536,6 +554,8 @@ class MaxTimeCallback(TrainerCallback):
             update_run_config(self.run_dir, **changes)
         if self.console is not None:
             self.console.set_total(total)
+        for listener in self.fit_listeners:
+            listener(total)
 
 
 def metrics_callbacks(cfg: TrainConfig, run_dir: Path, run_info: dict[str, Any], manifest: dict[str, Any],
