@@ -9,6 +9,7 @@ from typing import ClassVar
 from ..config import option
 from ..errors import check, check_number, check_seed
 from ..model import MODEL_PRESETS, preset
+from ..push import check_repo_id
 
 
 @dataclass
@@ -17,7 +18,7 @@ class TrainConfig:
     # takes its settings and ignores what the run recorded about itself (status, total_steps, ...)
     RECORD_FORMAT: ClassVar[str] = "gpt2-dutch/run"
     # a replay is a new run with the same settings: it never continues (or overwrites) the recorded one
-    NOT_REPLAYED: ClassVar[tuple[str, ...]] = ("resume",)
+    NOT_REPLAYED: ClassVar[tuple[str, ...]] = ("resume", "push_to_hub")  # nor overwrites what that run published
 
     dataset_path: str | None = option(None, "processed dataset directory (from `gpt2-dutch preprocess`)")
     model_size: str = option("small", f"GPT-2 shape: {', '.join(MODEL_PRESETS)}")
@@ -75,6 +76,12 @@ class TrainConfig:
                                     "so the [batch, context, vocab] logits never exist whole (less memory, "
                                     "faster on CPU; on CUDA a fused kernel from liger-kernel or "
                                     "cut-cross-entropy when installed); 0: the model's own full-logits loss")
+    license: str = option("apache-2.0", "the license the model card declares (a Hub license identifier: "
+                          "apache-2.0, mit, cc-by-4.0, other, ...)")
+    push_to_hub: str | None = option(None, "at the end of a successful run, publish final_model on the Hugging "
+                                     "Face Hub as this repository (NAME or OWNER/NAME; see `gpt2-dutch push`); "
+                                     "the token is checked before training starts")
+    hub_private: bool = option(False, "with --push-to-hub: create the repository as private")
 
     # --max-time in seconds, derived in __post_init__; a field so that run_config.json records it
     max_time_s: float | None = field(init=False, default=None)
@@ -101,6 +108,11 @@ class TrainConfig:
         check(0 <= self.num_workers <= 256, f"--num-workers must be between 0 and 256 (got {self.num_workers})")
         check(not (self.resume and self.init_from), "give --resume (continue a run) or --init-from (a new run "
               "from a model's weights), not both")
+        check(re.fullmatch(r"[a-z0-9][a-z0-9.+-]*", self.license or "") is not None, f"--license {self.license!r} "
+              "is not a license identifier like apache-2.0, mit or cc-by-4.0 (https://huggingface.co/docs/hub/"
+              "repositories-licenses)")
+        if self.push_to_hub is not None:
+            check_repo_id(self.push_to_hub, "--push-to-hub")
         self.max_time_s = None if self.max_time is None else parse_duration(self.max_time)
         if self.use_wandb:
             self.report_to = "wandb"

@@ -23,6 +23,8 @@ from ..devices import is_main_process, resolve_precision, world_size
 from ..errors import MachineError, Stopped, UsageError, check, is_disk_full
 from ..files import replace_dir, temp_name, write_json_atomic
 from ..model import flops_per_token, gpt2_config, matmul_params, preset
+from ..model_card import describe_hardware, write_card
+from ..push import check_ready_to_push, push_after_training
 from .config import TrainConfig
 from .muon import MUON_LR, resolve_optimizer
 from .runs import (
@@ -73,6 +75,8 @@ def train(cfg: TrainConfig) -> Path:
     """Run training; return the run directory."""
     maybe_relaunch_on_all_gpus()
     manifest = read_manifest(cfg.dataset_path)  # type: ignore[arg-type]
+    if cfg.push_to_hub:
+        check_ready_to_push(cfg.push_to_hub)  # a missing login fails now, not after hours of training
     from .trainer import transformers_bars_off
 
     try:
@@ -394,6 +398,8 @@ def _run(cfg: TrainConfig, manifest: dict[str, Any]) -> Path:
         _set_status(run_dir, FINISHED)
         update_latest_link(run_dir, cfg.model_size)
         print(f"final model: {run_dir / 'final_model'}  (loss curve: {run_dir / 'loss.png'})", file=sys.stderr)
+        if cfg.push_to_hub:
+            push_after_training(run_dir, cfg.push_to_hub, cfg.hub_private)
     return run_dir
 
 
@@ -472,6 +478,7 @@ def _save_final_model(trainer: Any, tokenizer: Any, run_dir: Path) -> None:
         eos = tokenizer.eos_token_id
         GenerationConfig(bos_token_id=eos, eos_token_id=eos, pad_token_id=eos, do_sample=True, top_k=50,
                          top_p=0.95, temperature=0.8, max_new_tokens=100).save_pretrained(str(tmp))
+        write_card(tmp, run_dir, hardware=describe_hardware())  # README.md and loss.png, inside the staging dir
         replace_dir(tmp, final)  # an extended run's previous final_model stays until the new one is complete
     finally:
         shutil.rmtree(tmp, ignore_errors=True)
