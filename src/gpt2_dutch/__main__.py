@@ -23,6 +23,7 @@ COMMANDS: dict[str, tuple[str, str, str, str]] = {
     "evaluate": ("evaluate", "EvaluateConfig", "evaluate", "loss, perplexity, bits per byte of a model"),
     "bench": ("bench", "BenchConfig", "bench", "our speed vs the standard recipes, side by side, with device limits"),
     "demo": ("demo", "DemoConfig", "demo", "the whole pipeline on the built-in Dutch sample in minutes"),
+    "push": ("push", "PushConfig", "push", "publish a model (weights, tokenizer, card) on the Hugging Face Hub"),
 }
 
 

@@ -77,6 +77,7 @@ def demo(cfg: DemoConfig) -> dict:
     for prompt, completions in zip(PROMPTS, texts, strict=True):
         print(f"  >>> {prompt}{completions[0]}")
     print(f"next: gpt2-dutch generate --model-path {run} --interactive")
+    print(f"      gpt2-dutch serve --model-path {run}    # an OpenAI-compatible API and a browser playground")
     return {"dataset": str(dataset), "run": str(run), "eval": result, "samples": texts}
 
 
