@@ -22,6 +22,7 @@ COMMANDS: dict[str, tuple[str, str, str, str]] = {
     "generate": ("generate", "GenerateConfig", "generate", "generate text: prompts, batch, --interactive, --benchmark"),
     "evaluate": ("evaluate", "EvaluateConfig", "evaluate", "loss, perplexity, bits per byte of a model"),
     "bench": ("bench", "BenchConfig", "bench", "our speed vs the standard recipes, side by side, with device limits"),
+    "serve": ("serve", "ServeConfig", "serve", "an OpenAI-compatible API with continuous batching, and a playground"),
     "demo": ("demo", "DemoConfig", "demo", "the whole pipeline on the built-in Dutch sample in minutes"),
     "push": ("push", "PushConfig", "push", "publish a model (weights, tokenizer, card) on the Hugging Face Hub"),
 }

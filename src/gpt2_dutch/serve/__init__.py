@@ -1,0 +1,139 @@
+"""Serve a trained model over HTTP: an OpenAI-compatible completions API with continuous batching, and a playground.
+
+    gpt2-dutch serve --model-path trained_models/gpt2-dutch-small-latest    # http://127.0.0.1:8000/
+    curl http://127.0.0.1:8000/v1/completions -H 'Content-Type: application/json' \\
+        -d '{"prompt": "Er was eens", "max_tokens": 40, "temperature": 0.8, "stream": true}'
+    python -c "from openai import OpenAI; c = OpenAI(base_url='http://127.0.0.1:8000/v1', api_key='-'); \\
+        print(c.completions.create(model='gpt2-dutch', prompt='Amsterdam is', max_tokens=20).choices[0].text)"
+
+POST /v1/completions takes the OpenAI fields prompt (a string or a list), max_tokens, temperature (0: greedy),
+top_p, n, stop, seed, stream (server-sent events, one chunk per token, then `data: [DONE]`) and returns usage
+counts; top_k is an extension. GET /v1/models, GET /health, GET /v1/model_card. The playground at / streams text
+and shows the model's card (size, training tokens, eval loss, bits per byte, loss curve from its run).
+
+Requests that arrive while others decode join the running batch at the next decoding step, so concurrent users
+share each forward pass (see serve/engine.py). Past --max-queue waiting requests the answer is 503 with
+Retry-After; a client that disconnects frees its slot at once; a bad request is a 400 with an OpenAI-style error
+body. Weights load from safetensors only; remote code never runs. Binding to anything but loopback prints a
+warning: use --api-key (or GPT2_DUTCH_API_KEY) so that every route but /health needs `Authorization: Bearer KEY`.
+"""
+
+# This package is a stage: it imports the foundations (config, errors, model_loading, ...), and only __main__ and
+# bench import it. Its modules:
+#     __init__.py      ServeConfig and serve(): load the model, bind, run uvicorn
+#     engine.py        the continuous-batching scheduler around the model's KV cache, and per-row sampling
+#     protocol.py      the completions request checked field by field; OpenAI-style error bodies
+#     app.py           the FastAPI routes, streaming, auth, the text of each choice (stop strings, UTF-8)
+#     card.py          the model card: config.json, and the run's run_config.json and metrics.jsonl
+#     playground.html  the page at /: no external resources, works offline
+# torch, transformers and fastapi are imported inside functions, so that `gpt2-dutch serve --help` stays light.
+
+from __future__ import annotations
+
+import ipaddress
+import os
+import socket
+import sys
+from dataclasses import dataclass
+from typing import Any
+
+from ..config import option
+from ..errors import UsageError, check
+
+API_KEY_ENV = "GPT2_DUTCH_API_KEY"
+MAX_BATCH = 1024
+
+
+@dataclass
+class ServeConfig:
+    model_path: str = option("trained_models/gpt2-dutch-small-latest/final_model",
+                             "a final_model directory, a run directory, or a *-latest link")
+    host: str = option("127.0.0.1", "address to bind (anything but loopback prints a warning: use --api-key)")
+    port: int = option(8000, "port to listen on (0: any free port, printed at start)")
+    api_key: str | None = option(None, "require 'Authorization: Bearer KEY' on every route but /health (default: "
+                                 f"${API_KEY_ENV} when set; unset: no key)")
+    max_batch: int = option(32, "sequences decoded together in one forward pass (a request takes prompts x n)")
+    max_queue: int = option(64, "requests that may wait for a slot; past that the answer is 503 with Retry-After")
+    model_name: str | None = option(None, "the model's id in the API (default: the run directory's name)")
+    device: str = option("auto", "cpu, cuda, cuda:1, ... (auto: cuda if available)")
+    precision: str = option("auto", "weights dtype (auto: bf16 on GPUs and CPUs with fast bf16, else fp32)",
+                            choices=["auto", "bf16", "fp16", "fp32"])
+
+    def __post_init__(self) -> None:
+        check(0 <= self.port <= 65535, f"--port must be between 0 and 65535 (got {self.port})")
+        check(bool(self.host.strip()), "--host must not be empty")
+        check(1 <= self.max_batch <= MAX_BATCH, f"--max-batch must be between 1 and {MAX_BATCH} (got {self.max_batch})")
+        check(0 <= self.max_queue <= 100_000, f"--max-queue must be between 0 and 100000 (got {self.max_queue})")
+        if self.api_key is None:
+            self.api_key = os.environ.get(API_KEY_ENV) or None
+        check(self.api_key is None or (bool(self.api_key.strip()) and self.api_key.isprintable()),
+              "--api-key must be printable text, not empty")
+        check(self.model_name is None or bool(self.model_name.strip()), "--model-name must not be empty")
+
+
+def is_loopback(host: str) -> bool:
+    if host == "localhost":
+        return True
+    try:
+        return ipaddress.ip_address(host.strip("[]")).is_loopback
+    except ValueError:
+        return False
+
+
+def bind(host: str, port: int) -> socket.socket:
+    """The listening socket (bound before the model loads its weights, so a taken port fails in a second)."""
+    try:
+        infos = socket.getaddrinfo(host.strip("[]"), port, type=socket.SOCK_STREAM, flags=socket.AI_PASSIVE)
+    except socket.gaierror as e:
+        raise UsageError(f"--host {host} cannot be resolved ({e.strerror})") from None
+    family, _type, _proto, _name, address = infos[0]
+    sock = socket.socket(family, socket.SOCK_STREAM)
+    sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+    try:
+        sock.bind(address)
+    except OSError as e:
+        sock.close()
+        raise UsageError(f"cannot listen on {host}:{port} ({e.strerror}); is another server using it? pass --port") \
+            from None
+    sock.listen(2048)
+    return sock
+
+
+def model_name(model_dir: Any) -> str:
+    """The run directory's name (gpt2-dutch-small-20261126-120000) rather than 'final_model'."""
+    model_dir = model_dir.resolve()  # a -latest link names the run it points at
+    return (model_dir.parent if model_dir.name == "final_model" else model_dir).name
+
+
+def build_server(model_path: str, *, device: str = "auto", precision: str = "auto", max_batch: int = 32,
+                 max_queue: int = 64, api_key: str | None = None, name: str | None = None) -> Any:
+    """A `Server` (model, tokenizer, engine, card) for create_app; the engine starts with the app."""
+    from ..model_loading import load_model
+    from .app import Server
+
+    model, tokenizer, model_dir = load_model(model_path, device, precision)
+    return Server(model, tokenizer, model_dir, name or model_name(model_dir), max_batch, max_queue, api_key)
+
+
+def serve(cfg: ServeConfig) -> None:
+    sock = bind(cfg.host, cfg.port)
+    try:
+        if not is_loopback(cfg.host):
+            print(f"gpt2-dutch serve: warning: listening on {cfg.host}, not loopback: anyone who can reach this "
+                  "machine can use the model" + ("" if cfg.api_key else "; set --api-key to require a key"),
+                  file=sys.stderr, flush=True)
+        server = build_server(cfg.model_path, device=cfg.device, precision=cfg.precision, max_batch=cfg.max_batch,
+                              max_queue=cfg.max_queue, api_key=cfg.api_key, name=cfg.model_name)
+        import uvicorn
+
+        from .app import create_app
+
+        host, port = sock.getsockname()[:2]
+        shown = f"[{host}]" if ":" in host else host
+        print(f"gpt2-dutch serve: {server.name} on http://{shown}:{port}/ (playground), API at "
+              f"http://{shown}:{port}/v1 (batch {cfg.max_batch}, queue {cfg.max_queue}"
+              f"{', API key required' if cfg.api_key else ''}); Ctrl-C stops", file=sys.stderr, flush=True)
+        config = uvicorn.Config(create_app(server), log_level="warning", timeout_graceful_shutdown=5)
+        uvicorn.Server(config).run(sockets=[sock])
+    finally:
+        sock.close()
