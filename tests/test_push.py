@@ -54,7 +54,8 @@ class RecordingHub:
     def upload_folder(self, **kw):
         folder = Path(kw["folder_path"])
         sent = sorted(p.name for p in folder.iterdir() if p.is_file() and p.name in kw["allow_patterns"])
-        self.calls.append(("upload_folder", {**kw, "sent": sent}))
+        readme = (folder / "README.md").read_text() if (folder / "README.md").is_file() else None
+        self.calls.append(("upload_folder", {**kw, "sent": sent, "readme": readme}))
         return SimpleNamespace(commit_url=f"https://huggingface.co/{kw['repo_id']}/commit/abc")
 
 
@@ -118,6 +119,9 @@ def test_push_uploads_the_model_card_and_curve_and_nothing_else(final, cli, priv
     assert Path(upload["folder_path"]) == final.resolve()
     assert sorted(upload["allow_patterns"]) == UPLOADED and upload["sent"] == UPLOADED
     assert "pushing 7 files" in err
+    # the card's load snippet names the repository it went to, here and in what was sent
+    assert 'model_id = "someone/gpt2-dutch-tiny"' in upload["readme"] == (final / "README.md").read_text()
+    assert "path/to/final_model" not in upload["readme"]
 
 
 def test_a_bare_name_goes_to_the_tokens_account_and_a_run_dir_or_link_is_accepted(final, cli, tmp_path):
@@ -129,6 +133,7 @@ def test_a_bare_name_goes_to_the_tokens_account_and_a_run_dir_or_link_is_accepte
         assert rc == 0, err
         assert calls("create_repo")[0]["repo_id"] == "gpt2-dutch-tiny"
         assert calls("upload_folder")[0]["repo_id"] == "tester/gpt2-dutch-tiny"  # the id create_repo resolved
+        assert 'model_id = "tester/gpt2-dutch-tiny"' in calls("upload_folder")[0]["readme"]
         assert Path(calls("upload_folder")[0]["folder_path"]) == final.resolve()
 
 

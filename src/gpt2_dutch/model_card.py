@@ -40,6 +40,8 @@ DEFAULT_LICENSE = "apache-2.0"
 CARD = "README.md"
 LOSS_CURVE = "loss.png"
 HUB_TAGS = ["gpt2", "dutch", "text-generation", "causal-lm", "gpt2-dutch"]
+# The load snippet's first line while the model has no Hub id; `push` puts the repository's id in its place.
+MODEL_ID_PLACEHOLDER = 'model_id = "path/to/final_model"  # this directory, or its Hub id ("OWNER/NAME") once pushed'
 
 # The run_config.json settings that say how a model was trained, in the card's order; paths (dataset_path,
 # output_dir, resume, init_from) and console settings are left out on purpose: they say where, not how.
@@ -370,11 +372,9 @@ def render_card(facts: dict[str, Any]) -> str:
     elif not facts.get("loss_curve"):
         lines += ["Not recorded.", ""]
 
-    model_id = facts.get("repo_id") or "path/to/final_model"
     lines += ["## How to use it", "", "```python",
               "from transformers import AutoModelForCausalLM, AutoTokenizer, pipeline", "",
-              f'model_id = "{model_id}"' + ("" if facts.get("repo_id") else
-                                           '  # this directory, or its Hub id ("OWNER/NAME") once pushed'),
+              f'model_id = "{facts["repo_id"]}"' if facts.get("repo_id") else MODEL_ID_PLACEHOLDER,
               "generator = pipeline(\"text-generation\", model=model_id)",
               "print(generator(\"Het weer is vandaag\", max_new_tokens=40)[0][\"generated_text\"])", "",
               "# or step by step",
@@ -419,6 +419,19 @@ def _limitations(facts: dict[str, Any]) -> list[str]:
 
 
 # ------------------------------------------------------------------------------------------------ writing
+
+def name_repo_in_card(model_dir: str | Path, repo_id: str) -> bool:
+    """Put the Hub id in the card's load snippet in place of the local placeholder (a card edited by hand keeps
+    every other line); whether the card changed."""
+    from .files import write_text_atomic
+
+    card = Path(model_dir) / CARD
+    text = card.read_text(encoding="utf-8")
+    if MODEL_ID_PLACEHOLDER not in text:
+        return False
+    write_text_atomic(card, text.replace(MODEL_ID_PLACEHOLDER, f'model_id = "{repo_id}"'))
+    return True
+
 
 def write_card(model_dir: str | Path, run_dir: str | Path | None = None, hardware: str | None = None) -> Path:
     """Write README.md (and the run's loss.png) into `model_dir`, each atomically; return the card's path.

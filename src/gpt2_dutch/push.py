@@ -128,6 +128,8 @@ def push_model(model_dir: Path, repo_id: str, private: bool = False,
     """Create the repository if needed and upload the model's files in one commit; return its URL."""
     from huggingface_hub import HfApi
 
+    from .model_card import name_repo_in_card
+
     token = hub_token()
     files = files_to_upload(model_dir)
     size = sum((model_dir / f).stat().st_size for f in files)
@@ -135,8 +137,11 @@ def push_model(model_dir: Path, repo_id: str, private: bool = False,
     api = HfApi(token=token)
     try:
         url = api.create_repo(repo_id, private=private, repo_type="model", exist_ok=True)
-        api.upload_folder(repo_id=str(getattr(url, "repo_id", None) or repo_id), folder_path=str(model_dir),
-                          repo_type="model", allow_patterns=files, commit_message=commit_message)
+        full_id = str(getattr(url, "repo_id", None) or repo_id)  # a bare NAME is under the token's account
+        if "README.md" in files:
+            name_repo_in_card(model_dir, full_id)  # the card's snippet then loads what was published
+        api.upload_folder(repo_id=full_id, folder_path=str(model_dir), repo_type="model", allow_patterns=files,
+                          commit_message=commit_message)
     except Exception as e:  # noqa: BLE001 - turned into one line below, or re-raised
         raise _hub_failure(e, repo_id) from None
     return str(url)
