@@ -11,8 +11,10 @@
 # No `from __future__ import annotations` here: FastAPI reads the routes' annotations (Request, imported inside
 # create_app to keep `--help` light) at definition time.
 import asyncio
+import contextlib
 import hmac
 import json
+import threading
 import time
 import uuid
 from importlib import resources
@@ -71,6 +73,34 @@ class TextStream:
         return delta
 
 
+class Outbox:
+    """Events from the engine thread to the event loop, handed over once per decoding step: one wake-up of the
+    loop per step instead of one per token (16 streams: 16x fewer cross-thread calls)."""
+
+    def __init__(self) -> None:
+        self._items: list[tuple[Any, asyncio.Queue, tuple]] = []
+        self._lock = threading.Lock()
+
+    def put(self, loop: Any, queue: asyncio.Queue, event: tuple) -> None:
+        with self._lock:
+            self._items.append((loop, queue, event))
+
+    def flush(self) -> None:
+        with self._lock:
+            items, self._items = self._items, []
+        by_loop: dict[Any, list[tuple[asyncio.Queue, tuple]]] = {}
+        for loop, queue, event in items:
+            by_loop.setdefault(loop, []).append((queue, event))
+        for loop, batch in by_loop.items():
+            with contextlib.suppress(RuntimeError):  # the loop closed (shutdown): nobody is waiting any more
+                loop.call_soon_threadsafe(_deliver, batch)
+
+
+def _deliver(batch: list[tuple[asyncio.Queue, tuple]]) -> None:
+    for queue, event in batch:
+        queue.put_nowait(event)
+
+
 class Server:
     """The model, tokenizer and engine behind the routes."""
 
@@ -82,7 +112,9 @@ class Server:
 
         self.model, self.tokenizer, self.name, self.api_key = model, tokenizer, name, api_key
         self.context = context_length(model)
-        self.engine = Engine(model, tokenizer.eos_token_id, max_batch=max_batch, max_queue=max_queue)
+        self.outbox = Outbox()
+        self.engine = Engine(model, tokenizer.eos_token_id, max_batch=max_batch, max_queue=max_queue,
+                             after_step=self.outbox.flush)
         self.card = model_card(model_dir, parameter_count(model), name)
         self.created = int(model_dir.stat().st_mtime)
 
@@ -115,7 +147,7 @@ class Server:
                 index = i * req.n + j
 
                 def emit(token: int | None, reason: str | None, index: int = index) -> None:
-                    loop.call_soon_threadsafe(events.put_nowait, (index, token, reason))
+                    self.outbox.put(loop, events, (index, token, reason))
 
                 seed = None if req.seed is None else (req.seed + index) % 2**64
                 seqs.append(Sequence(prompt, req.max_tokens, Sampling(req.temperature, req.top_k, req.top_p, seed),

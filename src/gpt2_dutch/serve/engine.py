@@ -74,8 +74,10 @@ class _Group:
 class Engine:
     """Owns the model; `submit` hands it the sequences of a request, a background thread does the rest."""
 
-    def __init__(self, model: Any, eos_token_id: int | None, max_batch: int = 32, max_queue: int = 64):
+    def __init__(self, model: Any, eos_token_id: int | None, max_batch: int = 32, max_queue: int = 64,
+                 after_step: Callable[[], None] = lambda: None):
         self.model = model
+        self.after_step = after_step  # called by the engine thread after each step (the server flushes its events)
         self.eos = eos_token_id
         self.max_batch = max_batch
         self.max_queue = max_queue
@@ -91,6 +93,7 @@ class Engine:
         self._positions: torch.Tensor | None = None  # [rows] the position of each row's next input token
         self.steps = 0  # decoding steps run (each one a forward over the whole batch)
         self.step_rows = 0  # rows summed over those steps: step_rows / steps is the mean batch size
+        self.busy_s = 0.0  # time spent in prefills and decoding steps
 
     # ------------------------------------------------------------------------------------------ server side
 
@@ -127,11 +130,14 @@ class Engine:
         for g in gone:
             for s in g.sequences:
                 self._finish(s, "cancelled")
+        if gone:
+            self.after_step()
 
     def stats(self) -> dict[str, int]:
         with self._lock:
             return {"running": sum(not s.finished for s in self._rows), "waiting": len(self._waiting),
-                    "max_batch": self.max_batch, "max_queue": self.max_queue}
+                    "max_batch": self.max_batch, "max_queue": self.max_queue, "steps": self.steps,
+                    "mean_batch": round(self.step_rows / max(1, self.steps), 2), "busy_s": round(self.busy_s, 3)}
 
     # ------------------------------------------------------------------------------------------ engine thread
 
@@ -144,16 +150,20 @@ class Engine:
                     if self._stopping:
                         break
                     admitted = self._take_admissible()
+                start = time.perf_counter()
                 try:
-                    for group in admitted:
-                        self._prefill(group)
+                    if admitted:
+                        self._prefill(admitted)
                     self._drop_finished()
                     if self._rows:
                         self._decode_step()
                         self._drop_finished()
                 except Exception as e:  # noqa: BLE001 - fail what is running, keep serving
                     self._fail_all(f"error: {type(e).__name__}: {str(e)[:200]}")
+                self.after_step()
+                self.busy_s += time.perf_counter() - start
         self._fail_all("cancelled")
+        self.after_step()
 
     def _take_admissible(self) -> list[_Group]:
         """Whole requests, oldest first, while their sequences fit the free slots (caller holds the lock)."""
@@ -170,21 +180,40 @@ class Engine:
                 free -= len(live)
         return taken
 
-    def _prefill(self, group: _Group) -> None:
-        """Compute each distinct prompt's KV once, pick each sequence's first token, merge its rows into the batch."""
+    def _prefill(self, groups: list[_Group]) -> None:
+        """Compute each distinct prompt's KV once, in one left-padded forward for all the newly admitted requests,
+        pick each sequence's first token, and merge its rows into the batch.
+
+        One forward for 16 prompts instead of 16: requests that arrive together start together (16 concurrent
+        20-token prompts of GPT-2 small: one prefill pass instead of sixteen memory-bound ones)."""
         from transformers import DynamicCache
 
         by_prompt: dict[tuple[int, ...], list[Sequence]] = {}
-        for s in group.sequences:
-            by_prompt.setdefault(tuple(s.prompt_ids), []).append(s)
-        for prompt, seqs in by_prompt.items():
-            ids = torch.tensor([prompt], dtype=torch.long, device=self.device)
-            cache = DynamicCache(config=self.model.config)
-            out = self.model(input_ids=ids, cache=cache, use_cache=True, logits_to_keep=1)
-            logits = out.logits[:, -1, :].float().expand(len(seqs), -1)
-            tokens = sample(logits, [s.sampling for s in seqs], [s.generator for s in seqs])
-            kv = [(layer.keys, layer.values) for layer in out.cache.layers]
-            self._merge(kv, len(prompt), seqs)
+        for group in groups:
+            for s in group.sequences:
+                by_prompt.setdefault(tuple(s.prompt_ids), []).append(s)
+        prompts = list(by_prompt)
+        width = max(len(p) for p in prompts)
+        ids = torch.zeros((len(prompts), width), dtype=torch.long)
+        mask = torch.zeros((len(prompts), width), dtype=torch.long)
+        for row, p in enumerate(prompts):
+            ids[row, width - len(p):] = torch.tensor(p, dtype=torch.long)
+            mask[row, width - len(p):] = 1
+        positions = (mask.cumsum(dim=1) - 1).clamp(min=0)
+        cache = DynamicCache(config=self.model.config)
+        # Unpadded prompts need no mask (the causal one is implied): a lone prompt runs exactly as in generate.
+        padded = any(len(p) < width for p in prompts)
+        out = self.model(input_ids=ids.to(self.device), cache=cache, use_cache=True, logits_to_keep=1,
+                         attention_mask=mask.to(self.device) if padded else None,
+                         position_ids=positions.to(self.device))
+        logits = out.logits[:, -1, :].float()
+        kv = [(layer.keys, layer.values) for layer in out.cache.layers]
+        for row, p in enumerate(prompts):
+            seqs = by_prompt[p]
+            tokens = sample(logits[row:row + 1].expand(len(seqs), -1), [s.sampling for s in seqs],
+                            [s.generator for s in seqs])
+            self._merge([(k[row:row + 1, :, width - len(p):], v[row:row + 1, :, width - len(p):]) for k, v in kv],
+                        len(p), seqs)
             for s, t in zip(seqs, tokens, strict=True):
                 self._accept(s, t)
 
@@ -313,7 +342,12 @@ def sample(logits: torch.Tensor, settings: list[Sampling], generators: list[torc
         remove = cumulative <= (1 - ps)[:, None]
         remove[:, -1] = False  # always keep the most likely token
         x = x.masked_fill(remove.scatter(1, order, remove), float("-inf"))
-    probs = x.softmax(dim=-1)
+    # Inverse-CDF sampling: one uniform number per row from the row's own generator. torch.multinomial took
+    # 1.5 ms per row on a 32k vocabulary (a quarter of a batch-16 step of GPT-2 small on one core).
+    cdf = x.softmax(dim=-1).cumsum(dim=-1)
+    u = torch.tensor([float(torch.rand((), generator=generators[i])) for i in sampled], dtype=cdf.dtype)
+    # right=True: the first token whose cumulative mass exceeds u, never one of probability 0
+    picked = torch.searchsorted(cdf, (u * cdf[:, -1])[:, None], right=True).clamp_(max=cdf.shape[1] - 1)
     for row, i in enumerate(sampled):
-        out[i] = int(torch.multinomial(probs[row], 1, generator=generators[i]))
+        out[i] = int(picked[row, 0])
     return out
