@@ -30,6 +30,7 @@ warning: use --api-key (or GPT2_DUTCH_API_KEY) so that every route but /health n
 
 from __future__ import annotations
 
+import contextlib
 import ipaddress
 import os
 import socket
@@ -134,6 +135,9 @@ def serve(cfg: ServeConfig) -> None:
               f"http://{shown}:{port}/v1 (batch {cfg.max_batch}, queue {cfg.max_queue}"
               f"{', API key required' if cfg.api_key else ''}); Ctrl-C stops", file=sys.stderr, flush=True)
         config = uvicorn.Config(create_app(server), log_level="warning", timeout_graceful_shutdown=5)
-        uvicorn.Server(config).run(sockets=[sock])
+        # uvicorn shuts down gracefully on Ctrl-C, then re-raises it: here the normal way to stop, not an error
+        with contextlib.suppress(KeyboardInterrupt):
+            uvicorn.Server(config).run(sockets=[sock])
+        print("gpt2-dutch serve: stopped", file=sys.stderr, flush=True)
     finally:
         sock.close()
