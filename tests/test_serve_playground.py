@@ -1,0 +1,96 @@
+"""The playground at / in a real headless browser: Debian's chromium driven by Playwright (no browser download).
+
+    pytest tests/test_serve_playground.py          # needs `apt-get install chromium` (.ci/run installs it)
+
+Types a prompt, presses Generate and watches the text stream in; reads the model card and its loss curve; stops a
+long generation with the Stop button. Skips with the reason where Playwright or chromium is missing.
+"""
+
+from __future__ import annotations
+
+import os
+import shutil
+import time
+from pathlib import Path
+
+import pytest
+import test_serve
+from test_serve import greedy_generate, live_server
+
+# the fixtures of the API tests: a tiny trained run, the model loaded for `generate`, an untrained long-context one
+served_run, loaded, long_model = test_serve.served_run, test_serve.loaded, test_serve.long_model
+
+pytestmark = pytest.mark.slow
+
+
+def chromium_path() -> str:
+    for name in (os.environ.get("CHROMIUM"), "chromium", "chromium-browser", "google-chrome"):
+        path = name and shutil.which(name)
+        if path:
+            return path
+    pytest.skip("no chromium on PATH: install it with `apt-get install chromium` (.ci/run does)")
+
+
+@pytest.fixture(scope="module")
+def browser():
+    sync_api = pytest.importorskip("playwright.sync_api", reason="playwright is not installed (pip install -e .[dev])")
+    executable = chromium_path()
+    with sync_api.sync_playwright() as p:
+        # --no-sandbox: CI runs as root, where chromium refuses its sandbox
+        b = p.chromium.launch(executable_path=executable, headless=True, args=["--no-sandbox"])
+        yield b
+        b.close()
+
+
+def test_type_a_prompt_press_generate_and_watch_the_text_stream_in(browser, served_run: Path, loaded):
+    prompt = "De trein naar Utrecht"
+    with live_server(served_run) as live:
+        page = browser.new_page()
+        seen: list[str] = []  # the generated text each time it changed: it must grow token by token
+        page.expose_function("record", lambda text: seen.append(text))
+        page.goto(live.url + "/")
+        page.evaluate("""() => new MutationObserver(() => {
+            const g = document.getElementById('generated'); if (g) window.record(g.textContent);
+        }).observe(document.getElementById('output'), {subtree: true, childList: true, characterData: true})""")
+        # the model card, read from the run's config, run_config.json and metrics.jsonl
+        page.wait_for_selector("dd[data-field='parameters']")
+        assert page.inner_text("#model-name") == served_run.name
+        assert page.inner_text("dd[data-field='layers × width']") == "4 × 128"
+        assert page.inner_text("dd[data-field='training tokens']") == "5120"
+        assert page.inner_text("dd[data-field='bits per byte']") != "–"
+        assert page.locator("#curve path.train-loss").count() == 1
+        assert page.locator("#curve circle").count() == 2  # the evaluations at steps 20 and 40
+
+        page.fill("#prompt", prompt)
+        page.eval_on_selector("#temperature", "e => { e.value = 0; e.dispatchEvent(new Event('input')); }")
+        page.eval_on_selector("#max_tokens", "e => { e.value = 10; e.dispatchEvent(new Event('input')); }")
+        page.click("#generate")
+        page.wait_for_function("document.getElementById('status').textContent.includes('tokens/s,')")
+        expected = greedy_generate(loaded, [prompt], 10)[0]
+        assert page.inner_text("#generated") == expected
+        assert page.inner_text("#output .prompt") == prompt
+        distinct = [t for i, t in enumerate(seen) if i == 0 or t != seen[i - 1]]
+        assert len(distinct) >= 3 and distinct[-1] == expected  # it grew piece by piece, not in one go
+        assert all(expected.startswith(t) for t in distinct)
+        assert "10 tokens" in page.inner_text("#status")
+        page.close()
+
+
+def test_the_stop_button_ends_a_long_generation(browser, long_model: Path):
+    with live_server(long_model) as live:
+        page = browser.new_page()
+        page.goto(live.url + "/")
+        page.wait_for_selector("dd[data-field='parameters']")  # the card sets the slider's range: wait for it
+        page.eval_on_selector("#max_tokens", "e => { e.max = 2000; e.value = 2000; "
+                                             "e.dispatchEvent(new Event('input')); }")
+        page.click("#generate")
+        page.wait_for_function("document.getElementById('generated')?.textContent.length > 5")
+        assert live.health()["running"] == 1
+        page.click("#stop")
+        page.wait_for_function("document.getElementById('status').textContent.startsWith('stopped')")
+        assert page.is_enabled("#generate") and not page.is_enabled("#stop")
+        deadline = time.monotonic() + 5
+        while live.health()["running"] and time.monotonic() < deadline:
+            page.wait_for_timeout(20)
+        assert live.health()["running"] == 0  # the abandoned request left the batch
+        page.close()
