@@ -1,10 +1,11 @@
 """Our speed against the standard recipes, side by side in one run, next to this device's measured limits.
 
-    gpt2-dutch bench                         # limits, preprocess, train, generate, quality (~7 min + quality)
-    gpt2-dutch bench train                   # one part: preprocess, train, generate or quality
+    gpt2-dutch bench                         # limits, preprocess, train, generate, serve, quality (~10 min + quality)
+    gpt2-dutch bench train                   # one part: preprocess, train, generate, serve or quality
+    gpt2-dutch bench serve                   # the API at 1, 4, 16 streaming clients vs one request at a time
     gpt2-dutch bench quality --seeds 2       # held-out bits per byte after 4 minutes of training, ours vs textbook
     gpt2-dutch bench quality --ours-config ablation.yaml   # the same, ours with other train settings
-    gpt2-dutch bench --quick                 # every part but quality on small inputs in ~20 s (CI)
+    gpt2-dutch bench --quick                 # every part but quality and serve on small inputs in ~20 s (CI)
     gpt2-dutch bench --json-out b.json --markdown-out b.md --plot-out b.png
 
 Each of our results is measured next to its baseline (gpt2_dutch/bench/baselines.py: run_clm.py's data path, a
@@ -26,6 +27,7 @@ The benchmark runs on one device: it sets CUDA_VISIBLE_DEVICES to the first visi
 #     preprocess_child.py  ... the program each of those processes runs (python -m gpt2_dutch.bench.preprocess_child)
 #     train_speed.py       gpt2-dutch train vs a run_clm-style Trainer, our speed read from the run's metrics.jsonl
 #     generate_speed.py    our decoding vs plain fp32 model.generate
+#     serve_speed.py       gpt2-dutch serve under concurrent streaming clients vs one request at a time
 #     quality.py           held-out bits per byte after the same training time: ours vs a textbook Trainer run
 #     baselines.py         the standard recipes themselves
 #     report.py            progress lines, ratios against targets, the table (screen, markdown) and the bar chart
@@ -46,16 +48,17 @@ from .. import __version__
 from ..config import option
 from ..errors import UsageError, check
 
-PARTS = ["all", "preprocess", "train", "generate", "quality"]
+PARTS = ["all", "preprocess", "train", "generate", "serve", "quality"]
 REFERENCE_TEXT = Path("../shared/data/dutch/train.jsonl.gz")  # the project's benchmark corpus, in a checkout
 
 
 @dataclass
 class BenchConfig:
-    part: str = option("all", "what to measure: all, preprocess, train, generate or quality", positional=True,
+    part: str = option("all", "what to measure: all, preprocess, train, generate, serve or quality", positional=True,
                        choices=PARTS)
     quick: bool = option(False, "small inputs, the tiny model and few steps: every part in ~20 s (CI); `all` then "
-                         "leaves quality out, and `quality --quick` trains for 3 s per side unless --budget is given")
+                         "leaves quality and serve out, and `quality --quick` trains for 3 s per side unless --budget "
+                         "is given")
     data_files: list[str] = option([], "benchmark text: one .jsonl(.gz) file with a 'text' field (default: "
                                    f"{REFERENCE_TEXT} when present, else the built-in sample)",
                                    aliases=["--data-file"])
@@ -126,6 +129,7 @@ def _bench(cfg: BenchConfig, builtin: Path) -> dict[str, Any]:
     from .preprocess_speed import bench_preprocess, train_bench_tokenizer
     from .quality import bench_quality
     from .report import ratios, say, write_outputs
+    from .serve_speed import bench_serve
     from .train_speed import bench_train
 
     if cfg.data_files:
@@ -137,6 +141,7 @@ def _bench(cfg: BenchConfig, builtin: Path) -> dict[str, Any]:
         # quality trains two models and scores both: ~25 s more even at its 3 s budget, which would double the
         # quick run; `bench quality --quick` (and tests/test_bench_quality.py) runs it on its own
         parts.remove("quality")
+        parts.remove("serve")  # two server processes to start: ~20 s more; `bench serve --quick` runs it alone
     results: dict[str, Any] = {"version": __version__, "quick": cfg.quick, "machine": machine_info(),
                                "text": {"file": str(text), "mb": text_megabytes(text)}}
     say(f"device limits ({results['machine']['device']})")
@@ -155,6 +160,9 @@ def _bench(cfg: BenchConfig, builtin: Path) -> dict[str, Any]:
         if "generate" in parts:
             say("generate: gpt2-dutch vs plain fp32 model.generate")
             results["generate"] = bench_generate(tokenizer, tmp, cfg.quick, results["limits"])
+        if "serve" in parts:
+            say("serve: gpt2-dutch serve, streaming clients at once vs one request at a time")
+            results["serve"] = bench_serve(tokenizer, tmp, cfg.quick)
         if "quality" in parts:
             results["quality"] = bench_quality(text, cfg.tokenizer, tmp, cfg.quick, cfg.budget_s, cfg.seeds,
                                                cfg.ours_config, cfg.ours_overrides)
