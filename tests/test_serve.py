@@ -495,3 +495,52 @@ def test_the_serve_command_runs_a_server_the_openai_client_streams_from(served_r
         _, err = proc.communicate(timeout=30)
     assert proc.returncode == 0, err
     assert f"on http://127.0.0.1:{port}/" in err and "Traceback" not in err
+
+
+# ------------------------------------------------------------------------------------- sampling, the bench part
+
+def test_per_row_sampling_settings():
+    import torch
+
+    from gpt2_dutch.serve.engine import Sampling, new_generator, sample
+
+    logits = torch.tensor([[0.0, 3.0, 1.0, 2.0]] * 4)
+    rows = [Sampling(temperature=0), Sampling(temperature=1.0, top_k=1), Sampling(temperature=1.0, top_p=0.01),
+            Sampling(temperature=1e-30)]  # a tiny temperature is greedy, never NaN
+    assert sample(logits, rows, [new_generator(i) for i in range(4)]) == [1, 1, 1, 1]
+    # top_k=2 keeps tokens 1 and 3 only; their frequencies follow softmax([3, 2]) = 0.73 / 0.27
+    draws = sample(logits[:1].expand(4000, -1).clone(), [Sampling(1.0, top_k=2)] * 4000,
+                   [new_generator(i) for i in range(4000)])
+    assert set(draws) == {1, 3} and abs(draws.count(1) / 4000 - 0.731) < 0.03
+    # top_p=0.7 keeps the smallest set holding 70%: tokens 1 and 3 (0.64 + 0.24); temperature 2 flattens first
+    draws = sample(logits[:1].expand(2000, -1).clone(), [Sampling(1.0, top_p=0.7)] * 2000,
+                   [new_generator(i) for i in range(2000)])
+    assert set(draws) == {1, 3}
+    draws = sample(logits[:1].expand(2000, -1).clone(), [Sampling(2.0)] * 2000, [new_generator(i) for i in range(2000)])
+    assert set(draws) == {0, 1, 2, 3}
+    # a seeded row draws the same whatever shares its batch
+    one = sample(logits[:1], [Sampling(1.0)], [new_generator(5)])
+    mixed = sample(logits, [Sampling(0), Sampling(1.0), Sampling(1.0, top_k=2), Sampling(0.5)],
+                   [None, new_generator(5), new_generator(6), new_generator(7)])
+    assert mixed[1] == one[0]
+
+
+@pytest.mark.slow
+def test_bench_serve_quick_measures_every_server(cli, tmp_path: Path, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    rc, _, err = cli("bench", "serve", "--quick", "--json-out", "b.json", "--markdown-out", "b.md",
+                     "--plot-out", "b.png")
+    assert rc == 0, err
+    s = json.loads((tmp_path / "b.json").read_text())["serve"]
+    assert s["model_size"] == "tiny" and s["clients"] == [1, 4, 16]
+    assert set(s["servers"]) == {"ours", "one_at_a_time", "transformers_serve", "transformers_serve_cb"}
+    for name, runs in s["servers"].items():
+        if "error" in runs:  # a baseline that cannot run here says why; ours always runs
+            assert name != "ours" and runs["error"]
+            continue
+        for clients, r in runs.items():
+            assert r["clients"] == int(clients) and r["tokens"] > 0 and r["tokens_per_s"] > 0
+            assert 0 < r["ttft_p50_ms"] <= r["ttft_p95_ms"] and 0 < r["latency_p50_s"] <= r["latency_p95_s"]
+    ours = s["servers"]["ours"]
+    assert all(r["tokens"] == r["requests"] * s["max_tokens"] for r in ours.values())  # ignore_eos: all of them
+    assert math.isclose(s["ours_16_over_1"], ours["16"]["tokens_per_s"] / ours["1"]["tokens_per_s"])
