@@ -418,6 +418,34 @@ def test_a_non_streaming_client_that_leaves_frees_its_slot(long_model: Path):
         _wait_for(lambda: live.health()["running"] == 0, timeout=2)
 
 
+def test_a_request_that_fails_in_prefill_fails_alone(long_model: Path, monkeypatch):
+    """A fault while a new request is prefilled (say, out of memory for its prompt): that request gets a 500 with
+    an OpenAI error body, the one already decoding goes on to its last token."""
+    from gpt2_dutch.serve.engine import Engine
+
+    prefill = Engine._prefill
+
+    def faulty(self, groups):  # noqa: ANN001, ANN202
+        if any(seq.prompt_ids == poison for g in groups for seq in g.sequences):
+            raise RuntimeError("out of memory (simulated)")
+        return prefill(self, groups)
+
+    monkeypatch.setattr(Engine, "_prefill", faulty)
+    with live_server(long_model, max_batch=4) as live:
+        poison = live.server.tokenizer("Vergif")["input_ids"]
+        result: dict[str, Any] = {}
+        thread = threading.Thread(target=lambda: result.update(answer=live.complete(
+            prompt="De trein", max_tokens=300, temperature=0, ignore_eos=True)))
+        thread.start()
+        _wait_for(lambda: live.health()["running"] == 1)
+        status, _, answer = live.request("POST", "/v1/completions", {"prompt": "Vergif", "max_tokens": 5})
+        assert status == 500 and answer["error"]["type"] == "server_error"
+        assert "out of memory (simulated)" in answer["error"]["message"] and "Traceback" not in json.dumps(answer)
+        thread.join(timeout=60)
+        assert result["answer"]["usage"]["completion_tokens"] == 300
+        assert result["answer"]["choices"][0]["finish_reason"] == "length"
+
+
 def test_an_api_key_guards_every_route_but_health(served_run: Path):
     with live_server(served_run, api_key="s3cret") as live:
         assert live.request("GET", "/health")[0] == 200

@@ -153,7 +153,7 @@ class Engine:
                 start = time.perf_counter()
                 try:
                     if admitted:
-                        self._prefill(admitted)
+                        self._admit(admitted)
                     self._drop_finished()
                     if self._rows:
                         self._decode_step()
@@ -179,6 +179,18 @@ class Engine:
                 taken.append(_Group(live, group.enqueued))
                 free -= len(live)
         return taken
+
+    def _admit(self, groups: list[_Group]) -> None:
+        """Prefill the new requests; one that fails there (out of memory for a long prompt) fails alone: the
+        running batch goes on."""
+        try:
+            self._prefill(groups)
+        except Exception as e:  # noqa: BLE001
+            running = {id(s) for s in self._rows}
+            for g in groups:
+                for s in g.sequences:
+                    if id(s) not in running:
+                        self._finish(s, f"error: {type(e).__name__}: {str(e)[:200]}")
 
     def _prefill(self, groups: list[_Group]) -> None:
         """Compute each distinct prompt's KV once, in one left-padded forward for all the newly admitted requests,
@@ -325,7 +337,7 @@ def sample(logits: torch.Tensor, settings: list[Sampling], generators: list[torc
         return out
     x = logits[sampled]
     x = x - x.max(dim=-1, keepdim=True).values  # <= 0: a tiny temperature gives -inf, never inf or NaN
-    temps = torch.tensor([settings[i].temperature for i in sampled], dtype=x.dtype)
+    temps = torch.tensor([settings[i].temperature for i in sampled], dtype=x.dtype, device=x.device)
     x = x / temps[:, None]
     ks = [settings[i].top_k for i in sampled]
     if any(0 < k < x.shape[1] for k in ks):
@@ -334,7 +346,7 @@ def sample(logits: torch.Tensor, settings: list[Sampling], generators: list[torc
         for row, k in enumerate(ks):
             if 0 < k < x.shape[1]:
                 x[row][x[row] < top[row, k - 1]] = float("-inf")
-    ps = torch.tensor([settings[i].top_p for i in sampled], dtype=x.dtype)
+    ps = torch.tensor([settings[i].top_p for i in sampled], dtype=x.dtype, device=x.device)
     if bool((ps < 1).any()):
         # transformers' TopPLogitsWarper: drop the least likely tokens whose mass stays within 1 - top_p
         sorted_x, order = torch.sort(x, descending=False, dim=-1)
@@ -345,7 +357,9 @@ def sample(logits: torch.Tensor, settings: list[Sampling], generators: list[torc
     # Inverse-CDF sampling: one uniform number per row from the row's own generator. torch.multinomial took
     # 1.5 ms per row on a 32k vocabulary (a quarter of a batch-16 step of GPT-2 small on one core).
     cdf = x.softmax(dim=-1).cumsum(dim=-1)
-    u = torch.tensor([float(torch.rand((), generator=generators[i])) for i in sampled], dtype=cdf.dtype)
+    # the generators live on the CPU (cheap to seed, the same draws on any device)
+    u = torch.tensor([float(torch.rand((), generator=generators[i])) for i in sampled], dtype=cdf.dtype,
+                     device=cdf.device)
     # right=True: the first token whose cumulative mass exceeds u, never one of probability 0
     picked = torch.searchsorted(cdf, (u * cdf[:, -1])[:, None], right=True).clamp_(max=cdf.shape[1] - 1)
     for row, i in enumerate(sampled):
