@@ -406,6 +406,26 @@ def test_a_full_queue_answers_503_and_a_disconnect_frees_its_slot_at_once(long_m
         assert live.server.engine.steps == steps  # nothing decodes for the client that left
 
 
+def test_max_queue_bounds_only_the_requests_that_must_wait():
+    import types
+
+    from gpt2_dutch.serve.engine import Engine, QueueFull, Sampling, Sequence
+
+    def request(n: int) -> list[Sequence]:
+        return [Sequence([1, 2], 4, Sampling(), lambda token, reason: None) for _ in range(n)]
+
+    engine = Engine(types.SimpleNamespace(device="cpu"), eos_token_id=0, max_batch=4, max_queue=0)  # not started
+    engine.submit(request(3))  # free slots: it starts at the next step, --max-queue 0 or not
+    engine.submit(request(1))
+    with pytest.raises(QueueFull):  # the batch is full: this one would wait, and no one may
+        engine.submit(request(1))
+    engine.max_queue = 3  # (the engine is not started: the first two requests still count as queued)
+    engine.submit(request(2))  # waits
+    with pytest.raises(QueueFull):
+        engine.submit(request(1))
+    assert engine.stats()["waiting"] == 3
+
+
 def test_a_non_streaming_client_that_leaves_frees_its_slot(long_model: Path):
     with live_server(long_model, max_batch=4, max_queue=4) as live:
         sock = socket.create_connection(("127.0.0.1", live.port), timeout=30)

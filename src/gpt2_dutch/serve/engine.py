@@ -109,11 +109,15 @@ class Engine:
             self._thread.join(timeout=30)
 
     def submit(self, sequences: list[Sequence]) -> None:
-        """Queue a request's sequences; QueueFull when --max-queue requests are already waiting."""
+        """Queue a request's sequences; QueueFull when they must wait and --max-queue requests already do."""
         if len(sequences) > self.max_batch:  # the API refuses these first; a caller's bug otherwise
             raise ValueError(f"{len(sequences)} sequences can never fit a batch of {self.max_batch}")
         with self._lock:
-            if len(self._waiting) >= self.max_queue:
+            # --max-queue bounds the requests that must wait; one whose sequences fit the free slots starts at the
+            # next step whatever the queue's bound (so that --max-queue 0 means "no waiting", not "no serving")
+            pending = sum(len(g.sequences) for g in self._waiting)
+            fits = sum(not s.finished for s in self._rows) + pending + len(sequences) <= self.max_batch
+            if not fits and len(self._waiting) >= self.max_queue:
                 raise QueueFull()
             self._waiting.append(_Group(sequences))
             self._lock.notify_all()
