@@ -1,14 +1,19 @@
 """Preprocess Dutch text into training-ready token chunks (run once; training never tokenizes).
 
     gpt2-dutch preprocess --dataset-size 10k                        # Hub config -> processed_data/chunked_10k
-    gpt2-dutch preprocess --data-files 'corpus/*.jsonl.gz'          # local text, works offline
+    gpt2-dutch preprocess --data-files 'corpus/*.jsonl.gz'          # local text, works offline, every core
     gpt2-dutch preprocess --dataset-size 10B --tokenizer processed_data/chunked_1B   # streamed, shared BPE
+    gpt2-dutch preprocess --dataset-size 55B --tokenizer T --shard-index $SLURM_ARRAY_TASK_ID --num-shards 8
+    gpt2-dutch preprocess --dataset-size 55B --tokenizer T --merge  # after the 8 tasks: one dataset
 
-Steps: read documents -> train (or load) a byte-level BPE on the training split -> tokenize in batches
-(tiktoken's Rust encoder for GPT-2-style BPEs, checked to give the same ids as `tokenizers`) -> append
-<|endoftext|> after every document -> cut the stream into --chunk-size blocks (no padding, final partial
-block dropped) -> write Arrow shards into a temporary directory -> rename it into place with its manifest and
-tokenizer.
+Steps: read documents -> train (or load) a byte-level BPE on the training split -> cut the input into parts
+(preprocess_parts.py) -> --num-workers processes encode the parts (tiktoken's Rust encoder for GPT-2-style BPEs,
+checked to give the same ids as `tokenizers`), <|endoftext|> after every document, each part into a file of
+its own -> join the parts in input order, hold out the test documents, cut the stream into --chunk-size blocks
+(no padding, final partial block dropped) and write Arrow shards into a temporary directory
+(preprocess_merge.py) -> rename it into place with its manifest and tokenizer. A killed run, started again
+with the same command, encodes only the parts it had not finished; the output is the same for any number of
+workers, shards or part sizes.
 """
 
 from __future__ import annotations
@@ -16,16 +21,15 @@ from __future__ import annotations
 import argparse
 import contextlib
 import glob
-import itertools
 import json
 import os
 import random
 import shutil
 import sys
 import time
+from collections import deque
 from collections.abc import Callable, Iterator
-from concurrent.futures import Future, ThreadPoolExecutor
-from dataclasses import asdict, dataclass
+from dataclasses import dataclass
 from datetime import datetime, timezone
 from pathlib import Path
 from typing import Any
@@ -37,30 +41,40 @@ from .data import (
     HUB_DATASET,
     MANIFEST,
     STREAMING_FROM,
-    ChunkWriter,
-    batched,
     expand_data_files,
     iter_hub_texts,
     iter_local_texts,
     token_dtype,
 )
-from .errors import UsageError, check, check_number, check_seed, disk_faults
+from .errors import MachineError, UsageError, check, check_number, check_seed, disk_faults
 from .files import pid_alive, replace_dir, temp_name
+from .preprocess_merge import SPLITS, WorkDir, merge_parts, stats_dict, tokenizer_digest
+from .preprocess_parts import Part, encode_part, file_parts, init_worker, part_key, shard_of, text_block_parts
 from .tokenizer import (
     DEFAULT_VOCAB_SIZE,
     ENCODERS,
     MIN_VOCAB_SIZE,
-    BatchEncoder,
-    load_tokenizer,
+    TokenizerFiles,
+    load_tokenizer_files,
     split_long_text,
     train_bpe,
 )
 
 MAX_CHUNK_SIZE = 1 << 20
 MAX_THREADS = 1024
+MAX_SHARDS = 100_000
+MAX_PART_MB = 4096.0
 DATASET_FORMAT = "gpt2-dutch/chunks"  # the manifest's "format": what --overwrite may replace
 # Fraction of training documents held out when a source has no (big enough) test split of its own.
 DEFAULT_CARVE_FRACTION = 0.1
+
+
+def available_cores() -> int:
+    """The cores this process may run on (a Slurm allocation or taskset, not the machine's count)."""
+    try:
+        return len(os.sched_getaffinity(0))
+    except (AttributeError, OSError):
+        return os.cpu_count() or 1
 
 
 @dataclass
@@ -89,7 +103,17 @@ class PreprocessConfig:
     streaming: bool | None = option(
         None, f"process the data as it arrives, never holding it whole in memory or on disk (automatic "
         f"from {STREAMING_FROM} up)", action=argparse.BooleanOptionalAction)
-    threads: int | None = option(None, "tokenizer threads (default: all cores)", aliases=["--num-proc"])
+    num_workers: int | None = option(
+        None, "processes encoding parts of the input at once (default: every core this process may use)")
+    threads: int | None = option(None, "tokenizer threads per worker (default: the cores left per worker, at least 1)",
+                                 aliases=["--num-proc"])
+    part_mb: float = option(
+        32.0, "MB of input text per part: the unit of work, of resuming after a kill and of splitting across "
+        "machines (the output does not depend on it)")
+    shard_index: int | None = option(
+        None, "encode only this shard's parts (0 .. --num-shards - 1), e.g. $SLURM_ARRAY_TASK_ID; then --merge")
+    num_shards: int | None = option(None, "how many shards (machines, Slurm array tasks) share the work")
+    merge: bool = option(False, "join the parts that every shard wrote into the dataset (after all shards are done)")
     encoder: str = option(
         "auto", "auto: tiktoken's encoder (3x faster, same ids) when the tokenizer is a GPT-2-style byte-level "
         "BPE, checked on the first documents; tokenizers: always the tokenizer's own encoder", choices=ENCODERS)
@@ -122,6 +146,25 @@ class PreprocessConfig:
         # RAYON_NUM_THREADS is handed to the Rust pool as is: a billion would try to start a billion threads.
         check(self.threads is None or self.threads <= MAX_THREADS,
               f"--threads must be at most {MAX_THREADS} (got {self.threads})")
+        check(self.num_workers is None or self.num_workers >= 1,
+              f"--num-workers must be at least 1 (got {self.num_workers})")
+        check(self.num_workers is None or self.num_workers <= MAX_THREADS,
+              f"--num-workers must be at most {MAX_THREADS} (got {self.num_workers})")
+        check_number(self.part_mb, "--part-mb", minimum=0, exclusive_minimum=True, maximum=MAX_PART_MB)
+        check(self.num_shards is None or 1 <= self.num_shards <= MAX_SHARDS,
+              f"--num-shards must be between 1 and {MAX_SHARDS} (got {self.num_shards})")
+        check(not (self.merge and self.shard_index is not None),
+              "--merge joins the work of every shard; give it without --shard-index")
+        if self.shard_index is not None:
+            check(self.num_shards is not None, "--shard-index needs --num-shards (how many shards share the work)")
+            assert self.num_shards is not None
+            check(0 <= self.shard_index < self.num_shards, f"--shard-index must be between 0 and "
+                  f"{self.num_shards - 1} for --num-shards {self.num_shards} (got {self.shard_index})")
+        check(self.num_shards is None or self.shard_index is not None or self.merge,
+              "--num-shards needs --shard-index (this shard's number, e.g. $SLURM_ARRAY_TASK_ID) or --merge")
+        check(not (self.num_shards or 1) > 1 or self.tokenizer is not None or self.merge,
+              "shards must all encode with one tokenizer: train or choose it first (e.g. preprocess a smaller "
+              "config) and pass it to every shard with --tokenizer")
         check_number(self.tokenizer_train_mb, "--tokenizer-train-mb", minimum=0, exclusive_minimum=True)
         check_seed(self.seed)
         if self.streaming is None:
@@ -135,40 +178,69 @@ class PreprocessConfig:
                 self.name = f"chunked_{stem}"
 
 
+
 @dataclass
 class Source:
-    """Where the documents come from: train texts, the source's own test texts (if any), a description."""
+    """Where the documents come from: train texts, the source's own test texts (if any), a description, and
+    the parts of each split (preprocess_parts.Part) in input order."""
 
     description: dict[str, Any]
     train: Callable[[], Iterator[str]]
     test: Callable[[], Iterator[str]] | None
     local: bool = False  # files on this machine: reading the first documents a second time costs nothing
+    # (split, part bytes, shard index, number of shards) -> the parts of that split that are this shard's
+    parts: Callable[[str, int, int, int], Iterator[Part]] | None = None
+    signature: list[Any] | None = None  # what identifies the input in plan.json (files: sizes, times)
 
 
 def resolve_source(cfg: PreprocessConfig) -> Source:
     if cfg.data_files:
         files = expand_data_files(cfg.data_files)
-        return Source(
-            {"type": "files", "files": [str(f) for f in files], "text_column": cfg.text_column},
-            lambda: iter_local_texts(files, cfg.text_column, cfg.sample_by), None, local=True)
+        return _file_source(files, {"type": "files", "files": [str(f) for f in files], "text_column": cfg.text_column},
+                            cfg)
     if cfg.dataset_size == "builtin":
         from .sample import builtin_sample_path  # the shipped sample, a .jsonl file
 
         path = builtin_sample_path()
-        return Source({"type": "builtin", "files": [path.name]},
-                      lambda: iter_local_texts([path], "text", cfg.sample_by), None, local=True)
+        return _file_source([path], {"type": "builtin", "files": [path.name]}, cfg, text_column="text")
     size = cfg.dataset_size
     assert size is not None and cfg.streaming is not None
     stream = cfg.streaming
-    from .data import hub_split_names
+    from .data import hub_split_names, load_hub_split
 
     name = cfg.dataset_name
     splits = hub_split_names(name, size)
     check("train" in splits, f"{name} config '{size}' has no train split (it has: {', '.join(splits)})")
+
+    def parts(split: str, part_bytes: int, index: int, n: int) -> Iterator[Part]:
+        if stream:  # one part per data file, each read by its worker straight from the Hub
+            n_files = load_hub_split(name, size, split, True).n_shards
+            for k in range(n_files):
+                if shard_of(n_files, k, 0, n) == index:
+                    yield Part(split, part_key(k, 0), "hub", 0, hub=(name, size, split, k, n_files),
+                               check=f"{name}/{size}/{split}/{k}/{n_files}")
+            return
+        texts = iter_hub_texts(name, size, split, cfg.text_column, False)
+        yield from text_block_parts(texts, split, part_bytes, lambda f, b: shard_of(1, f, b, n) == index)
+
     return Source(
         {"type": "hub", "dataset": name, "config": size, "streaming": stream},
         lambda: iter_hub_texts(name, size, "train", cfg.text_column, stream),
-        (lambda: iter_hub_texts(name, size, "test", cfg.text_column, stream)) if "test" in splits else None)
+        (lambda: iter_hub_texts(name, size, "test", cfg.text_column, stream)) if "test" in splits else None,
+        parts=parts, signature=[name, size, stream])
+
+
+def _file_source(files: list[Path], description: dict[str, Any], cfg: PreprocessConfig,
+                 text_column: str | None = None) -> Source:
+    column = text_column or cfg.text_column
+
+    def parts(split: str, part_bytes: int, index: int, n: int) -> Iterator[Part]:
+        return file_parts(files, split, column, cfg.sample_by, part_bytes,
+                          lambda f, b: shard_of(len(files), f, b, n) == index,
+                          lambda f: len(files) < n or f % n == index)
+
+    return Source(description, lambda: iter_local_texts(files, column, cfg.sample_by), None, local=True,
+                  parts=parts, signature=[str(f) for f in files])
 
 
 def carve(texts: Iterator[str], fraction: float, seed: int, want_test: bool) -> Iterator[str]:
@@ -211,87 +283,10 @@ def check_carve(texts: Iterator[str], fraction: float, seed: int, flag: str) -> 
                      + (" or a larger --test-split" if split == "test" else ""))
 
 
-@dataclass
-class SplitStats:
-    documents: int = 0
-    words: int = 0
-    bytes: int = 0
-    tokens: int = 0
-    chunks: int = 0
-    dropped_tokens: int = 0
-
-
-class SplitEncoder:
-    """Appends the token ids of one split's documents, with EOS after each, to that split's ChunkWriter."""
-
-    def __init__(self, eos_token_id: int, writer: ChunkWriter):
-        self.eos = eos_token_id
-        self.writer = writer
-        self.stats = SplitStats()
-
-    def add(self, texts: list[str], ids: list[list[int]]) -> int:
-        import numpy as np  # here, not at the top: building the CLI's parser imports this module
-
-        eos = (self.eos,)
-        n_tokens = sum(map(len, ids)) + len(ids)
-        flat = np.fromiter(itertools.chain.from_iterable(itertools.chain(x, eos) for x in ids),
-                           dtype=self.writer.dtype, count=n_tokens)
-        self.writer.add(flat)
-        nbytes = sum(len(t.encode("utf-8")) for t in texts)
-        s = self.stats
-        s.documents += len(texts)
-        s.words += sum(len(t.split()) for t in texts)
-        s.bytes += nbytes
-        s.tokens += n_tokens
-        return nbytes
-
-    def finish(self) -> SplitStats:
-        self.stats.dropped_tokens = self.writer.finish()
-        self.stats.chunks = self.writer.chunks
-        return self.stats
-
-
-def encode_texts(texts: Iterator[str], encode: BatchEncoder, encoders: dict[str, SplitEncoder],
-                 route: Callable[[], str] | None, desc: str) -> None:
-    """Tokenize `texts` into `encoders`; `route()` names the split of each document (default: the only one).
-
-    Pipelined: the Rust encoder (which releases the GIL and uses every core) works on batch k+1 in a
-    worker thread while this thread reads the text of batch k+2 and packs the ids of batch k, so the
-    Python-side work (JSON, packing, counting: ~0.5 CPU-s per 14 MB) overlaps with encoding instead of
-    following it. On 2 cores it still competes for CPU (`gpt2-dutch bench preprocess` shows how much).
-    """
-    from tqdm.auto import tqdm
-
-    only = next(iter(encoders.values()))
-
-    def collect(batch: list[str], future: Future) -> int:
-        ids = future.result()
-        if route is None:
-            return only.add(batch, ids)
-        parts: dict[str, tuple[list[str], list[list[int]]]] = {name: ([], []) for name in encoders}
-        for text, doc_ids in zip(batch, ids, strict=True):
-            part = parts[route()]
-            part[0].append(text)
-            part[1].append(doc_ids)
-        return sum(encoders[name].add(*part) for name, part in parts.items() if part[0])
-
-    with ThreadPoolExecutor(max_workers=1) as pool, \
-            tqdm(desc=desc, unit="B", unit_scale=True, dynamic_ncols=True, mininterval=0.5) as bar:
-        pending: tuple[list[str], Future] | None = None
-        for batch in batched(texts):
-            future = pool.submit(encode, batch)
-            if pending is not None:
-                bar.update(collect(*pending))
-            pending = (batch, future)
-        if pending is not None:
-            bar.update(collect(*pending))
-
 
 def preprocess(cfg: PreprocessConfig) -> Path:
-    """Run the whole stage; return the finished dataset directory."""
+    """Run the whole stage; return the finished dataset directory (a shard of several: its work directory)."""
     start = time.perf_counter()
-    if cfg.threads:
-        os.environ["RAYON_NUM_THREADS"] = str(cfg.threads)  # read when the Rust thread pool starts
     out_root = Path(cfg.output_dir)
     final = out_root / str(cfg.name)
     check_replaceable(final, cfg.overwrite)
@@ -302,23 +297,194 @@ def preprocess(cfg: PreprocessConfig) -> Path:
     except OSError as e:
         raise UsageError(f"cannot create output directory {out_root} ({e.strerror})") from None
     tmp = temp_name(final)
+    work = WorkDir(out_root / f".{cfg.name}.work")
+    work_is_new = not work.path.exists()
     try:
         check(os.access(out_root, os.W_OK), f"output directory {out_root} is not writable")
         remove_leftovers(out_root, str(cfg.name))
-        source = resolve_source(cfg)
         with disk_faults(f"the dataset {final}"):
-            manifest = _build(cfg, source, tmp, start)
-            # Checked again: the build can take hours, and the path may have changed meanwhile.
-            check_replaceable(final, cfg.overwrite)
-            replace_dir(tmp, final)
-    except BaseException:
+            done = _run(cfg, work, tmp, final, start)
+    except BaseException as e:
         shutil.rmtree(tmp, ignore_errors=True)
+        work.release()
+        # Finished parts (and a trained tokenizer) stay for the next run, unless the input itself cannot give a
+        # dataset (too little text: another command is needed) or there is nothing finished to keep.
+        if work_is_new and (not work.has_results() or isinstance(e, Unmergeable)):
+            work.remove()
         for path in created:
             with contextlib.suppress(OSError):  # not empty: something else was put there meanwhile
                 path.rmdir()
         raise
-    _print_summary(manifest, final, time.perf_counter() - start)
+    return done
+
+
+class Unmergeable(UsageError):
+    """The parts are complete but cannot make a dataset (too few tokens): rerunning the command cannot help."""
+
+
+def _run(cfg: PreprocessConfig, work: WorkDir, tmp: Path, final: Path, start: float) -> Path:
+    source = resolve_source(cfg)
+    tokenizer = load_tokenizer_files(cfg.tokenizer) if cfg.tokenizer else None
+    index, n_shards = cfg.shard_index or 0, cfg.num_shards or 1
+    if cfg.merge:
+        check(work.path.is_dir(), f"nothing to merge: {work.path} does not exist; run the shards first (the same "
+              "command with --shard-index I --num-shards N)")
+    work.open(_plan(cfg, source, tokenizer), "merge" if cfg.merge else f"{index:05d}-of-{n_shards:05d}",
+              discard_other=n_shards == 1 and not cfg.merge)
+    fraction = cfg.test_split
+    if fraction is None and source.test is None:
+        fraction = DEFAULT_CARVE_FRACTION
+    if fraction is not None and source.local and not cfg.merge:  # before the tokenizer is trained
+        check_carve(source.train(), fraction, cfg.seed,
+                    "--test-split" if cfg.test_split is not None else "carving the test split as")
+    if tokenizer is None:
+        tokenizer = _get_tokenizer(cfg, source, fraction, work)
+    dtype = token_dtype(len(tokenizer))
+    if not cfg.merge:
+        keys, reused, seconds = _encode_parts(cfg, source, work, tokenizer, dtype.name, index, n_shards)
+        work.mark_done(index, n_shards, keys, source.test is not None)
+        if n_shards > 1:
+            print(f"shard {index} of {n_shards} done: {sum(map(len, keys.values()))} parts ({reused} from an earlier "
+                  f"run) in {seconds:.1f} s, in "
+                  f"{work.path}; when every shard is done, run the same command with --merge instead of "
+                  "--shard-index", file=sys.stderr)
+            work.release()
+            return work.path
+    else:
+        reused = 0
+    n_shards, keys, has_test = work.shard_results(cfg.num_shards if cfg.merge else n_shards)
+    tmp.mkdir(parents=True)
+    merged = merge_parts(work, tmp, keys, has_test, cfg.chunk_size, dtype, cfg.test_split, cfg.seed,
+                         DEFAULT_CARVE_FRACTION)
+    stats = merged.stats
+    train, test = stats["train"], stats["test"]
+    if train.documents == 0:
+        raise Unmergeable("no text found in the input: every document is empty")
+    if train.chunks == 0:
+        raise Unmergeable(f"the train split has only {train.tokens} tokens, fewer than one {cfg.chunk_size}-token "
+                          "chunk; use more text or a smaller --chunk-size")
+    if test.chunks == 0:
+        raise Unmergeable(f"the test split has only {test.tokens} tokens, fewer than one {cfg.chunk_size}-token "
+                          "chunk; use a larger --test-split, more text or a smaller --chunk-size")
+    tokenizer.save(tmp, cfg.chunk_size)
+    (tmp / "dataset_dict.json").write_text(json.dumps({"splits": list(SPLITS)}))
+    trained = cfg.tokenizer is None
+    elapsed = time.perf_counter() - start
+    fraction = merged.fraction
+    manifest = {
+        "format": DATASET_FORMAT,
+        "format_version": 1,
+        "source": {**source.description,
+                   "test_split": "own" if fraction is None else f"carved {fraction} of train (seed {cfg.seed})"},
+        "tokenizer": {"origin": cfg.tokenizer or f"trained byte-level BPE (vocab {len(tokenizer)})",
+                      "vocab_size": len(tokenizer),
+                      **({"requested_vocab_size": cfg.vocab_size} if trained else {}),
+                      "eos_token": tokenizer.eos_token, "eos_token_id": tokenizer.eos_token_id,
+                      "encoded_with": ", ".join(merged.encoders) or "tiktoken"},
+        "vocab_size": len(tokenizer),
+        "chunk_size": cfg.chunk_size,
+        "dtype": dtype.name,
+        "splits": stats_dict(stats),
+        "parts": {split: len(keys[split]) for split in SPLITS},
+        "shards": n_shards,
+        "seconds": round(elapsed, 2),
+        "package_version": __version__,
+        "created": datetime.now(timezone.utc).isoformat(timespec="seconds"),
+    }
+    (tmp / MANIFEST).write_text(json.dumps(manifest, indent=2, ensure_ascii=False) + "\n")
+    # Checked again: the build can take hours, and the path may have changed meanwhile.
+    check_replaceable(final, cfg.overwrite)
+    replace_dir(tmp, final)
+    work.remove()
+    _print_summary(manifest, final, time.perf_counter() - start, reused)
     return final
+
+
+def _plan(cfg: PreprocessConfig, source: Source, tokenizer: TokenizerFiles | None) -> dict[str, Any]:
+    """What the parts (and a trained tokenizer) depend on: work recorded under another plan is not reused."""
+    plan: dict[str, Any] = {"source": source.signature, "text_column": cfg.text_column, "sample_by": cfg.sample_by,
+                            "encoder": cfg.encoder, "part_mb": cfg.part_mb}
+    if tokenizer is not None:
+        plan["tokenizer"] = tokenizer_digest(tokenizer.backend.to_str())
+    else:  # trained here, on the training documents: what decides them decides the BPE
+        plan["tokenizer"] = {"vocab_size": cfg.vocab_size, "train_mb": cfg.tokenizer_train_mb,
+                             "test_split": cfg.test_split, "seed": cfg.seed}
+    return plan
+
+
+def _encode_parts(cfg: PreprocessConfig, source: Source, work: WorkDir, tokenizer: TokenizerFiles, dtype: str,
+                  index: int, n_shards: int) -> tuple[dict[str, list[str]], int, float]:
+    """Encode this shard's parts that are not done yet on --num-workers processes; return the keys of all its
+    parts per split, how many were done by an earlier run, and the seconds from the first part started to the last
+    one ended."""
+    import multiprocessing
+    from concurrent.futures import Future, ProcessPoolExecutor
+    from concurrent.futures.process import BrokenProcessPool
+
+    from tqdm.auto import tqdm
+
+    workers = cfg.num_workers or available_cores()
+    threads = cfg.threads or max(1, available_cores() // workers)
+    os.environ["RAYON_NUM_THREADS"] = str(threads)  # read when a worker's Rust thread pool starts
+    done = {split: work.done_keys(split) for split in SPLITS}
+    keys: dict[str, list[str]] = {split: [] for split in SPLITS}
+    part_bytes = max(1, int(cfg.part_mb * 1e6))
+    reused = 0
+
+    def todo() -> Iterator[Part]:
+        nonlocal reused
+        for split in (["test"] if source.test is not None else []) + ["train"]:
+            assert source.parts is not None
+            for part in source.parts(split, part_bytes, index, n_shards):
+                keys[split].append(part.key)
+                if part.key not in done[split] or work.part_check(split, part.key) != part.check:
+                    yield part
+                else:
+                    reused += 1
+
+    # fork: a worker starts in milliseconds with what this process has loaded, where forkserver or spawn import it
+    # all again. The pool forks its processes at the first submit, before it starts its own threads; a worker with
+    # one encoder thread never touches the Rust thread pool a fork cannot copy (init_worker). Workers with several
+    # threads start from a fresh process instead.
+    methods = multiprocessing.get_all_start_methods()
+    context = multiprocessing.get_context("fork" if "fork" in methods and threads == 1 else None)
+    init = (tokenizer.backend.to_str(), tokenizer.eos_token_id, dtype, cfg.encoder, threads, cfg.text_column,
+            cfg.sample_by, str(work.parts))
+    first, last = float("inf"), 0.0
+    pending: deque[tuple[Part, Future]] = deque()
+    n_new = 0
+    bar: Any = None
+
+    def collect() -> None:
+        nonlocal first, last, n_new
+        part, future = pending.popleft()
+        try:
+            result = future.result()
+        except BrokenProcessPool:
+            raise MachineError(f"a preprocess worker died (killed, or out of memory?) while encoding part {part.key} "
+                               f"({part.path or part.split}); the parts already done are kept: run the same command "
+                               "again to continue") from None
+        first, last = min(first, result["start"]), max(last, result["end"])
+        n_new += 1
+        bar.update(result["nbytes"])
+
+    with ProcessPoolExecutor(workers, mp_context=context, initializer=init_worker, initargs=init) as pool:
+        try:
+            for part in todo():
+                pending.append((part, pool.submit(encode_part, part)))
+                if bar is None:  # after the first submit forked the workers: tqdm's monitor thread is not copied
+                    bar = tqdm(desc="tokenize", unit="B", unit_scale=True, dynamic_ncols=True, mininterval=0.5)
+                while len(pending) > workers:  # every worker busy and one part queued: memory stays bounded
+                    collect()
+            while pending:
+                collect()
+        except BaseException:
+            pool.shutdown(wait=True, cancel_futures=True)  # parts already running finish and are kept
+            raise
+        finally:
+            if bar is not None:
+                bar.close()
+    return keys, reused, max(0.0, last - first)
 
 
 def is_our_dataset(path: Path) -> bool:
@@ -372,98 +538,16 @@ def remove_leftovers(out_root: Path, name: str) -> None:
               file=sys.stderr)
 
 
-def _build(cfg: PreprocessConfig, source: Source, tmp: Path, start: float) -> dict[str, Any]:
-    tmp.mkdir(parents=True)
-    fraction = cfg.test_split
-    use_own_test = fraction is None and source.test is not None
-    if fraction is None and not use_own_test:
-        fraction = DEFAULT_CARVE_FRACTION
 
-    def train_texts() -> Iterator[str]:
-        return source.train() if fraction is None else carve(source.train(), fraction, cfg.seed, False)
-
-    if fraction is not None and source.local:  # before the tokenizer is trained and anything is encoded
-        check_carve(source.train(), fraction, cfg.seed,
-                    "--test-split" if cfg.test_split is not None else "carving the test split as")
-    tokenizer = _get_tokenizer(cfg, train_texts)
-    trained = cfg.tokenizer is None
-    if trained and len(tokenizer) < cfg.vocab_size:
-        # The trainer stops when no pair of tokens occurs twice more: small or repetitive text cannot fill it.
-        print(f"note: the training text supports only {len(tokenizer):,} tokens, not the {cfg.vocab_size:,} asked "
-              f"for with --vocab-size; the tokenizer and the dataset have {len(tokenizer):,}", file=sys.stderr)
-    encode = BatchEncoder(tokenizer, cfg.threads or os.cpu_count() or 1, cfg.encoder)
-    dtype = token_dtype(len(tokenizer))
-    stats: dict[str, SplitStats] = {}
-
-    def new_encoder(split: str) -> SplitEncoder:
-        return SplitEncoder(tokenizer.eos_token_id, ChunkWriter(tmp / split, split, cfg.chunk_size, dtype))
-
-    if use_own_test:
-        assert source.test is not None
-        enc = new_encoder("test")
-        encode_texts(source.test(), encode, {"test": enc}, None, "tokenize test")
-        stats["test"] = enc.finish()
-        if stats["test"].chunks == 0:
-            print(f"note: the dataset's test split has {stats['test'].tokens} tokens, fewer than one "
-                  f"{cfg.chunk_size}-token chunk; carving {DEFAULT_CARVE_FRACTION:.0%} of train as the test "
-                  "split instead", file=sys.stderr)
-            shutil.rmtree(tmp / "test")
-            del stats["test"]
-            fraction = DEFAULT_CARVE_FRACTION
-    encoders = {"train": new_encoder("train")}
-    route = None
-    if fraction is not None:
-        encoders["test"] = new_encoder("test")
-        rng = random.Random(cfg.seed)  # the same draw sequence as carve(): same documents held out
-
-        def route() -> str:
-            return "test" if rng.random() < fraction else "train"
-    encode_texts(source.train(), encode, encoders, route, "tokenize train" + (" + test" if route else ""))
-    for name, enc in encoders.items():
-        stats[name] = enc.finish()
-
-    train = stats["train"]
-    check(train.documents > 0, "no text found in the input: every document is empty")
-    check(train.chunks > 0, f"the train split has only {train.tokens} tokens, fewer than one "
-          f"{cfg.chunk_size}-token chunk; use more text or a smaller --chunk-size")
-    test = stats["test"]
-    check(test.chunks > 0, f"the test split has only {test.tokens} tokens, fewer than one {cfg.chunk_size}-"
-          "token chunk; use a larger --test-split, more text or a smaller --chunk-size")
-
-    tokenizer.model_max_length = cfg.chunk_size
-    tokenizer.save_pretrained(str(tmp))
-    (tmp / "dataset_dict.json").write_text(json.dumps({"splits": ["train", "test"]}))
-    elapsed = time.perf_counter() - start
-    manifest = {
-        "format": DATASET_FORMAT,
-        "format_version": 1,
-        "source": {**source.description,
-                   "test_split": "own" if fraction is None else f"carved {fraction} of train (seed {cfg.seed})"},
-        "tokenizer": {"origin": cfg.tokenizer or f"trained byte-level BPE (vocab {len(tokenizer)})",
-                      "vocab_size": len(tokenizer),
-                      **({"requested_vocab_size": cfg.vocab_size} if trained else {}),
-                      "eos_token": tokenizer.eos_token, "eos_token_id": tokenizer.eos_token_id,
-                      "encoded_with": encode.name},
-        "vocab_size": len(tokenizer),
-        "chunk_size": cfg.chunk_size,
-        "dtype": dtype.name,
-        "splits": {name: asdict(stats[name]) for name in ("train", "test")},
-        "seconds": round(elapsed, 2),
-        "package_version": __version__,
-        "created": datetime.now(timezone.utc).isoformat(timespec="seconds"),
-    }
-    (tmp / MANIFEST).write_text(json.dumps(manifest, indent=2, ensure_ascii=False) + "\n")
-    return manifest
-
-
-def _get_tokenizer(cfg: PreprocessConfig, train_texts: Callable[[], Iterator[str]]) -> Any:
-    if cfg.tokenizer:
-        return load_tokenizer(cfg.tokenizer)
-    budget = int(cfg.tokenizer_train_mb * 1e6)
+def _get_tokenizer(cfg: PreprocessConfig, source: Source, fraction: float | None, work: WorkDir) -> TokenizerFiles:
+    """Train the Dutch BPE on the training documents, once: it is kept in the work directory for a rerun."""
+    if work.tokenizer_dir.is_dir():
+        return load_tokenizer_files(str(work.tokenizer_dir))
 
     def sample() -> Iterator[str]:
+        texts = source.train() if fraction is None else carve(source.train(), fraction, cfg.seed, False)
         seen = 0
-        for text in train_texts():
+        for text in texts:
             # Long documents go in as pieces cut where the pre-tokenizer splits anyway: the same word counts,
             # so the same BPE, without the trainer's per-byte bookkeeping for a whole 50 MB text at once.
             yield from split_long_text(text)
@@ -471,14 +555,26 @@ def _get_tokenizer(cfg: PreprocessConfig, train_texts: Callable[[], Iterator[str
             if seen >= budget:
                 return
 
-    return train_bpe(sample(), cfg.vocab_size)
+    budget = int(cfg.tokenizer_train_mb * 1e6)
+    tokenizer = train_bpe(sample(), cfg.vocab_size)
+    if len(tokenizer) < cfg.vocab_size:
+        # The trainer stops when no pair of tokens occurs twice more: small or repetitive text cannot fill it.
+        print(f"note: the training text supports only {len(tokenizer):,} tokens, not the {cfg.vocab_size:,} asked "
+              f"for with --vocab-size; the tokenizer and the dataset have {len(tokenizer):,}", file=sys.stderr)
+    staging = work.path / f".tokenizer.tmp-{os.getpid()}"
+    shutil.rmtree(staging, ignore_errors=True)
+    tokenizer.save_pretrained(str(staging))
+    staging.rename(work.tokenizer_dir)
+    return TokenizerFiles.of(tokenizer)
 
 
-def _print_summary(manifest: dict[str, Any], path: Path, seconds: float) -> None:
+def _print_summary(manifest: dict[str, Any], path: Path, seconds: float, reused: int) -> None:
     splits = manifest["splits"]
     total_bytes = sum(s["bytes"] for s in splits.values())
     docs = sum(s["documents"] for s in splits.values())
     tokens = sum(s["tokens"] for s in splits.values())
     per_split = ", ".join(f"{n} {s['chunks']:,} ({s['dropped_tokens']} tokens dropped)" for n, s in splits.items())
+    parts = sum(manifest["parts"].values())
+    earlier = f"; {reused} of {parts} parts done by an earlier run" if reused else ""
     print(f"preprocessed {docs:,} documents, {tokens:,} tokens -> {manifest['chunk_size']}-token chunks: "
-          f"{per_split}; {total_bytes / 1e6 / seconds:.1f} MB/s in {seconds:.1f} s -> {path}")
+          f"{per_split}; {total_bytes / 1e6 / seconds:.1f} MB/s in {seconds:.1f} s{earlier} -> {path}")
