@@ -25,7 +25,7 @@ def test_bench_quality_quick_writes_both_figures_and_their_ratio(cli, tmp_path, 
     ablation = tmp_path / "higher-lr.yaml"
     ablation.write_text("learning_rate: 3e-3\n")
     rc, out, err = cli("bench", "quality", "--quick", "--budget", "3s", "--ours-config", ablation,
-                       "--output-dir", "res")
+                       "--ablation", "defaults", "--output-dir", "res")
     assert rc == 0, err
     r = json.loads((tmp_path / "res" / "bench.json").read_text())
     q = r["quality"]
@@ -52,6 +52,12 @@ def test_bench_quality_quick_writes_both_figures_and_their_ratio(cli, tmp_path, 
     assert r["ratios"]["quality_bpb_ratio"]["value"] == q["ratio"] and r["ratios"]["quality_bpb_ratio"]["met"] is None
     md = (tmp_path / "res" / "bench.md").read_text()
     assert "quality (higher-lr): held-out bits per byte after 3 s, seed 42" in md and "learning_rate: 0.003" in md
+    # the ablation variant: our defaults beside it, same seed, scored against the same baseline run
+    (v,) = q["ablation"]
+    assert v["name"] == "defaults" and v["overrides"] == {} and v["settings"]["learning_rate"] == 2e-3
+    assert v["ratio"] == pytest.approx(v["mean_bits_per_byte"] / q["baseline_bits_per_byte"], rel=1e-12)
+    assert _positive(v["mean_bits_per_byte"]) and v["bits_per_byte"] == [v["mean_bits_per_byte"]]
+    assert "quality ablation 'defaults': held-out bits per byte, seed 42" in md and "- ablation 'defaults'" in md
     assert "quality (higher-lr)" in out and (tmp_path / "res" / "bench.png").read_bytes()[:4] == b"\x89PNG"
 
 
@@ -74,8 +80,11 @@ def test_heldout_documents_are_whole_seeded_and_never_trained_on():
     (["--ours-config", "{unknown}"], "unknown setting 'learning_rat' (did you mean learning_rate?)"),
     (["--ours-config", "{fixed}"], "max_time is set by the bench"),
     (["--ours-config", "{bad_value}"], "--learning-rate must be positive"),
+    (["--ablation", "missing.yaml"], "--ablation missing.yaml not found"),
+    (["--ablation", "{unknown}"], "unknown setting 'learning_rat' (did you mean learning_rate?)"),
+    (["--ablation", "defaults", "--ablation", "defaults"], "--ablation: two variants share a name"),
 ], ids=["budget-word", "budget-zero", "seeds-zero", "config-missing", "config-unknown-key", "config-budget",
-        "config-bad-value"])
+        "config-bad-value", "ablation-missing", "ablation-unknown-key", "ablation-same-name"])
 def test_bench_quality_bad_input(cli, tmp_path, args, message):
     files = {"{unknown}": "learning_rat: 3e-3\n", "{fixed}": "max_time: 10m\n", "{bad_value}": "learning_rate: -1\n"}
     for name, text in files.items():

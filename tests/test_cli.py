@@ -134,7 +134,7 @@ BAD_FILES = [
      "string 'eight')"),
     ("float-int.json", '{"dataset_path": "d", "batch_size": 8.5}', "train", "batch_size must be a whole number"),
     ("bool.yaml", "dataset_path: d\ncompile: 'yes'\n", "train", "compile must be true or false (got the string"),
-    ("null.yaml", "dataset_path: d\nbatch_size: null\n", "train", "batch_size must not be null"),
+    ("null.yaml", "dataset_path: d\nseed: null\n", "train", "seed must not be null"),
     ("choice.yaml", "dataset_path: d\nprecision: fp8\n", "train", "precision must be one of auto, bf16, fp16, fp32"),
     ("list.yaml", "data_files: corpus.jsonl\n", "preprocess", "data_files must be a list (got the string"),
     ("str.yaml", "dataset_path: d\nmax_time: [90]\n", "train", "max_time must be a string (got the list"),

@@ -180,6 +180,9 @@ BAD_INPUTS = [  # "{tmp}" is the test's tmp_path, "{data}" the tiny dataset
                  "cannot write to --output-dir", id="output-dir-under-a-file"),
     pytest.param(["--dataset-path", "{data}", "--report-to", "wandb"], "--report-to wandb", id="wandb-not-logged-in"),
     pytest.param([], "--dataset-path is required", id="no-dataset-path"),
+    pytest.param(["--dataset-path", "{data}", "--model-size", "auto"], "--model-size auto needs a budget",
+                 id="model-size-auto-without-a-budget"),
+    pytest.param(["--dataset-path", "{data}", "--optimizer", "foo"], "invalid choice: 'foo'", id="optimizer-foo"),
     # trackio is not a dependency: a clear message, never a crash mid-run
     pytest.param(["--dataset-path", "{data}", "--report-to", "trackio"], "trackio is not installed",
                  id="trackio-not-installed", marks=pytest.mark.skipif(importlib.util.find_spec("trackio") is not None,

@@ -73,10 +73,14 @@ class BenchConfig:
     ours_config: str | None = option(None, "quality: a JSON or YAML file of train settings for our side (keys as in "
                                      "`train --config`, e.g. learning_rate: 3e-3), on top of --model-size tiny: "
                                      "for ablations")
+    ablation: list[str] = option([], "quality (repeatable): another variant of our side, a settings file like "
+                                 "--ours-config ('defaults': nothing changed), trained with every seed on the same "
+                                 "data; the baseline is trained once per seed for all of them")
 
     # derived in __post_init__: the budget in seconds and the checked settings of --ours-config
     budget_s: float = field(init=False, default=0.0)
     ours_overrides: dict = field(init=False, default_factory=dict)
+    ablation_variants: list = field(init=False, default_factory=list)
 
     def __post_init__(self) -> None:
         check(len(self.data_files) <= 1, "--data-files: the bench measures one file (the run_clm baseline reads "
@@ -86,12 +90,16 @@ class BenchConfig:
             check(path.is_file(), f"--data-files {path} not found")
             check(path.name.endswith((".jsonl", ".jsonl.gz", ".json", ".json.gz")), f"--data-files {path}: the "
                   "run_clm baseline reads JSON lines; give a .jsonl or .jsonl.gz file with a 'text' field")
-        from .quality import ours_overrides, parse_budget  # light: torch is imported only when quality runs
+        from .quality import ablation_variants, ours_overrides, parse_budget  # light: no torch until quality runs
 
         self.budget_s = parse_budget(self.budget or ("3s" if self.quick else "4m"))
         check(1 <= self.seeds <= 100, f"--seeds must be between 1 and 100 (got {self.seeds})")
         if self.ours_config is not None:
             self.ours_overrides = ours_overrides(self.ours_config)
+        self.ablation_variants = ablation_variants(self.ablation)
+        names = [name for name, _, _ in self.ablation_variants]
+        check(len(set(names)) == len(names), f"--ablation: two variants share a name ({', '.join(names)}); the "
+              "file names (without extension) name them in the report")
 
 
 def bench(cfg: BenchConfig) -> dict[str, Any]:
@@ -165,7 +173,7 @@ def _bench(cfg: BenchConfig, builtin: Path) -> dict[str, Any]:
             results["serve"] = bench_serve(tokenizer, tmp, cfg.quick)
         if "quality" in parts:
             results["quality"] = bench_quality(text, cfg.tokenizer, tmp, cfg.quick, cfg.budget_s, cfg.seeds,
-                                               cfg.ours_config, cfg.ours_overrides)
+                                               cfg.ours_config, cfg.ours_overrides, cfg.ablation_variants)
     results["ratios"] = ratios(results)
     out = Path(cfg.output_dir)
     write_outputs(results, {"json": Path(cfg.json_out or out / "bench.json"),

@@ -5,6 +5,7 @@ the same time budget on the same text and tokenizer.
     gpt2-dutch bench quality --seeds 2                       # seeds 42 and 43: per-seed figures and means
     gpt2-dutch bench quality --budget 90s --ours-config ablation.yaml   # ours with other TrainConfig settings
     gpt2-dutch bench quality --quick                         # a 3-second budget on the built-in sample (CI)
+    gpt2-dutch bench quality --seeds 2 --ablation defaults --ablation wsd.yaml   # more variants of ours beside it
 
 What happens, in order:
 1. Whole documents are held out before anything else (5% of them, at least 3; seeded, the same for every seed
@@ -58,13 +59,13 @@ def parse_budget(text: str) -> float:
     return float(m.group(1)) * {"": 1, "s": 1, "m": 60, "h": 3600}[m.group(2)]
 
 
-def ours_overrides(path: str) -> dict[str, Any]:
+def ours_overrides(path: str, flag: str = "--ours-config") -> dict[str, Any]:
     """The TrainConfig settings in an --ours-config file, checked as `train --config` checks them (unknown keys,
     types, values), before any work starts."""
     from ..config import config_values, read_config_file
     from ..train.config import TrainConfig
 
-    where = f"--ours-config {path}"
+    where = f"{flag} {path}"
     check(Path(path).is_file(), f"{where} not found (a JSON or YAML file of train settings, e.g. learning_rate: 3e-3)")
     values = config_values(TrainConfig, read_config_file(path), where)
     fixed = [k for k in values if k in SET_BY_BENCH]
@@ -101,8 +102,15 @@ def _nbytes(docs: list[str]) -> int:
     return sum(len(d.encode("utf-8")) for d in docs)
 
 
+def ablation_variants(paths: list[str]) -> list[tuple[str, str | None, dict[str, Any]]]:
+    """(name, file, checked overrides) for each --ablation entry; 'defaults' is ours with nothing changed."""
+    return [("defaults", None, {}) if p == "defaults" else (Path(p).stem, p, ours_overrides(p, "--ablation"))
+            for p in paths]
+
+
 def bench_quality(text: Path, tokenizer: str | None, tmp: Path, quick: bool, budget_s: float, seeds: int,
-                  ours_config: str | None, overrides: dict[str, Any]) -> dict[str, Any]:
+                  ours_config: str | None, overrides: dict[str, Any],
+                  ablation: list[tuple[str, str | None, dict[str, Any]]] | None = None) -> dict[str, Any]:
     from ..data import iter_local_texts
     from ..preprocess import DEFAULT_CARVE_FRACTION, PreprocessConfig, carve, preprocess
     from .baselines import TEXTBOOK, textbook_dataset
@@ -147,6 +155,15 @@ def bench_quality(text: Path, tokenizer: str | None, tmp: Path, quick: bool, bud
             run[side].update(_score(run[side].pop("model"), heldout_file))  # the model goes with tmp
             _free_memory()
         run["ratio"] = run["ours"]["bits_per_byte"] / run["baseline"]["bits_per_byte"]
+        # the ablation's variants train on the same data with the same seed; the baseline run above serves all
+        run["ablation"] = []
+        for name, _file, changes in ablation or []:
+            say(f"quality, seed {seed}: ablation '{name}'")
+            v = _ours(dataset, budget_s, seed, changes, root / f"ablation-{name}-{seed}")
+            v.update(_score(v.pop("model"), heldout_file))
+            v["ratio"] = v["bits_per_byte"] / run["baseline"]["bits_per_byte"]
+            run["ablation"].append(v)
+            _free_memory()
         runs.append(run)
 
     ours_bpb = statistics.fmean(r["ours"]["bits_per_byte"] for r in runs)
@@ -154,6 +171,18 @@ def bench_quality(text: Path, tokenizer: str | None, tmp: Path, quick: bool, bud
     info = runs[0]["ours"].pop("settings")
     for r in runs[1:]:
         r["ours"].pop("settings")
+    variants = []
+    for i, (name, file, changes) in enumerate(ablation or []):
+        per_seed = [r["ablation"][i] for r in runs]
+        settings = per_seed[0]["settings"]
+        for v in per_seed:
+            v.pop("settings")
+        bpb = statistics.fmean(v["bits_per_byte"] for v in per_seed)
+        variants.append({"name": name, "config_file": file, "overrides": changes, "settings": settings,
+                         "bits_per_byte": [v["bits_per_byte"] for v in per_seed], "mean_bits_per_byte": bpb,
+                         "ratio": bpb / base_bpb})
+    for r in runs:
+        r.pop("ablation")
     return {
         "budget_s": budget_s, "seeds": [r["seed"] for r in runs],
         "heldout": {"documents": len(heldout), "bytes": _nbytes(heldout), "indices": indices,
@@ -168,6 +197,7 @@ def bench_quality(text: Path, tokenizer: str | None, tmp: Path, quick: bool, bud
         "baseline": {"name": "textbook Trainer", "settings": TEXTBOOK},
         "runs": runs,
         "ours_bits_per_byte": ours_bpb, "baseline_bits_per_byte": base_bpb, "ratio": ours_bpb / base_bpb,
+        **({"ablation": variants} if variants else {}),
     }
 
 
@@ -187,8 +217,11 @@ def _ours(dataset: Path, budget_s: float, seed: int, overrides: dict[str, Any], 
     # The Trainer's train_runtime holds the evaluations along the way, which --max-time leaves out of its budget:
     # take them out again (its checkpoints, well under a second each for tiny, stay in).
     evals = sum(r.get("eval_runtime", 0.0) for r in records[:end])
+    # measuring the speed for the budget's choices (train/budget.py) comes out of the budget: count it
+    measuring = info.get("chosen_for_budget", {}).get("measuring_seconds", 0.0)
     steps = records[end]["step"]
-    return {"steps": steps, "train_seconds": records[end]["train_runtime"] - evals, "eval_seconds": evals,
+    return {"steps": steps, "train_seconds": records[end]["train_runtime"] - evals + measuring,
+            "measuring_seconds": measuring, "eval_seconds": evals,
             "tokens": steps * info["tokens_per_step"], "parameters": info["parameters"],
             "seconds_per_step_measured": info.get("seconds_per_step"), "model": str(run / "final_model"),
             "settings": {**{k: info[k] for k in SHOWN_SETTINGS if k in info},

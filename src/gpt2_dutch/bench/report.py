@@ -113,6 +113,10 @@ def quality_rows(q: dict[str, Any]) -> list[tuple[str, str, str, str]]:
                      f"{o['train_seconds']:.1f}, {o['steps']:,}, {o['tokens'] / 1e6:.3g}M",
                      f"{b['train_seconds']:.1f}, {b['steps']:,}, {b['tokens'] / 1e6:.3g}M",
                      f"{o['train_seconds'] / b['train_seconds']:.2f}x time"))
+    seeds = f"mean of {len(q['runs'])} seeds" if len(q["runs"]) > 1 else f"seed {q['runs'][0]['seed']}"
+    for v in q.get("ablation", []):
+        rows.append((f"quality ablation '{v['name']}': held-out bits per byte, {seeds}",
+                     f"{v['mean_bits_per_byte']:.4f}", f"{q['baseline_bits_per_byte']:.4f}", f"{v['ratio']:.3f}"))
     o, b = q["runs"][0]["ours"], q["runs"][0]["baseline"]
     rows.append(("quality: parameters", f"{o['parameters'] / 1e6:.2f}M", f"{b['parameters'] / 1e6:.2f}M", ""))
     return rows
@@ -127,7 +131,10 @@ def quality_settings(q: dict[str, Any]) -> str:
             f"{q['train_text']['documents']} training documents, seeds {', '.join(map(str, q['seeds']))}; ratio = "
             f"ours / baseline bits per byte (lower is better).\n"
             f"- gpt2-dutch ({q['ours']['name']}; --ours-config settings: {changed}): {ours}\n"
-            f"- baseline ({q['baseline']['name']}): {base}")
+            f"- baseline ({q['baseline']['name']}): {base}" +
+            "".join(f"\n- ablation '{v['name']}' (settings changed: "
+                    f"{', '.join(f'{k}: {x}' for k, x in v['overrides'].items()) or 'none'}): "
+                    f"{', '.join(f'{k} {x}' for k, x in v['settings'].items())}" for v in q.get("ablation", [])))
 
 
 def limits_line(r: dict[str, Any]) -> str:

@@ -21,10 +21,14 @@ class TrainConfig:
     NOT_REPLAYED: ClassVar[tuple[str, ...]] = ("resume", "push_to_hub")  # nor overwrites what that run published
 
     dataset_path: str | None = option(None, "processed dataset directory (from `gpt2-dutch preprocess`)")
-    model_size: str = option("small", f"GPT-2 shape: {', '.join(MODEL_PRESETS)}")
+    model_size: str = option("small", f"GPT-2 shape: {', '.join(MODEL_PRESETS)}, or auto: the one closest to "
+                             "compute-optimal (~20 tokens per parameter) for --max-time or --max-tokens, from the "
+                             "speed measured here")
     epochs: float = option(1.0, "passes over the training split (ignored when a --max-* limit is given)")
-    batch_size: int = option(8, "chunks per device per micro-batch")
-    gradient_accumulation_steps: int = option(1, "micro-batches per optimizer step")
+    batch_size: int | None = option(None, "chunks per device per micro-batch (default: with --max-time or "
+                                    "--max-tokens, chosen for the budget, see the README; else 8)")
+    gradient_accumulation_steps: int | None = option(None, "micro-batches per optimizer step (default 1, or as "
+                                                     "the budget's batch needs)")
     max_steps: int | None = option(None, "stop after this many optimizer steps")
     max_tokens: float | None = option(None, "stop after this many training tokens (e.g. 5e8)")
     max_time: str | None = option(None, "wall-clock budget for the training steps (e.g. 90s, 30m, 2h; evaluations "
@@ -89,7 +93,12 @@ class TrainConfig:
     def __post_init__(self) -> None:
         check(self.dataset_path is not None, "--dataset-path is required (a directory made by `gpt2-dutch "
               "preprocess`)")
-        preset(self.model_size)
+        if self.model_size == "auto":
+            check(self.max_time is not None or self.max_tokens is not None, "--model-size auto needs a budget to "
+                  "size the model for: give --max-time (e.g. 30m) or --max-tokens (e.g. 5e8), or pick a "
+                  f"--model-size ({', '.join(MODEL_PRESETS)})")
+        else:
+            preset(self.model_size)
         for name in ("batch_size", "gradient_accumulation_steps", "max_steps", "eval_every", "save_every",
                      "log_every", "keep_checkpoints"):
             value = getattr(self, name)

@@ -9,8 +9,9 @@ import os
 import shutil
 import subprocess
 import sys
+import time
 from collections.abc import Iterator
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, replace
 from datetime import datetime
 from pathlib import Path
 from typing import Any
@@ -22,7 +23,7 @@ from ..data import load_split, read_manifest
 from ..devices import is_main_process, resolve_precision, world_size
 from ..errors import MachineError, Stopped, UsageError, check, is_disk_full
 from ..files import replace_dir, temp_name, write_json_atomic
-from ..model import flops_per_token, gpt2_config, matmul_params, preset
+from ..model import MODEL_PRESETS, flops_per_token, gpt2_config, matmul_params, preset
 from ..model_card import describe_hardware, write_card
 from ..push import check_ready_to_push, push_after_training
 from .config import TrainConfig
@@ -117,6 +118,66 @@ def auto_eval_chunks(total_steps: int, chunks_per_step: int) -> int:
     return max(EVAL_CHUNKS_MIN, min(EVAL_CHUNKS_MAX, math.ceil(EVAL_SHARE * total_steps * chunks_per_step)))
 
 
+def _choose_for_budget(cfg: TrainConfig, vocab_size: int, context: int, eos_token_id: int,
+                       precision: str) -> tuple[TrainConfig, dict[str, Any]]:
+    """Resolve --model-size auto and a --batch-size left open (budget.py); what was chosen and why."""
+    from .budget import DEFAULT_BATCH, choose_batch, choose_model_size, measure_tokens_per_s, train_flops
+
+    choices: dict[str, Any] = {}
+    budget_s, max_tokens, world = cfg.max_time_s, cfg.max_tokens, world_size()
+    speed = None
+    probe_s = 0.0
+    if cfg.model_size == "auto":
+        size = choose_model_size(vocab_size, context, eos_token_id, precision, max_tokens, budget_s,
+                                 cfg.loss_chunk_tokens, world)
+        cfg = replace(cfg, model_size=size.size)
+        speed, probe_s = size.tokens_per_s, size.probe_seconds
+        choices["model_size"] = {"chosen": size.size, "why": size.reason}
+    if cfg.batch_size is None:
+        if budget_s is None and max_tokens is None:
+            cfg = replace(cfg, batch_size=DEFAULT_BATCH, gradient_accumulation_steps=cfg.gradient_accumulation_steps
+                          or 1)
+        else:
+            if budget_s is not None and speed is None:
+                t = time.perf_counter()
+                speed = world * measure_tokens_per_s(cfg.model_size, vocab_size, context, eos_token_id, precision,
+                                                     cfg.loss_chunk_tokens)
+                probe_s += time.perf_counter() - t
+            tokens = speed * max(0.0, budget_s - probe_s) if budget_s is not None and speed else math.inf
+            tokens = min(tokens, max_tokens or math.inf)
+            batch = choose_batch(train_flops(cfg.model_size, vocab_size, context, tokens), context, world,
+                                 cfg.gradient_accumulation_steps)
+            cfg = replace(cfg, batch_size=batch.batch_size, gradient_accumulation_steps=batch.accumulation)
+            choices["batch"] = {"batch_size": batch.batch_size, "gradient_accumulation_steps": batch.accumulation,
+                                "why": batch.reason}
+    elif cfg.gradient_accumulation_steps is None:
+        cfg = replace(cfg, gradient_accumulation_steps=1)
+    if speed is not None:
+        choices["measured_tokens_per_s"] = round(speed, 1)
+    if probe_s:
+        choices["measuring_seconds"] = round(probe_s, 2)  # taken from the --max-time budget
+    if choices and is_main_process() and not cfg.quiet:
+        for what in ("model_size", "batch"):
+            if what in choices:
+                label = "--model-size auto" if what == "model_size" else "batch"
+                chosen = (choices[what]["chosen"] if what == "model_size" else
+                          f"{cfg.batch_size} chunks x {cfg.gradient_accumulation_steps} micro-batches per step")
+                print(f"{label}: {chosen} ({choices[what]['why']}; explicit flags win)", file=sys.stderr)
+    return cfg, choices
+
+
+def _choices_of_resumed_run(cfg: TrainConfig, saved: dict[str, Any]) -> TrainConfig:
+    changes: dict[str, Any] = {}
+    if cfg.model_size == "auto":
+        changes["model_size"] = saved["model_size"]
+    if cfg.batch_size is None:
+        changes["batch_size"] = saved["batch_size"]
+        changes["gradient_accumulation_steps"] = saved["gradient_accumulation_steps"]
+    elif cfg.gradient_accumulation_steps is None:
+        changes["gradient_accumulation_steps"] = 1
+    return replace(cfg, **changes) if changes else cfg
+
+
 def run_config_dict(cfg: TrainConfig, **extra: Any) -> dict[str, Any]:
     """The run's settings (every TrainConfig field) and `extra` run information, marked as a run's record so
     that `train --config run_config.json` replays the settings (see gpt2_dutch.config)."""
@@ -138,13 +199,16 @@ def resolve_resume(cfg: TrainConfig, output_dir: Path) -> ResumePoint | None:
     spec = cfg.resume
     assert spec is not None
     if spec in ("latest", "auto"):
-        run_dir = newest_unfinished_run(output_dir, cfg.model_size)
+        # --model-size auto: the newest unfinished run of any size (the one this command started before)
+        sizes = list(MODEL_PRESETS) if cfg.model_size == "auto" else [cfg.model_size]
+        unfinished = [r for r in (newest_unfinished_run(output_dir, s) for s in sizes) if r is not None]
+        run_dir = max(unfinished, key=lambda r: str(read_run_config(r).get("started_at", ""))) if unfinished else None
         if run_dir is None:
             if spec == "auto":
                 return None
-            latest = latest_link(output_dir, cfg.model_size)
-            if latest.exists():
-                raise UsageError(_finished_advice(latest.resolve(), cfg))
+            latest = [latest_link(output_dir, s) for s in sizes if latest_link(output_dir, s).exists()]
+            if latest:
+                raise UsageError(_finished_advice(latest[0].resolve(), cfg))
             raise UsageError(f"cannot resume: no unfinished {cfg.model_size} run in {output_dir}; start one "
                              "without --resume (or pass a run directory)")
         checkpoint = None
@@ -265,13 +329,20 @@ def _run(cfg: TrainConfig, manifest: dict[str, Any]) -> Path:
     tokenizer = AutoTokenizer.from_pretrained(str(dataset_path))
     precision = resolve_precision(cfg.precision)
     _check_tracker(cfg.report_to)
+    output_dir = Path(cfg.output_dir)
+    resume = resolve_resume(cfg, output_dir) if cfg.resume else None
+    # --model-size auto and a batch left to the budget: a resumed run keeps what it chose (the same shape, and
+    # the same batches so that its data position still means the same chunks); a new run chooses now, before
+    # any seeded work, since measuring its speed builds models
+    if resume is not None:
+        cfg, budget_choices = _choices_of_resumed_run(cfg, read_run_config(resume.run_dir)), {}
+    else:
+        cfg, budget_choices = _choose_for_budget(cfg, vocab_size, context, tokenizer.eos_token_id, precision)
     tokens_per_step = cfg.batch_size * cfg.gradient_accumulation_steps * world_size() * context
     total_steps, limit = plan_steps(cfg, len(train_ds), tokens_per_step)
-    output_dir = Path(cfg.output_dir)
 
     model_config = gpt2_config(cfg.model_size, vocab_size, context, tokenizer.eos_token_id)
     init_source = _init_source(cfg, model_config)
-    resume = resolve_resume(cfg, output_dir) if cfg.resume else None
     if resume is not None:
         run_dir, checkpoint, total_steps = resume.run_dir, resume.checkpoint, resume.total_steps
         _check_resumable(checkpoint, cfg, manifest)
@@ -305,6 +376,7 @@ def _run(cfg: TrainConfig, manifest: dict[str, Any]) -> Path:
         "vocab_size": vocab_size, "parameters": sum(p.numel() for p in model.parameters()),
         "flops_per_token": flops_per_token(matmul_params(model), model_config.n_layer, model_config.n_embd, context),
         **({"muon_lr": MUON_LR} if optimizer == "muon" else {}),
+        **({"chosen_for_budget": budget_choices} if budget_choices else {}),
     }
     if is_main_process():
         if resume is None:
@@ -334,13 +406,15 @@ def _run(cfg: TrainConfig, manifest: dict[str, Any]) -> Path:
         weights_finite,
     )
 
+    # the seconds spent measuring speed for the budget's choices are part of the budget
+    budget_s = cfg.max_time_s and max(1.0, cfg.max_time_s - budget_choices.get("measuring_seconds", 0.0))
     args = build_training_arguments(cfg, run_dir, precision, lr, total_steps, eval_every, save_every, log_every)
     health, stopper = StepHealth(sync=cfg.fsdp), StopOnSignal()
     if optimizer_notice and is_main_process():
         print(optimizer_notice, file=sys.stderr)
     trainer = GPT2Trainer(
         model=model, args=args, train_dataset=train_ds, eval_dataset=test_ds, data_collator=collate,
-        callbacks=[health, stopper, *metrics_callbacks(cfg, run_dir, run_info, manifest, schedule,
+        callbacks=[health, stopper, *metrics_callbacks(cfg, run_dir, run_info, manifest, schedule, budget_s,
                                                        auto_eval=cfg.eval_every is None,
                                                        auto_save=cfg.save_every is None)],
         schedule=schedule, keep_checkpoints=cfg.keep_checkpoints, tokens_per_step=tokens_per_step,

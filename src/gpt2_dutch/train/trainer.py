@@ -559,12 +559,13 @@ class MaxTimeCallback(TrainerCallback):
 
 
 def metrics_callbacks(cfg: TrainConfig, run_dir: Path, run_info: dict[str, Any], manifest: dict[str, Any],
-                      schedule: WarmupCosine, auto_eval: bool, auto_save: bool) -> list[TrainerCallback]:
+                      schedule: WarmupCosine, budget_s: float | None, auto_eval: bool,
+                      auto_save: bool) -> list[TrainerCallback]:
     callbacks: list[TrainerCallback] = [MetricsCallback(run_dir)]
-    if cfg.max_time_s:
+    if budget_s:
         bound = cfg.max_steps or (math.ceil(cfg.max_tokens / run_info["tokens_per_step"]) if cfg.max_tokens
                                   else run_info["total_steps"])
-        callbacks.append(MaxTimeCallback(cfg.max_time_s, schedule, cfg.warmup, run_dir, bound, auto_eval, auto_save))
+        callbacks.append(MaxTimeCallback(budget_s, schedule, cfg.warmup, run_dir, bound, auto_eval, auto_save))
     return callbacks
 
 

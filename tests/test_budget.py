@@ -1,0 +1,106 @@
+"""Budget-aware defaults (train/budget.py): the batch for a budget, --model-size auto, and that runs use them."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+
+from gpt2_dutch.model import MODEL_PRESETS, gpt2_config
+from gpt2_dutch.train import TrainConfig, train
+from gpt2_dutch.train.budget import (
+    TOKENS_PER_PARAM,
+    choose_batch,
+    choose_model_size,
+    optimal_tokens_per_step,
+    params_of,
+    train_flops,
+)
+
+
+def test_params_of_matches_the_built_model():
+    from transformers import GPT2LMHeadModel
+
+    for size in ("tiny", "small"):
+        model = GPT2LMHeadModel(gpt2_config(size, 1000, 64, 0))
+        assert params_of(size, 1000, 64) == sum(p.numel() for p in model.parameters())
+
+
+@pytest.mark.parametrize(("flops", "tokens"), [(1e13, 5_220), (1e17, 106_190), (1e20, 1_017_145)])
+def test_optimal_tokens_per_step_is_deepseeks_fit(flops, tokens):
+    assert optimal_tokens_per_step(flops) == pytest.approx(tokens, rel=1e-3)
+
+
+@pytest.mark.parametrize(("flops", "context", "world", "accumulation", "expected"), [
+    (1e13, 1024, 1, None, (5, 1)),  # a 2-core CPU's few minutes: 5,220 tokens -> 5 chunks
+    (3e13, 1024, 1, None, (7, 1)),
+    (1e17, 1024, 1, None, (8, 13)),  # 106k tokens = 104 chunks: micro-batches of 8 (at most), 13 of them
+    (1e17, 1024, 8, None, (7, 2)),  # eight GPUs share the step: 13 chunks each, as 2 micro-batches of 7
+    (1e13, 1024, 1, 2, (3, 2)),  # --gradient-accumulation-steps given: kept
+    (1e9, 1024, 1, None, (1, 1)),  # never below one chunk
+])
+def test_choose_batch(flops, context, world, accumulation, expected):
+    b = choose_batch(flops, context, world, accumulation)
+    assert (b.batch_size, b.accumulation) == expected
+    tokens = b.batch_size * b.accumulation * world * context
+    if flops > 1e9:
+        assert tokens == pytest.approx(optimal_tokens_per_step(flops), rel=0.2)
+    assert f"{tokens:,} tokens per step" in b.reason
+
+
+@pytest.mark.parametrize(("max_tokens", "size"), [(1e6, "tiny"), (2.5e9, "small"), (7e9, "medium"), (1e12, "xl")])
+def test_model_size_auto_from_a_token_budget(max_tokens, size):
+    choice = choose_model_size(50257, 1024, 0, "fp32", max_tokens, None, 2048, 1)
+    assert choice.size == size and choice.probe_seconds == 0 and choice.tokens_per_s is None
+    assert f"{max_tokens:.3g} tokens" in choice.reason
+
+
+def test_model_size_auto_from_a_time_budget_measures_and_stops_early(monkeypatch):
+    import gpt2_dutch.train.budget as budget
+
+    measured = []
+
+    def speed(size, *args, **kwargs):
+        measured.append(size)
+        return {"tiny": 1e6, "small": 2e5, "medium": 7e4}[size]  # tokens/s
+
+    monkeypatch.setattr(budget, "measure_tokens_per_s", speed)
+    # an hour: small sees 7.2e8 tokens (~5.8 per parameter, below 20: larger ones are not measured)
+    choice = choose_model_size(50257, 1024, 0, "bf16", None, 3600.0, 2048, 1)
+    assert measured == ["tiny", "small"]
+    assert choice.size == "small" and choice.tokens_per_s == 2e5
+    ratio = 2e5 * 3600 / params_of("small", 50257, 1024)
+    assert ratio < TOKENS_PER_PARAM and f"{ratio:.3g} tokens per parameter" in choice.reason
+
+
+def test_train_flops_counts_every_matmul_parameter():
+    p = MODEL_PRESETS["tiny"]
+    matmul = params_of("tiny", 1000, 64) - 64 * p.n_embd
+    assert train_flops("tiny", 1000, 64, 10) == 10 * (6 * matmul + 12 * p.n_layer * p.n_embd * 64)
+
+
+@pytest.mark.slow
+def test_a_budgeted_run_records_its_choices_and_a_resume_keeps_them(tiny_dataset, tmp_path):
+    cfg = dict(dataset_path=str(tiny_dataset), model_size="auto", max_tokens=2000, precision="fp32",
+               output_dir=str(tmp_path))
+    run = train(TrainConfig(**cfg))
+    rc = json.loads((run / "run_config.json").read_text())
+    chosen = rc["chosen_for_budget"]
+    assert rc["model_size"] == chosen["model_size"]["chosen"] == "tiny"
+    b = choose_batch(train_flops("tiny", rc["vocab_size"], rc["context"], 2000), rc["context"], 1, None)
+    assert (rc["batch_size"], rc["gradient_accumulation_steps"]) == (b.batch_size, b.accumulation)
+    assert rc["tokens_per_step"] == b.batch_size * b.accumulation * rc["context"]
+    assert "measuring_seconds" not in chosen  # a token budget needs no measuring
+    # extending the finished run with the same flags keeps its batch (its data position means the same chunks)
+    more = rc["total_steps"] + 2
+    train(TrainConfig(**{**cfg, "resume": str(run), "max_steps": more, "max_tokens": 10**6}))
+    rc2 = json.loads((run / "run_config.json").read_text())
+    assert (rc2["batch_size"], rc2["tokens_per_step"], rc2["total_steps"]) == (rc["batch_size"],
+                                                                               rc["tokens_per_step"], more)
+
+
+def test_explicit_flags_win(tiny_dataset, tmp_path):
+    run = train(TrainConfig(dataset_path=str(tiny_dataset), model_size="tiny", batch_size=3, max_tokens=2000,
+                            precision="fp32", output_dir=str(tmp_path)))
+    rc = json.loads((run / "run_config.json").read_text())
+    assert (rc["batch_size"], rc["gradient_accumulation_steps"]) == (3, 1) and "chosen_for_budget" not in rc
