@@ -391,6 +391,7 @@ class ChunkWriter:
             self._write(stream[:n_full])
 
     def _write(self, flat: np.ndarray) -> None:
+        import numpy as np
         import pyarrow as pa
 
         if self._writer is None:
@@ -399,7 +400,11 @@ class ChunkWriter:
             self._schema = arrow_schema(self.dtype, self.chunk_size)
             self._writer = pa.ipc.new_stream(self._sink, self._schema)
             self._shards.append((path, 0))
-        column = pa.FixedSizeListArray.from_arrays(pa.array(flat), self.chunk_size)
+        # from_buffers, not pa.array(flat): pa.array first asks whether its argument is a pandas object, which
+        # imports pandas (0.2 s) when it is installed; the ids are wrapped without a copy either way.
+        flat = np.ascontiguousarray(flat)
+        values = pa.Array.from_buffers(pa.from_numpy_dtype(flat.dtype), len(flat), [None, pa.py_buffer(flat)])
+        column = pa.FixedSizeListArray.from_arrays(values, self.chunk_size)
         for start in range(0, len(column), self.BATCH_ROWS):  # what ArrowWriter does: readers get small batches
             batch = column.slice(start, self.BATCH_ROWS)
             self._writer.write_batch(pa.record_batch([batch], schema=self._schema))
