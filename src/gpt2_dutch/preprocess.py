@@ -107,9 +107,10 @@ class PreprocessConfig:
         None, "processes encoding parts of the input at once (default: every core this process may use)")
     threads: int | None = option(None, "tokenizer threads per worker (default: the cores left per worker, at least 1)",
                                  aliases=["--num-proc"])
-    part_mb: float = option(
-        32.0, "MB of input text per part: the unit of work, of resuming after a kill and of splitting across "
-        "machines (the output does not depend on it)")
+    part_mb: float | None = option(
+        None, "MB of input text per part: the unit of work, of resuming after a kill and of splitting across "
+        "machines (default: 1/64 of the input rounded down to a power of two, 1 to 32 MB; the output does not "
+        "depend on it)")
     shard_index: int | None = option(
         None, "encode only this shard's parts (0 .. --num-shards - 1), e.g. $SLURM_ARRAY_TASK_ID; then --merge")
     num_shards: int | None = option(None, "how many shards (machines, Slurm array tasks) share the work")
@@ -190,7 +191,8 @@ class Source:
     local: bool = False  # files on this machine: reading the first documents a second time costs nothing
     # (split, part bytes, shard index, number of shards) -> the parts of that split that are this shard's
     parts: Callable[[str, int, int, int], Iterator[Part]] | None = None
-    signature: list[Any] | None = None  # what identifies the input in plan.json (files: sizes, times)
+    signature: list[Any] | None = None  # what identifies the input in plan.json (files: their paths)
+    text_bytes: int | None = None  # about how much text there is (gzip counted 3x), where known up front
 
 
 def resolve_source(cfg: PreprocessConfig) -> Source:
@@ -239,8 +241,9 @@ def _file_source(files: list[Path], description: dict[str, Any], cfg: Preprocess
                           lambda f, b: shard_of(len(files), f, b, n) == index,
                           lambda f: len(files) < n or f % n == index)
 
+    size = sum(f.stat().st_size * (3 if f.name.lower().endswith(".gz") else 1) for f in files)
     return Source(description, lambda: iter_local_texts(files, column, cfg.sample_by), None, local=True,
-                  parts=parts, signature=[str(f) for f in files])
+                  parts=parts, signature=[str(f) for f in files], text_bytes=size)
 
 
 def carve(texts: Iterator[str], fraction: float, seed: int, want_test: bool) -> Iterator[str]:
@@ -403,13 +406,25 @@ def _run(cfg: PreprocessConfig, work: WorkDir, tmp: Path, final: Path, start: fl
 def _plan(cfg: PreprocessConfig, source: Source, tokenizer: TokenizerFiles | None) -> dict[str, Any]:
     """What the parts (and a trained tokenizer) depend on: work recorded under another plan is not reused."""
     plan: dict[str, Any] = {"source": source.signature, "text_column": cfg.text_column, "sample_by": cfg.sample_by,
-                            "encoder": cfg.encoder, "part_mb": cfg.part_mb}
+                            "encoder": cfg.encoder, "part_bytes": part_bytes(cfg, source)}
     if tokenizer is not None:
         plan["tokenizer"] = tokenizer_digest(tokenizer.backend.to_str())
     else:  # trained here, on the training documents: what decides them decides the BPE
         plan["tokenizer"] = {"vocab_size": cfg.vocab_size, "train_mb": cfg.tokenizer_train_mb,
                              "test_split": cfg.test_split, "seed": cfg.seed}
     return plan
+
+
+def part_bytes(cfg: PreprocessConfig, source: Source) -> int:
+    """--part-mb, or by default 1/64 of the input (gzip counted as 3x its size) in 1, 2, 4, 8, 16 or 32 MB:
+    enough parts for every core on a file of a few MB, few enough part files at hundreds of GB. A power of two,
+    so that fixing a line of the input keeps the part size (and the parts before the fix); never the number of
+    workers, which the output must not depend on (it does not depend on the part size either)."""
+    if cfg.part_mb is not None:
+        return max(1, int(cfg.part_mb * 1e6))
+    if source.text_bytes is None:
+        return 32 * 2**20
+    return 2 ** min(25, max(20, (source.text_bytes // 64).bit_length() - 1))
 
 
 def _encode_parts(cfg: PreprocessConfig, source: Source, work: WorkDir, tokenizer: TokenizerFiles, dtype: str,
@@ -428,14 +443,14 @@ def _encode_parts(cfg: PreprocessConfig, source: Source, work: WorkDir, tokenize
     os.environ["RAYON_NUM_THREADS"] = str(threads)  # read when a worker's Rust thread pool starts
     done = {split: work.done_keys(split) for split in SPLITS}
     keys: dict[str, list[str]] = {split: [] for split in SPLITS}
-    part_bytes = max(1, int(cfg.part_mb * 1e6))
+    size = part_bytes(cfg, source)
     reused = 0
 
     def todo() -> Iterator[Part]:
         nonlocal reused
         for split in (["test"] if source.test is not None else []) + ["train"]:
             assert source.parts is not None
-            for part in source.parts(split, part_bytes, index, n_shards):
+            for part in source.parts(split, size, index, n_shards):
                 keys[split].append(part.key)
                 if part.key not in done[split] or work.part_check(split, part.key) != part.check:
                     yield part

@@ -271,12 +271,12 @@ class BatchEncoder:
         self.in_pieces = splits_like_gpt2(self.backend)
         self.restart()
 
-    def restart(self) -> None:
-        """Check the fast encoder again on the next 64 documents, as at the start: preprocess calls this at the
-        start of every part, so which encoder gives a part its ids depends on that part alone, never on which
-        parts one worker happened to encode before it."""
+    def restart(self, verify_docs: int = VERIFY_DOCS) -> None:
+        """Check the fast encoder again on the next `verify_docs` documents, as at the start: preprocess calls this
+        at the start of every part, so which encoder gives a part its ids depends on that part alone, never on
+        which parts one worker happened to encode before it."""
         self.fast = self._fast
-        self._unverified = VERIFY_DOCS  # documents (pieces of long ones count one each) still to be compared
+        self._unverified = verify_docs  # documents (pieces of long ones count one each) still to be compared
 
     @property
     def name(self) -> str:
