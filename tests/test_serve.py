@@ -573,6 +573,28 @@ def test_per_row_sampling_settings():
     assert mixed[1] == one[0]
 
 
+def test_text_deltas_wait_for_whole_characters_and_hold_back_a_stop_string(loaded: Any):
+    from gpt2_dutch.serve.app import TextStream
+
+    tok = loaded[1]
+    text = "\u201cWaar is mijn fiets?\u201d vroeg \u00e9\u00e9n caf\u00e9-eigenaar \U0001F6B2 in Utrecht."
+    ids = tok(text)["input_ids"]
+    assert len(ids) > len(text) / 2  # the 300-token BPE splits the accented letters and the emoji into bytes
+    stream = TextStream(tok, [])
+    deltas = [stream.add(i) for i in ids] + [stream.finish()]
+    assert "".join(deltas) == tok.decode(ids, skip_special_tokens=True) == text
+    assert not any("\ufffd" in d for d in deltas)
+    # a stop string is cut off, and nothing of it leaks out in the deltas before it is complete
+    stream = TextStream(tok, ["fiets?", "Utrecht"])
+    deltas = []
+    for i in ids:
+        deltas.append(stream.add(i))
+        if stream.stopped:
+            break
+    assert stream.stopped and "".join(deltas) + stream.finish() == "\u201cWaar is mijn "
+    assert not any("fi" in d for d in deltas)
+
+
 @pytest.mark.slow
 def test_bench_serve_quick_measures_every_server(cli, tmp_path: Path, monkeypatch):
     monkeypatch.chdir(tmp_path)
