@@ -9,6 +9,7 @@ import pytest
 from gpt2_dutch.model import MODEL_PRESETS, gpt2_config
 from gpt2_dutch.train import TrainConfig, train
 from gpt2_dutch.train.budget import (
+    MIN_STEPS,
     TOKENS_PER_PARAM,
     choose_batch,
     choose_model_size,
@@ -21,7 +22,7 @@ from gpt2_dutch.train.budget import (
 def test_params_of_matches_the_built_model():
     from transformers import GPT2LMHeadModel
 
-    for size in ("tiny", "small"):
+    for size in ("tiny", "nano") if "nano" in MODEL_PRESETS else ("tiny",):
         model = GPT2LMHeadModel(gpt2_config(size, 1000, 64, 0))
         assert params_of(size, 1000, 64) == sum(p.numel() for p in model.parameters())
 
@@ -31,24 +32,28 @@ def test_optimal_tokens_per_step_is_deepseeks_fit(flops, tokens):
     assert optimal_tokens_per_step(flops) == pytest.approx(tokens, rel=1e-3)
 
 
-@pytest.mark.parametrize(("flops", "context", "world", "accumulation", "expected"), [
-    (1e13, 1024, 1, None, (5, 1)),  # a 2-core CPU's few minutes: 5,220 tokens -> 5 chunks
-    (3e13, 1024, 1, None, (7, 1)),
-    (1e17, 1024, 1, None, (8, 13)),  # 106k tokens = 104 chunks: micro-batches of 8 (at most), 13 of them
-    (1e17, 1024, 8, None, (7, 2)),  # eight GPUs share the step: 13 chunks each, as 2 micro-batches of 7
-    (1e13, 1024, 1, 2, (3, 2)),  # --gradient-accumulation-steps given: kept
-    (1e9, 1024, 1, None, (1, 1)),  # never below one chunk
+@pytest.mark.parametrize(("flops", "tokens", "world", "accumulation", "expected"), [
+    (1e13, 1e9, 1, None, (5, 1)),  # DeepSeek's fit: 5,220 tokens -> 5 chunks of 1024
+    (3e13, 1e9, 1, None, (7, 1)),
+    (1e17, 1e9, 1, None, (8, 13)),  # 106k tokens = 104 chunks: micro-batches of 8 (at most), 13 of them
+    (1e17, 1e9, 8, None, (7, 2)),  # eight GPUs share the step: 13 chunks each, as 2 micro-batches of 7
+    (1e13, 1e9, 1, 2, (3, 2)),  # --gradient-accumulation-steps given: kept
+    (1e9, 1e9, 1, None, (1, 1)),  # never below one chunk
+    (1e13, 4e5, 1, None, (4, 1)),  # a few minutes on a CPU: 4e5 tokens leave 100 steps of 4 chunks, not 5
+    (1e13, 1.2e5, 1, None, (1, 1)),
 ])
-def test_choose_batch(flops, context, world, accumulation, expected):
-    b = choose_batch(flops, context, world, accumulation)
+def test_choose_batch(flops, tokens, world, accumulation, expected):
+    b = choose_batch(flops, tokens, 1024, world, accumulation)
     assert (b.batch_size, b.accumulation) == expected
-    tokens = b.batch_size * b.accumulation * world * context
-    if flops > 1e9:
-        assert tokens == pytest.approx(optimal_tokens_per_step(flops), rel=0.2)
-    assert f"{tokens:,} tokens per step" in b.reason
+    per_step = b.batch_size * b.accumulation * world * 1024
+    target = min(optimal_tokens_per_step(flops), tokens / MIN_STEPS)
+    if target > 1024:
+        assert per_step == pytest.approx(target, rel=0.2)
+    assert f"{per_step:,} tokens per step" in b.reason
+    assert ("at least 100 steps" in b.reason) == (tokens / MIN_STEPS < optimal_tokens_per_step(flops))
 
 
-@pytest.mark.parametrize(("max_tokens", "size"), [(1e6, "tiny"), (2.5e9, "small"), (7e9, "medium"), (1e12, "xl")])
+@pytest.mark.parametrize(("max_tokens", "size"), [(1e6, "nano"), (2.5e9, "small"), (7e9, "medium"), (1e12, "xl")])
 def test_model_size_auto_from_a_token_budget(max_tokens, size):
     choice = choose_model_size(50257, 1024, 0, "fp32", max_tokens, None, 2048, 1)
     assert choice.size == size and choice.probe_seconds == 0 and choice.tokens_per_s is None
@@ -62,12 +67,12 @@ def test_model_size_auto_from_a_time_budget_measures_and_stops_early(monkeypatch
 
     def speed(size, *args, **kwargs):
         measured.append(size)
-        return {"tiny": 1e6, "small": 2e5, "medium": 7e4}[size]  # tokens/s
+        return {"nano": 2e6, "tiny": 1e6, "small": 2e5, "medium": 7e4}[size]  # tokens/s
 
     monkeypatch.setattr(budget, "measure_tokens_per_s", speed)
     # an hour: small sees 7.2e8 tokens (~5.8 per parameter, below 20: larger ones are not measured)
     choice = choose_model_size(50257, 1024, 0, "bf16", None, 3600.0, 2048, 1)
-    assert measured == ["tiny", "small"]
+    assert measured == ["nano", "tiny", "small"]
     assert choice.size == "small" and choice.tokens_per_s == 2e5
     ratio = 2e5 * 3600 / params_of("small", 50257, 1024)
     assert ratio < TOKENS_PER_PARAM and f"{ratio:.3g} tokens per parameter" in choice.reason
@@ -87,7 +92,7 @@ def test_a_budgeted_run_records_its_choices_and_a_resume_keeps_them(tiny_dataset
     rc = json.loads((run / "run_config.json").read_text())
     chosen = rc["chosen_for_budget"]
     assert rc["model_size"] == chosen["model_size"]["chosen"] == "tiny"
-    b = choose_batch(train_flops("tiny", rc["vocab_size"], rc["context"], 2000), rc["context"], 1, None)
+    b = choose_batch(train_flops("tiny", rc["vocab_size"], rc["context"], 2000), 2000, rc["context"], 1, None)
     assert (rc["batch_size"], rc["gradient_accumulation_steps"]) == (b.batch_size, b.accumulation)
     assert rc["tokens_per_step"] == b.batch_size * b.accumulation * rc["context"]
     assert "measuring_seconds" not in chosen  # a token budget needs no measuring

@@ -17,7 +17,6 @@ import gzip
 import hashlib
 import io
 import json
-import math
 import os
 import random
 import shutil
@@ -604,18 +603,19 @@ def test_a_finished_run_grows_only_with_a_larger_max_steps_and_says_so(tiny_data
     rows = [r for r in map(json.loads, (run / "metrics.jsonl").read_text().splitlines()) if "loss" in r]
     steps = [r["step"] for r in rows]
     assert steps == sorted(set(steps)) and steps[-1] == 6  # no repeated rows
-    # the extension follows the schedule refitted to 6 steps (cosine from 2e-3 to 10%, no warmup at 5% of 6):
-    # scheduler.pt of the finished run must not bring the 4-step schedule back (which would log 2e-4 here).
-    # Step 5 itself runs at the learning rate the finished run ended with (restored with the optimizer).
+    # the extension follows the schedule refitted to 6 steps (wsd: peak 2e-3, no warmup at 5% of 6, linear to 0
+    # over the last 20% = 1.2 steps): scheduler.pt of the finished run must not bring the 4-step schedule back
+    # (which would log 0 here). Step 5 itself runs at the learning rate the finished run ended with.
     lrs = {r["step"]: r["lr"] for r in rows}
     for step in (6,):
-        expected = 2e-3 * (0.1 + 0.9 * 0.5 * (1 + math.cos(math.pi * (step - 1) / 6)))
+        expected = 2e-3 * (6 - (step - 1)) / (0.2 * 6)
         assert lrs[step] == pytest.approx(expected, rel=1e-6), (step, lrs)
 
 
 def test_init_from_starts_a_new_run_from_the_weights(tiny_dataset, run_copy, tmp_path):
+    # AdamW: --learning-rate sets its step (Muon's is its own 0.02)
     run = train(tiny_cfg(tiny_dataset, tmp_path / "o", init_from=str(run_copy), max_steps=1, learning_rate=1e-9,
-                         warmup=0))
+                         warmup=0, optimizer="adamw"))
     start = load_file(run_copy / "final_model" / "model.safetensors")
     after = load_file(run / "final_model" / "model.safetensors")
     assert run != run_copy and json.loads((run / "run_config.json").read_text())["init_from"] == str(run_copy)

@@ -112,7 +112,7 @@ def test_card_facts_are_the_same_for_run_dir_final_model_and_latest_link(card_ru
     assert card_facts(card_run / "final_model") == facts == card_facts(latest)
     rc = json.loads((card_run / "run_config.json").read_text())
     assert facts["name"] == card_run.name and facts["license"] == "mit" and facts["repo_id"] is None
-    assert facts["model"] == {"size": "tiny", "n_layer": 4, "n_embd": 128, "n_head": 4, "context": 32,
+    assert facts["model"] == {"size": "tiny", "n_layer": 4, "n_embd": 256, "n_head": 4, "context": 32,
                               "vocab_size": rc["vocab_size"], "parameters": rc["parameters"]}
     assert facts["training"]["steps"] == 4 and facts["training"]["tokens"] == 512
     assert [r["step"] for r in facts["curve"]] == [2, 4]

@@ -243,7 +243,7 @@ def test_models_health_card_and_page(live: Live, served_run: Path):
     status, _, card = live.request("GET", "/v1/model_card")
     records = [json.loads(line) for line in (served_run / "metrics.jsonl").read_text().splitlines()]
     evals = [r for r in records if "eval_loss" in r]
-    assert card["layers"] == 4 and card["width"] == 128 and card["context"] == 32
+    assert card["layers"] == 4 and card["width"] == 256 and card["context"] == 32
     assert card["parameters"] == json.loads((served_run / "run_config.json").read_text())["parameters"]
     assert card["training_tokens"] == max(r["tokens"] for r in records if "tokens" in r) == 40 * 4 * 32
     assert card["eval"]["step"] == 40 and math.isclose(card["eval"]["loss"], evals[-1]["eval_loss"])

@@ -55,7 +55,7 @@ def test_type_a_prompt_press_generate_and_watch_the_text_stream_in(browser, serv
         # the model card, read from the run's config, run_config.json and metrics.jsonl
         page.wait_for_selector("dd[data-field='parameters']")
         assert page.inner_text("#model-name") == served_run.name
-        assert page.inner_text("dd[data-field='layers × width']") == "4 × 128"
+        assert page.inner_text("dd[data-field='layers × width']") == "4 × 256"
         assert page.inner_text("dd[data-field='training tokens']") == "5120"
         assert page.inner_text("dd[data-field='bits per byte']") != "–"
         assert page.locator("#curve path.train-loss").count() == 1

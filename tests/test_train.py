@@ -99,7 +99,9 @@ def test_golden_loss_of_the_tiny_preset(tiny_dataset, tmp_path):
     assert losses[-1] == pytest.approx(GOLDEN[1], abs=2e-3)
 
 
-GOLDEN = (5.5692, 4.5405)  # measured with torch 2.13.0 (CPU); update only for an intended change
+# measured with torch 2.13.0 (CPU); update only for an intended change. Before #13 (tiny 4x128, AdamW, cosine):
+# (5.5692, 4.5405); tiny 4x256 with Muon and wsd ends these 10 steps at 3.8368
+GOLDEN = (5.5638, 3.8368)
 
 
 @pytest.mark.slow

@@ -12,10 +12,10 @@ the user did not decide (an explicit --model-size / --batch-size always wins):
   on random tokens (after one that warms up) until one would see fewer than 20 tokens per parameter, since every
   larger one sees fewer still. The seconds spent measuring are taken from the budget.
 - tokens per step, when --batch-size is not given: DeepSeek LLM's fit of the best batch size to compute,
-  B = 0.292 * C^0.3271 tokens (Bi et al. 2024, eq. 1; fitted from 1e17 to 3e20 FLOPs, and in line with what a
-  4-minute CPU run measured here: 4 chunks of 1024 beat 8), in whole chunks; beyond MICRO_BATCH chunks per
-  device the rest comes from gradient accumulation. Short runs get small steps and so more of them: for a short
-  budget, steps matter more than tokens per step.
+  B = 0.292 * C^0.3271 tokens (Bi et al. 2024, eq. 1; fitted from 1e17 to 3e20 FLOPs), but no more than leaves
+  the run MIN_STEPS steps, in whole chunks; beyond MICRO_BATCH chunks per device the rest comes from gradient
+  accumulation. Short runs get small steps and so more of them: for a short budget, steps matter more than
+  tokens per step.
 """
 
 from __future__ import annotations
@@ -30,6 +30,10 @@ from ..model import MODEL_PRESETS
 TOKENS_PER_PARAM = 20  # Chinchilla's compute-optimal ratio
 MICRO_BATCH = 8  # chunks per device per forward when the batch is chosen here (the old default --batch-size)
 DEFAULT_BATCH = 8  # --batch-size of a run without a budget
+# The fit below comes from runs of 1e17+ FLOPs with thousands of steps; extrapolated to a few minutes on a CPU
+# (1e13) it leaves a run ~20 steps, and there fewer tokens per step won clearly (4x256 GPT-2, Muon, one core,
+# 150 s: 6 chunks of 1024 a step 2.198 bits per byte, 2 chunks 2.122). So a run gets at least this many steps.
+MIN_STEPS = 100
 
 
 def optimal_tokens_per_step(train_flops: float) -> float:
@@ -44,17 +48,20 @@ class Batch:
     reason: str
 
 
-def choose_batch(train_flops: float, context: int, world: int, accumulation: int | None) -> Batch:
-    """Chunks per micro-batch and micro-batches per step for a run of `train_flops`; `accumulation` if the user
-    gave --gradient-accumulation-steps."""
-    target = optimal_tokens_per_step(train_flops)
+def choose_batch(train_flops: float, tokens: float, context: int, world: int, accumulation: int | None) -> Batch:
+    """Chunks per micro-batch and micro-batches per step for a run of `train_flops` over `tokens`;
+    `accumulation` if the user gave --gradient-accumulation-steps."""
+    fit = optimal_tokens_per_step(train_flops)
+    target = min(fit, tokens / MIN_STEPS)
     per_device = max(1, round(target / (context * world)))
     if accumulation is None:
         accumulation = math.ceil(per_device / MICRO_BATCH)
     batch = max(1, math.ceil(per_device / accumulation))
     tokens = batch * accumulation * world * context
-    return Batch(batch, accumulation, f"{tokens:,} tokens per step for a run of {train_flops:.2g} FLOPs "
-                 f"(DeepSeek LLM's fit: {target:,.0f})")
+    per_step = batch * accumulation * world * context
+    why = (f"DeepSeek LLM's fit: {fit:,.0f}" if target == fit else
+           f"at least {MIN_STEPS} steps in {tokens:.3g} tokens; DeepSeek LLM's fit would be {fit:,.0f}")
+    return Batch(batch, accumulation, f"{per_step:,} tokens per step for a run of {train_flops:.2g} FLOPs ({why})")
 
 
 @dataclass

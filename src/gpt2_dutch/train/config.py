@@ -38,8 +38,8 @@ class TrainConfig:
                                          "medium 3e-4, large 2.5e-4, xl 2e-4)")
     warmup: float = option(0.05, "linear warmup: a fraction of the run if < 1, else a number of steps")
     weight_decay: float = option(0.1, "AdamW weight decay on weight matrices (not biases or LayerNorms)")
-    schedule: str = option("cosine", "learning-rate schedule after warmup: cosine (to 10%% of the peak at the end) or "
-                           "wsd (stable at the peak, then linear to 0 over the last --cooldown of the run)",
+    schedule: str = option("wsd", "learning-rate schedule after warmup: wsd (stable at the peak, then linear to 0 "
+                           "over the last --cooldown of the run) or cosine (to 10%% of the peak at the end)",
                            choices=["cosine", "wsd"])
     cooldown: float = option(0.2, "wsd: the fraction of the run over which the learning rate falls to 0")
     seed: int = option(42, "seed for weights, data order and everything random")
@@ -72,7 +72,7 @@ class TrainConfig:
     log_format: str = option("text", "text: a progress bar with the live figures and one line per evaluation; "
                              "json: one JSON object per log/eval record on stderr (the records of metrics.jsonl), "
                              "for clusters and scripts", choices=["text", "json"])
-    optimizer: str = option("adamw", "adamw: AdamW for every parameter; muon: Muon (orthogonalized Nesterov "
+    optimizer: str = option("muon", "adamw: AdamW for every parameter; muon: Muon (orthogonalized Nesterov "
                             "momentum, lr 0.02 x sqrt(max(1, out/in)), Q, K and V as three matrices) for the "
                             "blocks' weight matrices and AdamW at --learning-rate for embeddings, LayerNorms and "
                             "biases (AdamW with --fsdp)", choices=["adamw", "muon"])

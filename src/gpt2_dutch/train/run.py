@@ -145,7 +145,7 @@ def _choose_for_budget(cfg: TrainConfig, vocab_size: int, context: int, eos_toke
                 probe_s += time.perf_counter() - t
             tokens = speed * max(0.0, budget_s - probe_s) if budget_s is not None and speed else math.inf
             tokens = min(tokens, max_tokens or math.inf)
-            batch = choose_batch(train_flops(cfg.model_size, vocab_size, context, tokens), context, world,
+            batch = choose_batch(train_flops(cfg.model_size, vocab_size, context, tokens), tokens, context, world,
                                  cfg.gradient_accumulation_steps)
             cfg = replace(cfg, batch_size=batch.batch_size, gradient_accumulation_steps=batch.accumulation)
             choices["batch"] = {"batch_size": batch.batch_size, "gradient_accumulation_steps": batch.accumulation,
@@ -536,6 +536,11 @@ def _check_resumable(checkpoint: Path, cfg: TrainConfig, manifest: dict[str, Any
     was = resolve_optimizer(ran.get("optimizer", "adamw"), bool(ran.get("fsdp")))[0]
     if was != resolve_optimizer(cfg.optimizer, cfg.fsdp)[0]:
         problems.append(f"it was trained with --optimizer {was} (pass --optimizer {was})")
+    # the schedule is rebuilt from the settings: another one would change the learning rate mid-run (runs from
+    # before wsd became the default recorded cosine)
+    schedule = ran.get("schedule", "cosine")
+    if schedule != cfg.schedule:
+        problems.append(f"it was trained with --schedule {schedule} (pass --schedule {schedule})")
     if problems:
         raise UsageError(f"cannot resume from {checkpoint}: " + "; ".join(problems))
 
