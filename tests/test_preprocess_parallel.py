@@ -108,6 +108,21 @@ def test_the_test_split_is_the_sources_own_across_parts(tmp_path, small_tokenize
     assert json.loads((outs[1] / "manifest.json").read_text())["source"]["test_split"] == "own"
 
 
+def test_a_streamed_hub_config_is_one_part_per_data_file(tmp_path, small_tokenizer):
+    """Three train files on a Hub-like dataset: three parts read by the workers, the same chunks as in memory."""
+    root = tmp_path / "hub"
+    (root / "10k").mkdir(parents=True)
+    for i in range(3):
+        write_jsonl(root / "10k" / f"train-{i}.jsonl", CORPUS[i * 80:(i + 1) * 80])
+    (root / "README.md").write_text("---\nconfigs:\n- config_name: 10k\n  data_files:\n  - split: train\n"
+                                    "    path: 10k/train-*.jsonl\n---\n")
+    outs = [preprocess(PreprocessConfig(dataset_name=str(root), dataset_size="10k", tokenizer=str(small_tokenizer),
+                                        chunk_size=16, streaming=streaming, num_workers=2,
+                                        output_dir=str(tmp_path / str(streaming)))) for streaming in (False, True)]
+    assert_same_dataset(*outs)
+    assert json.loads((outs[1] / "manifest.json").read_text())["parts"]["train"] == 3
+
+
 @pytest.mark.parametrize(("content", "paragraphs", "part_bytes"), [
     (b"".join(b'{"text": "%d"}\n' % i for i in range(50)), False, 7),
     (b"".join(b'{"text": "%d"}\n' % i for i in range(50)), False, 1000),

@@ -354,7 +354,7 @@ def _run(cfg: PreprocessConfig, work: WorkDir, tmp: Path, final: Path, start: fl
             work.release()
             return work.path
     else:
-        reused = 0
+        reused, seconds = 0, 0.0
     n_shards, keys, has_test = work.shard_results(cfg.num_shards if cfg.merge else n_shards)
     tmp.mkdir(parents=True)
     merged = merge_parts(work, tmp, keys, has_test, cfg.chunk_size, dtype, cfg.test_split, cfg.seed,
@@ -391,6 +391,9 @@ def _run(cfg: PreprocessConfig, work: WorkDir, tmp: Path, final: Path, start: fl
         "parts": {split: len(keys[split]) for split in SPLITS},
         "shards": n_shards,
         "seconds": round(elapsed, 2),
+        # from the first part started to the last one finished, in this run: the steady state, start-up excluded
+        "encode_seconds": round(seconds, 3),
+        "workers": cfg.num_workers or available_cores(),
         "package_version": __version__,
         "created": datetime.now(timezone.utc).isoformat(timespec="seconds"),
     }
