@@ -73,12 +73,15 @@ def mixed_files(tmp_path: Path) -> list[Path]:
 
 # ----------------------------------------------------------------------------------------- any number of workers
 
-@pytest.mark.parametrize(("workers", "part_mb"), [(2, TINY_PART_MB), (3, 0.003), (1, TINY_PART_MB)],
-                         ids=["2-workers-1KB-parts", "3-workers-3KB-parts", "1-worker-1KB-parts"])
+@pytest.mark.parametrize(("workers", "part_mb", "threads"), [
+    (2, TINY_PART_MB, None), (3, 0.003, None), (1, TINY_PART_MB, None),
+    (2, 0.003, 2),  # two encoder threads per worker: workers start from a fresh process (forkserver), not a fork
+], ids=["2-workers-1KB-parts", "3-workers-3KB-parts", "1-worker-1KB-parts", "2-workers-2-threads-forkserver"])
 def test_any_number_of_workers_and_part_size_gives_the_same_chunks(tmp_path, mixed_files, small_tokenizer, workers,
-                                                                   part_mb):
+                                                                   part_mb, threads):
     one = run(tmp_path / "one", mixed_files, small_tokenizer, num_workers=1)  # one worker, one part per file
-    many = run(tmp_path / "many", mixed_files, small_tokenizer, num_workers=workers, part_mb=part_mb)
+    many = run(tmp_path / "many", mixed_files, small_tokenizer, num_workers=workers, part_mb=part_mb,
+               threads=threads)
     assert_same_dataset(one, many)
     manifest = json.loads((many / "manifest.json").read_text())
     assert manifest["parts"]["train"] > (12 if part_mb == TINY_PART_MB else 6), "the line-based files were cut up"

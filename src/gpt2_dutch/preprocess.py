@@ -465,7 +465,8 @@ def _encode_parts(cfg: PreprocessConfig, source: Source, work: WorkDir, tokenize
     # one encoder thread never touches the Rust thread pool a fork cannot copy (init_worker). Workers with several
     # threads start from a fresh process instead.
     methods = multiprocessing.get_all_start_methods()
-    context = multiprocessing.get_context("fork" if "fork" in methods and threads == 1 else None)
+    fresh = "forkserver" if "forkserver" in methods else "spawn"
+    context = multiprocessing.get_context("fork" if "fork" in methods and threads == 1 else fresh)
     init = (tokenizer.backend.to_str(), tokenizer.eos_token_id, dtype, cfg.encoder, threads, cfg.text_column,
             cfg.sample_by, str(work.parts))
     first, last = float("inf"), 0.0
