@@ -229,6 +229,28 @@ def test_a_run_started_with_other_settings_discards_the_old_work(tmp_path, mixed
     assert_same_dataset(path, run(tmp_path / "ref", mixed_files, small_tokenizer))
 
 
+@pytest.mark.parametrize(("left", "adopted"), [
+    ({"parts/train/": None, "lock-00000-of-00001": ""}, True),  # killed before it wrote plan.json
+    ({"parts/train/.f00000-b000000.npz.tmp-host-1": "half"}, True),  # killed while writing a part
+    ({"notes.txt": "mijn aantekeningen"}, False),  # not ours: refused, untouched
+    ({"plan.json": "{}", "thesis.tex": "\\documentclass"}, False),
+], ids=["before-plan", "half-written-part", "foreign-file", "foreign-beside-a-plan"])
+def test_what_is_in_the_work_directorys_place(tmp_path, mixed_files, small_tokenizer, left, adopted):
+    work = tmp_path / "out" / ".d.work"
+    for name, content in left.items():
+        (work / name).parent.mkdir(parents=True, exist_ok=True)
+        if content is not None:
+            (work / name).write_text(content)
+    if adopted:
+        assert_same_dataset(run(tmp_path / "out", mixed_files, small_tokenizer),
+                            run(tmp_path / "ref", mixed_files, small_tokenizer))
+        assert not work.exists()
+    else:
+        with pytest.raises(UsageError, match="is not a work directory of gpt2-dutch preprocess; move it away"):
+            run(tmp_path / "out", mixed_files, small_tokenizer)
+        assert sorted(p.name for p in work.iterdir()) == sorted(left)
+
+
 # ----------------------------------------------------------------------------------------------------- shards
 
 @pytest.mark.parametrize("layout", ["files", "blocks"])

@@ -19,6 +19,7 @@ import hashlib
 import json
 import os
 import random
+import re
 import shutil
 import sys
 from dataclasses import asdict, dataclass
@@ -54,9 +55,12 @@ class WorkDir:
 
     @staticmethod
     def is_ours(path: Path) -> bool:
+        """Whether `path` holds only what preprocess puts in a work directory (a run killed before it wrote
+        plan.json leaves just some of it), so that discarding it never deletes anything else."""
+        known = re.compile(r"plan\.json|parts|tokenizer|lock-.*|done-.*\.json|\..*\.tmp-.*")
         try:
-            return json.loads((path / "plan.json").read_text())["format"] == WORK_FORMAT
-        except (OSError, ValueError, KeyError, TypeError):
+            return all(known.fullmatch(p.name) for p in path.iterdir())
+        except OSError:
             return False
 
     def open(self, plan: dict[str, Any], shard: str, discard_other: bool) -> None:
@@ -64,24 +68,29 @@ class WorkDir:
         plan = {"format": WORK_FORMAT, **plan}
         if self.path.is_symlink() or (self.path.exists() and not self.path.is_dir()):
             raise UsageError(f"{self.path} is in the way of preprocess's work directory; move it away")
-        if self.path.exists():
-            if not self.is_ours(self.path) and any(self.path.iterdir()):
-                raise UsageError(f"{self.path} is not a work directory of gpt2-dutch preprocess; move it away or "
-                                 "choose another --name")
-            old = self.plan()
-            if old is not None and old != plan:
-                if not discard_other:
-                    raise UsageError(f"{self.path} holds the work of a preprocess with other settings ("
-                                     f"{_first_difference(old, plan)}); run the shards with one command line, or "
-                                     "remove it to start over")
-                print(f"note: discarding the unfinished work of an earlier preprocess with other settings "
-                      f"({_first_difference(old, plan)}): {self.path}", file=sys.stderr)
-                shutil.rmtree(self.path)
+        if self.path.exists() and not self.is_ours(self.path):
+            raise UsageError(f"{self.path} is not a work directory of gpt2-dutch preprocess; move it away or choose "
+                             "another --name")
+        self.path.mkdir(parents=True, exist_ok=True)
+        self.lock(shard)
+        old = self.plan()
+        if old is not None and old != plan:
+            if not discard_other:
+                self.release()
+                raise UsageError(f"{self.path} holds the work of a preprocess with other settings ("
+                                 f"{_first_difference(old, plan)}); run the shards with one command line, or "
+                                 "remove it to start over")
+            print(f"note: discarding the unfinished work of an earlier preprocess with other settings "
+                  f"({_first_difference(old, plan)}): {self.path}", file=sys.stderr)
+            for p in self.path.iterdir():
+                if p.is_dir():
+                    shutil.rmtree(p)
+                elif p != self._lock_path:
+                    p.unlink()
+        if old != plan:
+            write_json_atomic(self.path / "plan.json", plan)
         for split in SPLITS:
             (self.parts / split).mkdir(parents=True, exist_ok=True)
-        self.lock(shard)
-        if self.plan() != plan:
-            write_json_atomic(self.path / "plan.json", plan)
 
     def lock(self, shard: str) -> None:
         import fcntl
