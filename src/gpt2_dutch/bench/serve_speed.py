@@ -160,26 +160,32 @@ def wait_healthy(port: int, proc: subprocess.Popen | None = None, timeout: float
 
 
 def stream_completion(port: int, body: dict[str, Any], timeout: float = 600) -> dict[str, Any]:
-    """One streamed completion over plain HTTP: its text, tokens (chunks with text or not), TTFT and latency."""
+    """One streamed completion over plain HTTP: its text, tokens, time to the first token's chunk, latency."""
     start = time.perf_counter()
     conn = http.client.HTTPConnection("127.0.0.1", port, timeout=timeout)
-    conn.request("POST", "/v1/completions", json.dumps({**body, "stream": True}),
+    conn.request("POST", "/v1/completions", json.dumps({**body, "stream": True,
+                                                        "stream_options": {"include_usage": True}}),
                  {"Content-Type": "application/json"})
     resp = conn.getresponse()
     if resp.status != 200:
         raise RuntimeError(f"HTTP {resp.status}: {resp.read()[:300]!r}")
-    first, tokens, text = None, 0, []
+    first, tokens, text, usage = None, 0, [], None
     for raw in resp:
         line = raw.decode("utf-8").strip()
         if not line.startswith("data: ") or line == "data: [DONE]":
             continue
-        for choice in json.loads(line[6:]).get("choices", []):
+        event = json.loads(line[6:])
+        usage = event.get("usage") or usage
+        for choice in event.get("choices", []):
             if choice.get("finish_reason") is None:  # transformers serve leaves it out until the end
                 tokens += 1
                 first = first or time.perf_counter()
             text.append(choice["text"])
     conn.close()
     end = time.perf_counter()
+    # The usage count where the server gives it: transformers serve sends no chunk for a token whose text is not
+    # yet whole UTF-8 (an untrained model's byte tokens: often none at all), ours one chunk per token.
+    tokens = usage["completion_tokens"] if usage else tokens
     return {"text": "".join(text), "tokens": tokens, "ttft_s": (first or end) - start, "latency_s": end - start,
             "end": end}
 
