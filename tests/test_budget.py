@@ -91,8 +91,8 @@ def test_a_budgeted_run_records_its_choices_and_a_resume_keeps_them(tiny_dataset
     run = train(TrainConfig(**cfg))
     rc = json.loads((run / "run_config.json").read_text())
     chosen = rc["chosen_for_budget"]
-    assert rc["model_size"] == chosen["model_size"]["chosen"] == "tiny"
-    b = choose_batch(train_flops("tiny", rc["vocab_size"], rc["context"], 2000), 2000, rc["context"], 1, None)
+    assert rc["model_size"] == chosen["model_size"]["chosen"] == "nano"  # 2000 tokens: the smallest preset
+    b = choose_batch(train_flops("nano", rc["vocab_size"], rc["context"], 2000), 2000, rc["context"], 1, None)
     assert (rc["batch_size"], rc["gradient_accumulation_steps"]) == (b.batch_size, b.accumulation)
     assert rc["tokens_per_step"] == b.batch_size * b.accumulation * rc["context"]
     assert "measuring_seconds" not in chosen  # a token budget needs no measuring
@@ -109,3 +109,22 @@ def test_explicit_flags_win(tiny_dataset, tmp_path):
                             precision="fp32", output_dir=str(tmp_path)))
     rc = json.loads((run / "run_config.json").read_text())
     assert (rc["batch_size"], rc["gradient_accumulation_steps"]) == (3, 1) and "chosen_for_budget" not in rc
+
+
+@pytest.mark.slow
+def test_two_ranks_train_with_rank_zeros_choices(tiny_dataset, tmp_path):
+    """Each rank measures its own speed; rank 0's choice is broadcast, so both build the same model and batch."""
+    import os
+    import subprocess
+    import sys
+
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2", "-m",
+           "gpt2_dutch", "train", "--dataset-path", str(tiny_dataset), "--model-size", "auto", "--max-time", "3s",
+           "--precision", "fp32", "--output-dir", str(tmp_path)]
+    r = subprocess.run(cmd, capture_output=True, text=True, env={**os.environ, "OMP_NUM_THREADS": "1"})
+    assert r.returncode == 0, r.stderr[-3000:]
+    (run,) = [p for p in tmp_path.glob("gpt2-dutch-*-2*") if p.is_dir()]
+    rc = json.loads((run / "run_config.json").read_text())
+    assert rc["world_size"] == 2 and rc["model_size"] == rc["chosen_for_budget"]["model_size"]["chosen"]
+    assert rc["tokens_per_step"] == rc["batch_size"] * rc["gradient_accumulation_steps"] * 2 * rc["context"]
+    assert r.stderr.count("--model-size auto:") == 1  # printed once, by rank 0

@@ -47,8 +47,8 @@ FIRST_SEED = 42  # train's default seed: seed 1 is what a user's run gets
 # What the bench decides for ours (the data, the budget, the seed, where runs go): not --ours-config's to change.
 SET_BY_BENCH = ("dataset_path", "output_dir", "seed", "max_time", "max_steps", "max_tokens", "resume", "init_from")
 # Our settings as the report shows them (read from the run's run_config.json, so they are the resolved values).
-SHOWN_SETTINGS = ("model_size", "batch_size", "gradient_accumulation_steps", "context", "learning_rate", "warmup",
-                  "weight_decay", "precision", "compile", "tokens_per_step")
+SHOWN_SETTINGS = ("model_size", "optimizer", "schedule", "batch_size", "gradient_accumulation_steps", "context",
+                  "learning_rate", "warmup", "weight_decay", "precision", "compile", "tokens_per_step")
 
 
 def parse_budget(text: str) -> float:

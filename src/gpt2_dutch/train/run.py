@@ -156,6 +156,17 @@ def _choose_for_budget(cfg: TrainConfig, vocab_size: int, context: int, eos_toke
         choices["measured_tokens_per_s"] = round(speed, 1)
     if probe_s:
         choices["measuring_seconds"] = round(probe_s, 2)  # taken from the --max-time budget
+    if choices and world > 1:
+        # each rank measured its own speed: near a rounding edge they could choose differently, and ranks with
+        # different shapes or batches would hang in the first all-reduce. Rank 0's choice holds for all.
+        from accelerate import PartialState
+        from accelerate.utils import broadcast_object_list
+
+        PartialState(cpu=not torch.cuda.is_available())  # joins the process group (as _new_run_dir does)
+        decided = [(cfg.model_size, cfg.batch_size, cfg.gradient_accumulation_steps, choices)]
+        broadcast_object_list(decided)
+        size, batch_size, accumulation, choices = decided[0]
+        cfg = replace(cfg, model_size=size, batch_size=batch_size, gradient_accumulation_steps=accumulation)
     if choices and is_main_process() and not cfg.quiet:
         for what in ("model_size", "batch"):
             if what in choices:
