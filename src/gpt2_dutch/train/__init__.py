@@ -1,6 +1,7 @@
 """Train GPT-2 from scratch on a processed dataset (one CPU to many GPUs; HF Trainer + accelerate underneath).
 
     gpt2-dutch train --dataset-path processed_data/chunked_10k --model-size tiny --max-time 5m
+    gpt2-dutch train --dataset-path processed_data/chunked_1B --model-size auto --max-time 2h   # size for the budget
     gpt2-dutch train --dataset-path processed_data/chunked_1B --model-size small --batch-size 16
     torchrun --nproc_per_node 8 -m gpt2_dutch train --dataset-path ... --model-size medium
     gpt2-dutch train --dataset-path ... --model-size small --resume          # continue the newest unfinished run
@@ -13,7 +14,10 @@ tokenizes.
 
 The pieces, each with only its own concern:
     config.py    TrainConfig: every setting, its help and its checks (no torch)
-    schedule.py  warmup + cosine-to-10%, fitted to the run's real length
+    schedule.py  warmup, then wsd (stable, linear cooldown) or cosine-to-10%, fitted to the run's real length
+    budget.py    for a --max-time/--max-tokens budget: --model-size auto and the tokens per step
+    muon.py      --optimizer muon: Muon for the blocks' matrices, AdamW for the rest, one optimizer
+    loss.py      the LM head's cross-entropy in chunks, without full logits
     runs.py      run directories: unique names, status, what --resume continues, checkpoint checks, -latest
     trainer.py   what the Hugging Face Trainer gets on top: health checks, signals, atomic checkpoints, metrics
     run.py       train(cfg): plan, build, train, publish
