@@ -70,7 +70,8 @@ def test_type_a_prompt_press_generate_and_watch_the_text_stream_in(browser, serv
         assert page.inner_text("#generated") == expected
         assert page.inner_text("#output .prompt") == prompt
         distinct = [t for i, t in enumerate(seen) if i == 0 or t != seen[i - 1]]
-        assert len(distinct) >= 3 and distinct[-1] == expected  # it grew piece by piece, not in one go
+        # it grew piece by piece, not in one go (on a loaded machine several tokens may land in one repaint)
+        assert len(distinct) >= 2 and distinct[0] != expected and distinct[-1] == expected
         assert all(expected.startswith(t) for t in distinct)
         assert "10 tokens" in page.inner_text("#status")
         page.close()
