@@ -61,8 +61,8 @@ def _json(path: Path) -> Any:
         return None
 
 
-def _records(path: Path) -> list[dict[str, Any]]:
-    """metrics.jsonl's records; a line cut short by a kill is skipped."""
+def read_metrics_records(path: Path) -> list[dict[str, Any]]:
+    """metrics.jsonl's records (also the playground's card, serve/card.py); a line cut short by a kill is skipped."""
     try:
         lines = path.read_text(encoding="utf-8").splitlines()
     except OSError:
@@ -110,7 +110,7 @@ def card_facts(model_dir: str | Path, run_dir: str | Path | None = None, hardwar
     run = Path(run_dir).resolve() if run_dir is not None else found_run
     config = _json(model_path / "config.json") or {}
     rc: dict[str, Any] = (_json(run / "run_config.json") if run else None) or {}
-    records = _records(run / "metrics.jsonl") if run else []
+    records = read_metrics_records(run / "metrics.jsonl") if run else []
     manifest = None
     if rc.get("dataset_path"):
         manifest = _json(Path(rc["dataset_path"]) / "manifest.json")

@@ -10,6 +10,8 @@ import math
 from pathlib import Path
 from typing import Any
 
+from ..model_card import read_metrics_records
+
 MAX_CURVE_POINTS = 400  # the page draws these; a long run's metrics are thinned evenly
 
 
@@ -25,7 +27,7 @@ def model_card(model_dir: Path, parameters: int, name: str) -> dict[str, Any]:
         card["run"] = {k: run.get(k) for k in ("model_size", "dataset_path", "precision", "optimizer", "schedule",
                                                "learning_rate", "total_steps", "tokens_per_step", "status",
                                                "started_at") if run.get(k) is not None}
-    records = _read_metrics(run_dir / "metrics.jsonl") if run_dir else []
+    records = read_metrics_records(run_dir / "metrics.jsonl") if run_dir else []
     train = [(r["step"], r["loss"]) for r in records if _finite(r.get("loss")) and isinstance(r.get("step"), int)]
     evals = [r for r in records if _finite(r.get("eval_loss")) and isinstance(r.get("step"), int)]
     tokens = [r["tokens"] for r in records if isinstance(r.get("tokens"), (int, float))]
@@ -45,23 +47,6 @@ def _read_json(path: Path) -> dict[str, Any] | None:
     except (OSError, ValueError):
         return None
     return data if isinstance(data, dict) else None
-
-
-def _read_metrics(path: Path) -> list[dict[str, Any]]:
-    """metrics.jsonl's records; a line cut short by a crash (or not JSON) is skipped."""
-    try:
-        lines = path.read_text(encoding="utf-8").splitlines()
-    except OSError:
-        return []
-    records = []
-    for line in lines:
-        try:
-            record = json.loads(line)
-        except ValueError:
-            continue
-        if isinstance(record, dict):
-            records.append(record)
-    return records
 
 
 def _finite(value: Any) -> bool:
