@@ -71,7 +71,7 @@ class BenchConfig:
     budget: str | None = option(None, "quality: training time per side, e.g. 4m, 90s (default 4m; 3s with --quick)")
     seeds: int = option(1, "quality: train each side with this many seeds (42, 43, ...); figures per seed and means")
     ours_config: str | None = option(None, "quality: a JSON or YAML file of train settings for our side (keys as in "
-                                     "`train --config`, e.g. learning_rate: 3e-3), on top of --model-size tiny: "
+                                     "`train --config`, e.g. learning_rate: 3e-3), on top of --model-size auto: "
                                      "for ablations")
     ablation: list[str] = option([], "quality (repeatable): another variant of our side, a settings file like "
                                  "--ours-config ('defaults': nothing changed), trained with every seed on the same "

@@ -12,7 +12,7 @@ What happens, in order:
    and every --ours-config), and any training document with the same text as a held-out one is dropped.
 2. Tokenizer: --tokenizer, else a Dutch BPE (32,768 tokens) trained on the training documents only.
 3. Ours: `gpt2-dutch preprocess` with its defaults (1024-token chunks; it carves 10% of the documents it gets
-   as its own test split), then `gpt2-dutch train --model-size tiny --max-time BUDGET --seed S`, plus the
+   as its own test split), then `gpt2-dutch train --model-size auto --max-time BUDGET --seed S`, plus the
    TrainConfig settings of --ours-config (a JSON/YAML file of train's flags, as `train --config` reads them).
 4. Baseline (baselines.py, TEXTBOOK): the same training documents ours trained on, run_clm's data path, a
    4x256 GPT-2 (context 256, batch 8), AdamW 1e-3, 5% warmup then cosine to 0, fp32; max_steps set from a
@@ -202,12 +202,13 @@ def bench_quality(text: Path, tokenizer: str | None, tmp: Path, quick: bool, bud
 
 
 def _ours(dataset: Path, budget_s: float, seed: int, overrides: dict[str, Any], out: Path) -> dict[str, Any]:
-    """`gpt2-dutch train --dataset-path D --model-size tiny --max-time BUDGET --seed S` (+ overrides), through
+    """`gpt2-dutch train --dataset-path D --model-size auto --max-time BUDGET --seed S` (+ overrides), through
     train(TrainConfig(...)); what it did is read from what the run publishes."""
     from ..train import TrainConfig, train
     from .train_speed import read_metrics
 
-    cfg = TrainConfig(**{"model_size": "tiny", **overrides, "dataset_path": str(dataset), "max_time": f"{budget_s}s",
+    # auto: our defaults given only a budget, as a user who wants the best model for it would run them
+    cfg = TrainConfig(**{"model_size": "auto", **overrides, "dataset_path": str(dataset), "max_time": f"{budget_s}s",
                          "seed": seed, "output_dir": str(out)})
     with contextlib.redirect_stdout(sys.stderr):
         run = train(cfg)
