@@ -51,6 +51,8 @@ def test_choose_batch(flops, tokens, world, accumulation, expected):
         assert per_step == pytest.approx(target, rel=0.2)
     assert f"{per_step:,} tokens per step" in b.reason
     assert ("at least 100 steps" in b.reason) == (tokens / MIN_STEPS < optimal_tokens_per_step(flops))
+    if "at least" in b.reason:
+        assert f"in {tokens:.3g} tokens" in b.reason  # the run's tokens, not the step's
 
 
 @pytest.mark.parametrize(("max_tokens", "size"), [(1e6, "nano"), (2.5e9, "small"), (7e9, "medium"), (1e12, "xl")])

@@ -57,7 +57,6 @@ def choose_batch(train_flops: float, tokens: float, context: int, world: int, ac
     if accumulation is None:
         accumulation = math.ceil(per_device / MICRO_BATCH)
     batch = max(1, math.ceil(per_device / accumulation))
-    tokens = batch * accumulation * world * context
     per_step = batch * accumulation * world * context
     why = (f"DeepSeek LLM's fit: {fit:,.0f}" if target == fit else
            f"at least {MIN_STEPS} steps in {tokens:.3g} tokens; DeepSeek LLM's fit would be {fit:,.0f}")
