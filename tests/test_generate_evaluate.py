@@ -256,7 +256,7 @@ def long_context_model(tmp_path_factory, tiny_run) -> Path:
 
     tok = AutoTokenizer.from_pretrained(tiny_run / "final_model")
     out = tmp_path_factory.mktemp("long") / "final_model"
-    AutoModelForCausalLM.from_config(gpt2_config("tiny", len(tok), 4096, tok.eos_token_id)).save_pretrained(out)
+    AutoModelForCausalLM.from_config(gpt2_config("nano", len(tok), 4096, tok.eos_token_id)).save_pretrained(out)
     GenerationConfig(eos_token_id=tok.eos_token_id, suppress_tokens=[tok.eos_token_id]).save_pretrained(out)
     tok.save_pretrained(out)
     return out
