@@ -88,14 +88,28 @@ def test_bf16_autocast_matches_the_plain_path_within_bf16_rounding():
         assert got[name].dtype == torch.float32 and cos > 0.999, (name, cos)
 
 
-def test_chunked_function_matches_cross_entropy_on_raw_tensors():
+# block: logits per elementwise block, 50 per row: one row, 3 rows (uneven in a chunk of 6), the whole chunk
+@pytest.mark.parametrize("block", [50, 150, 1 << 22], ids=["one-row", "three-rows", "whole-chunk"])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_chunked_function_matches_cross_entropy_on_raw_tensors(block, dtype):
     g = torch.Generator().manual_seed(3)
     h = torch.randn(37, 8, generator=g, requires_grad=True)
     w = torch.randn(50, 8, generator=g, requires_grad=True)
     t = torch.randint(0, 50, (37,), generator=g)
-    ref = torch.nn.functional.cross_entropy(h @ w.t(), t, reduction="sum")
-    ref_h, ref_w = torch.autograd.grad(ref, (h, w))
-    mine = chunked_linear_cross_entropy(h, w, t, 6)
+    t[[4, 11, 12]] = -100  # ignored: no loss, no gradient
+    with torch.autocast("cpu", dtype=torch.bfloat16, enabled=dtype == torch.bfloat16):
+        # the reference sees the operands as the chunked path's matmuls do (rounded to the compute dtype)
+        logits = (h.to(dtype) @ w.to(dtype).t()).float()
+        ref = torch.nn.functional.cross_entropy(logits, t, reduction="sum")
+        ref_h, ref_w = torch.autograd.grad(ref, (h, w))
+        mine = chunked_linear_cross_entropy(h, w, t, 6, block_logits=block)
+    if dtype == torch.bfloat16:  # dL/dlogits rounded to bf16 once, as the plain path under autocast
+        (2 * mine).backward()
+        assert torch.allclose(mine, ref, rtol=1e-5)
+        assert torch.allclose(h.grad, 2 * ref_h, atol=1e-6)
+        # dL/dW: ours sums the chunks' products in fp32, the reference in one bf16 matmul (its rounding, ~0.4%)
+        assert torch.allclose(w.grad, 2 * ref_w, rtol=1e-2, atol=1e-2)
+        return
     (2 * mine).backward()  # backward scales the stored gradients by the incoming one
     assert torch.allclose(mine, ref, atol=1e-4)
     assert torch.allclose(h.grad, 2 * ref_h, atol=1e-5) and torch.allclose(w.grad, 2 * ref_w, atol=1e-5)
