@@ -192,6 +192,21 @@ def test_training_with_chunks_equals_full_logits_and_saves_a_plain_model(tiny_da
         assert torch.allclose(model(ids).logits, ref(ids).logits, atol=1e-6)
 
 
+@pytest.mark.parametrize(("precision", "dtype"), [("bf16", torch.bfloat16), ("fp32", None)])
+def test_the_trainer_runs_the_head_in_the_runs_mixed_precision(precision, dtype, tiny_dataset, tmp_path,
+                                                               monkeypatch):
+    """accelerate puts only the model's forward under autocast: the chunked head must run under it too (it ran in
+    fp32 under bf16 training, at half the speed), as the plain path's lm_head does inside the forward."""
+    import gpt2_dutch.train.loss as loss_module
+    from gpt2_dutch.train import TrainConfig
+
+    seen, real = [], loss_module.compute_dtype
+    monkeypatch.setattr(loss_module, "compute_dtype", lambda device: seen.append(real(device)) or seen[-1])
+    train(TrainConfig(dataset_path=str(tiny_dataset), model_size="nano", batch_size=2, precision=precision,
+                      output_dir=str(tmp_path), max_steps=2, eval_every=2, save_every=2, loss_chunk_tokens=24))
+    assert seen and set(seen) == {dtype}  # training and evaluation steps alike
+
+
 DDP_SCRIPT = textwrap.dedent("""
     import os, sys
     import torch, torch.distributed as dist
