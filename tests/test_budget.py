@@ -12,7 +12,9 @@ from gpt2_dutch.train.budget import (
     MIN_STEPS,
     TOKENS_PER_PARAM,
     choose_batch,
+    choose_learning_rate,
     choose_model_size,
+    optimal_learning_rate,
     optimal_tokens_per_step,
     params_of,
     train_flops,
@@ -39,7 +41,7 @@ def test_optimal_tokens_per_step_is_deepseeks_fit(flops, tokens):
     (1e17, 1e9, 8, None, (7, 2)),  # eight GPUs share the step: 13 chunks each, as 2 micro-batches of 7
     (1e13, 1e9, 1, 2, (3, 2)),  # --gradient-accumulation-steps given: kept
     (1e9, 1e9, 1, None, (1, 1)),  # never below one chunk
-    (1e13, 4e5, 1, None, (4, 1)),  # a few minutes on a CPU: 4e5 tokens leave 100 steps of 4 chunks, not 5
+    (1e13, 4e5, 1, None, (3, 1)),  # a few minutes on a CPU: 4e5 tokens leave 150 steps of 3 chunks, not 5
     (1e13, 1.2e5, 1, None, (1, 1)),
 ])
 def test_choose_batch(flops, tokens, world, accumulation, expected):
@@ -50,9 +52,25 @@ def test_choose_batch(flops, tokens, world, accumulation, expected):
     if target > 1024:
         assert per_step == pytest.approx(target, rel=0.2)
     assert f"{per_step:,} tokens per step" in b.reason
-    assert ("at least 100 steps" in b.reason) == (tokens / MIN_STEPS < optimal_tokens_per_step(flops))
+    assert (f"at least {MIN_STEPS} steps" in b.reason) == (tokens / MIN_STEPS < optimal_tokens_per_step(flops))
     if "at least" in b.reason:
         assert f"in {tokens:.3g} tokens" in b.reason  # the run's tokens, not the step's
+
+
+# DeepSeek LLM's own points: its 7B model (C = 8.4e22 at its 9.4M-token batch) trained at 4.2e-4
+@pytest.mark.parametrize(("flops", "lr"), [(8.4e22, 4.25e-4), (1e18, 1.753e-3), (1e13, 7.397e-3)])
+def test_optimal_learning_rate_is_deepseeks_fit(flops, lr):
+    assert optimal_learning_rate(flops) == pytest.approx(lr, rel=1e-3)
+
+
+@pytest.mark.parametrize("share", [4.0, 1.0, 0.25, 0.01])
+def test_choose_learning_rate_scales_with_the_square_root_of_a_smaller_batch(share):
+    flops = 2e13
+    per_step = round(share * optimal_tokens_per_step(flops))
+    lr = choose_learning_rate(flops, per_step)
+    scale = min(1.0, (per_step / optimal_tokens_per_step(flops)) ** 0.5)
+    assert lr.learning_rate == pytest.approx(optimal_learning_rate(flops) * scale)
+    assert ("square-root rule" in lr.reason) == (share < 1) and "2e+13 FLOPs" in lr.reason
 
 
 @pytest.mark.parametrize(("max_tokens", "size"), [(1e6, "nano"), (2.5e9, "small"), (7e9, "medium"), (1e12, "xl")])
@@ -98,19 +116,35 @@ def test_a_budgeted_run_records_its_choices_and_a_resume_keeps_them(tiny_dataset
     assert (rc["batch_size"], rc["gradient_accumulation_steps"]) == (b.batch_size, b.accumulation)
     assert rc["tokens_per_step"] == b.batch_size * b.accumulation * rc["context"]
     assert "measuring_seconds" not in chosen  # a token budget needs no measuring
+    flops = train_flops("nano", rc["vocab_size"], rc["context"], 2000)
+    lr = choose_learning_rate(flops, rc["tokens_per_step"]).learning_rate
+    assert rc["learning_rate"] == chosen["learning_rate"]["chosen"] == pytest.approx(lr)
+    assert rc["learning_rate"] != MODEL_PRESETS["nano"].learning_rate
+    # the optimizer trained at that rate (the schedule's peak): the first AdamW group of the checkpoint
+    import torch
+
+    ckpt = sorted((run / "checkpoints").glob("checkpoint-*"))[-1]
+    state = torch.load(ckpt / "optimizer.pt", weights_only=True)
+    assert state["param_groups"][0]["initial_lr"] == pytest.approx(lr)
     # extending the finished run with the same flags keeps its batch (its data position means the same chunks)
     more = rc["total_steps"] + 2
     train(TrainConfig(**{**cfg, "resume": str(run), "max_steps": more, "max_tokens": 10**6}))
     rc2 = json.loads((run / "run_config.json").read_text())
     assert (rc2["batch_size"], rc2["tokens_per_step"], rc2["total_steps"]) == (rc["batch_size"],
                                                                                rc["tokens_per_step"], more)
+    assert rc2["learning_rate"] == rc["learning_rate"]  # and its learning rate, not the size table's
 
 
 def test_explicit_flags_win(tiny_dataset, tmp_path):
     run = train(TrainConfig(dataset_path=str(tiny_dataset), model_size="tiny", batch_size=3, max_tokens=2000,
                             precision="fp32", output_dir=str(tmp_path)))
     rc = json.loads((run / "run_config.json").read_text())
-    assert (rc["batch_size"], rc["gradient_accumulation_steps"]) == (3, 1) and "chosen_for_budget" not in rc
+    assert (rc["batch_size"], rc["gradient_accumulation_steps"]) == (3, 1)
+    assert "chosen_for_budget" in rc and set(rc["chosen_for_budget"]) == {"learning_rate"}  # only what was open
+    run = train(TrainConfig(dataset_path=str(tiny_dataset), model_size="tiny", batch_size=3, max_tokens=2000,
+                            learning_rate=1e-3, precision="fp32", output_dir=str(tmp_path / "b")))
+    rc = json.loads((run / "run_config.json").read_text())
+    assert rc["learning_rate"] == 1e-3 and "chosen_for_budget" not in rc
 
 
 @pytest.mark.slow

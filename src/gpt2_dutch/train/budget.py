@@ -16,6 +16,13 @@ the user did not decide (an explicit --model-size / --batch-size always wins):
   the run MIN_STEPS steps, in whole chunks; beyond MICRO_BATCH chunks per device the rest comes from gradient
   accumulation. Short runs get small steps and so more of them: for a short budget, steps matter more than
   tokens per step.
+- the peak learning rate, when --learning-rate is not given: DeepSeek LLM's fit eta = 0.3118 * C^-0.125 (eq. 1
+  of the same paper, fitted with that batch size), times sqrt(B / B_fit) when the step's B tokens are fewer
+  than the fit's B_fit (the square-root rule for Adam: Malladi et al. 2022). Under Muon this is AdamW's rate
+  (embeddings, LayerNorms, biases); Muon's own stays 0.02. For a minute-scale CPU run it gives ~5-7e-3 where
+  the size table has 2e-3 (measured: `nano`, 2 chunks a step, 150 s on one core, 2.089 bits per byte at 2e-3,
+  2.056 at 6e-3, 2.066 at 1.2e-2); for `small` over ~1e18 FLOPs ~1.7e-3, the rate llm.c found best for GPT-2
+  124M (3x the 6e-4 of the GPT-3 paper).
 """
 
 from __future__ import annotations
@@ -33,7 +40,10 @@ DEFAULT_BATCH = 8  # --batch-size of a run without a budget
 # The fit below comes from runs of 1e17+ FLOPs with thousands of steps; extrapolated to a few minutes on a CPU
 # (1e13) it leaves a run ~20 steps, and there fewer tokens per step won clearly (4x256 GPT-2, Muon, one core,
 # 150 s: 6 chunks of 1024 a step 2.198 bits per byte, 2 chunks 2.122). So a run gets at least this many steps.
-MIN_STEPS = 100
+# 150 and not 100: the speed probe leaves out the optimizer and the data, so a run planned for 100 steps got
+# 65-88, and fewer than ~100 cost quality (`nano`, 150 s on one core: 65 steps 2.133, 104 steps 2.089, 196 steps
+# 2.084).
+MIN_STEPS = 150
 
 
 def optimal_tokens_per_step(train_flops: float) -> float:
@@ -61,6 +71,28 @@ def choose_batch(train_flops: float, tokens: float, context: int, world: int, ac
     why = (f"DeepSeek LLM's fit: {fit:,.0f}" if target == fit else
            f"at least {MIN_STEPS} steps in {tokens:.3g} tokens; DeepSeek LLM's fit would be {fit:,.0f}")
     return Batch(batch, accumulation, f"{per_step:,} tokens per step for a run of {train_flops:.2g} FLOPs ({why})")
+
+
+def optimal_learning_rate(train_flops: float) -> float:
+    """DeepSeek LLM (Bi et al. 2024), eq. 1: eta_opt = 0.3118 * C^-0.1250."""
+    return 0.3118 * train_flops ** -0.125
+
+
+@dataclass
+class LearningRate:
+    learning_rate: float
+    reason: str
+
+
+def choose_learning_rate(train_flops: float, tokens_per_step: int) -> LearningRate:
+    """The peak learning rate for a run of `train_flops` with `tokens_per_step` (see the module doc)."""
+    fit, b_fit = optimal_learning_rate(train_flops), optimal_tokens_per_step(train_flops)
+    scale = min(1.0, (tokens_per_step / b_fit) ** 0.5)
+    why = f"DeepSeek LLM's fit for {train_flops:.2g} FLOPs is {fit:.3g}"
+    if scale < 1:
+        why += (f", x {scale:.2f} for {tokens_per_step:,} tokens per step instead of the fit's {b_fit:,.0f} "
+                "(square-root rule)")
+    return LearningRate(fit * scale, why)
 
 
 @dataclass

@@ -34,8 +34,10 @@ class TrainConfig:
     max_time: str | None = option(None, "wall-clock budget for the training steps (e.g. 90s, 30m, 2h; evaluations "
                                   "and checkpoints come on top): speed is measured over the first steps, then the "
                                   "step count is fixed so the schedule ends properly")
-    learning_rate: float | None = option(None, "peak learning rate (default per size: tiny 2e-3, small 6e-4, "
-                                         "medium 3e-4, large 2.5e-4, xl 2e-4)")
+    learning_rate: float | None = option(None, "peak learning rate (AdamW's; Muon's is 0.02). Default: with "
+                                         "--max-time or --max-tokens, chosen for the budget (see the README); "
+                                         "else per size: nano and tiny 2e-3, small 6e-4, medium 3e-4, large "
+                                         "2.5e-4, xl 2e-4")
     warmup: float = option(0.05, "linear warmup: a fraction of the run if < 1, else a number of steps")
     weight_decay: float = option(0.1, "AdamW weight decay on weight matrices (not biases or LayerNorms)")
     schedule: str = option("wsd", "learning-rate schedule after warmup: wsd (stable at the peak, then linear to 0 "

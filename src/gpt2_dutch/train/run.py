@@ -120,8 +120,16 @@ def auto_eval_chunks(total_steps: int, chunks_per_step: int) -> int:
 
 def _choose_for_budget(cfg: TrainConfig, vocab_size: int, context: int, eos_token_id: int,
                        precision: str) -> tuple[TrainConfig, dict[str, Any]]:
-    """Resolve --model-size auto and a --batch-size left open (budget.py); what was chosen and why."""
-    from .budget import DEFAULT_BATCH, choose_batch, choose_model_size, measure_tokens_per_s, train_flops
+    """Resolve --model-size auto, and a --batch-size and --learning-rate left open (budget.py); what was chosen
+    and why."""
+    from .budget import (
+        DEFAULT_BATCH,
+        choose_batch,
+        choose_learning_rate,
+        choose_model_size,
+        measure_tokens_per_s,
+        train_flops,
+    )
 
     choices: dict[str, Any] = {}
     budget_s, max_tokens, world = cfg.max_time_s, cfg.max_tokens, world_size()
@@ -133,18 +141,21 @@ def _choose_for_budget(cfg: TrainConfig, vocab_size: int, context: int, eos_toke
         cfg = replace(cfg, model_size=size.size)
         speed, probe_s = size.tokens_per_s, size.probe_seconds
         choices["model_size"] = {"chosen": size.size, "why": size.reason}
+    budget = budget_s is not None or max_tokens is not None
+    tokens = math.inf
+    if budget and (cfg.batch_size is None or cfg.learning_rate is None):
+        if budget_s is not None and speed is None:
+            t = time.perf_counter()
+            speed = world * measure_tokens_per_s(cfg.model_size, vocab_size, context, eos_token_id, precision,
+                                                 cfg.loss_chunk_tokens)
+            probe_s += time.perf_counter() - t
+        tokens = speed * max(0.0, budget_s - probe_s) if budget_s is not None and speed else math.inf
+        tokens = min(tokens, max_tokens or math.inf)
     if cfg.batch_size is None:
-        if budget_s is None and max_tokens is None:
+        if not budget:
             cfg = replace(cfg, batch_size=DEFAULT_BATCH, gradient_accumulation_steps=cfg.gradient_accumulation_steps
                           or 1)
         else:
-            if budget_s is not None and speed is None:
-                t = time.perf_counter()
-                speed = world * measure_tokens_per_s(cfg.model_size, vocab_size, context, eos_token_id, precision,
-                                                     cfg.loss_chunk_tokens)
-                probe_s += time.perf_counter() - t
-            tokens = speed * max(0.0, budget_s - probe_s) if budget_s is not None and speed else math.inf
-            tokens = min(tokens, max_tokens or math.inf)
             batch = choose_batch(train_flops(cfg.model_size, vocab_size, context, tokens), tokens, context, world,
                                  cfg.gradient_accumulation_steps)
             cfg = replace(cfg, batch_size=batch.batch_size, gradient_accumulation_steps=batch.accumulation)
@@ -152,6 +163,11 @@ def _choose_for_budget(cfg: TrainConfig, vocab_size: int, context: int, eos_toke
                                 "why": batch.reason}
     elif cfg.gradient_accumulation_steps is None:
         cfg = replace(cfg, gradient_accumulation_steps=1)
+    if cfg.learning_rate is None and budget:
+        per_step = cfg.batch_size * cfg.gradient_accumulation_steps * world * context
+        lr = choose_learning_rate(train_flops(cfg.model_size, vocab_size, context, tokens), per_step)
+        cfg = replace(cfg, learning_rate=lr.learning_rate)
+        choices["learning_rate"] = {"chosen": lr.learning_rate, "why": lr.reason}
     if speed is not None:
         choices["measured_tokens_per_s"] = round(speed, 1)
     if probe_s:
@@ -163,16 +179,18 @@ def _choose_for_budget(cfg: TrainConfig, vocab_size: int, context: int, eos_toke
         from accelerate.utils import broadcast_object_list
 
         PartialState(cpu=not torch.cuda.is_available())  # joins the process group (as _new_run_dir does)
-        decided = [(cfg.model_size, cfg.batch_size, cfg.gradient_accumulation_steps, choices)]
+        decided = [(cfg.model_size, cfg.batch_size, cfg.gradient_accumulation_steps, cfg.learning_rate, choices)]
         broadcast_object_list(decided)
-        size, batch_size, accumulation, choices = decided[0]
-        cfg = replace(cfg, model_size=size, batch_size=batch_size, gradient_accumulation_steps=accumulation)
+        size, batch_size, accumulation, lr, choices = decided[0]
+        cfg = replace(cfg, model_size=size, batch_size=batch_size, gradient_accumulation_steps=accumulation,
+                      learning_rate=lr)
     if choices and is_main_process() and not cfg.quiet:
-        for what in ("model_size", "batch"):
+        for what, label in (("model_size", "--model-size auto"), ("batch", "batch"),
+                            ("learning_rate", "learning rate")):
             if what in choices:
-                label = "--model-size auto" if what == "model_size" else "batch"
-                chosen = (choices[what]["chosen"] if what == "model_size" else
-                          f"{cfg.batch_size} chunks x {cfg.gradient_accumulation_steps} micro-batches per step")
+                chosen = (f"{cfg.batch_size} chunks x {cfg.gradient_accumulation_steps} micro-batches per step"
+                          if what == "batch" else f"{choices[what]['chosen']:.3g}" if what == "learning_rate"
+                          else choices[what]["chosen"])
                 print(f"{label}: {chosen} ({choices[what]['why']}; explicit flags win)", file=sys.stderr)
     return cfg, choices
 
@@ -181,6 +199,8 @@ def _choices_of_resumed_run(cfg: TrainConfig, saved: dict[str, Any]) -> TrainCon
     changes: dict[str, Any] = {}
     if cfg.model_size == "auto":
         changes["model_size"] = saved["model_size"]
+    if cfg.learning_rate is None:  # the rate the run trained with: chosen for its budget, or its size's
+        changes["learning_rate"] = saved["learning_rate"]
     if cfg.batch_size is None:
         changes["batch_size"] = saved["batch_size"]
         changes["gradient_accumulation_steps"] = saved["gradient_accumulation_steps"]
