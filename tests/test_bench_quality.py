@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import json
 import math
+from pathlib import Path
 
 import pytest
 from conftest import assert_one_line_error
@@ -93,3 +94,13 @@ def test_bench_quality_bad_input(cli, tmp_path, args, message):
     args = [str(tmp_path / f"{a[1:-1]}.yaml") if a in files else a for a in args]
     rc, _, err = cli("bench", "quality", *args)
     assert_one_line_error(rc, err, message)
+
+
+def test_the_example_ablation_files_are_valid_settings():
+    """examples/ablation/ (the README's ablation commands): each file is a change our side accepts."""
+    from gpt2_dutch.bench.quality import ours_overrides
+
+    files = sorted((Path(__file__).parent.parent / "examples" / "ablation").glob("*.yaml"))
+    assert len(files) >= 7
+    for f in files:
+        assert ours_overrides(str(f), "--ablation"), f.name  # a non-empty change, checked as train checks it
