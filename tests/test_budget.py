@@ -24,7 +24,7 @@ from gpt2_dutch.train.budget import (
 def test_params_of_matches_the_built_model():
     from transformers import GPT2LMHeadModel
 
-    for size in ("tiny", "nano") if "nano" in MODEL_PRESETS else ("tiny",):
+    for size in ("tiny", "nano", "pico"):
         model = GPT2LMHeadModel(gpt2_config(size, 1000, 64, 0))
         assert params_of(size, 1000, 64) == sum(p.numel() for p in model.parameters())
 
@@ -73,7 +73,7 @@ def test_choose_learning_rate_scales_with_the_square_root_of_a_smaller_batch(sha
     assert ("square-root rule" in lr.reason) == (share < 1) and "2e+13 FLOPs" in lr.reason
 
 
-@pytest.mark.parametrize(("max_tokens", "size"), [(1e6, "nano"), (2.5e9, "small"), (7e9, "medium"), (1e12, "xl")])
+@pytest.mark.parametrize(("max_tokens", "size"), [(1e6, "pico"), (2.5e9, "small"), (7e9, "medium"), (1e12, "xl")])
 def test_model_size_auto_from_a_token_budget(max_tokens, size):
     choice = choose_model_size(50257, 1024, 0, "fp32", max_tokens, None, 2048, 1)
     assert choice.size == size and choice.probe_seconds == 0 and choice.tokens_per_s is None
@@ -87,12 +87,12 @@ def test_model_size_auto_from_a_time_budget_measures_and_stops_early(monkeypatch
 
     def speed(size, *args, **kwargs):
         measured.append(size)
-        return {"nano": 2e6, "tiny": 1e6, "small": 2e5, "medium": 7e4}[size]  # tokens/s
+        return {"pico": 4e6, "nano": 2e6, "tiny": 1e6, "small": 2e5, "medium": 7e4}[size]  # tokens/s
 
     monkeypatch.setattr(budget, "measure_tokens_per_s", speed)
     # an hour: small sees 7.2e8 tokens (~5.8 per parameter, below 20: larger ones are not measured)
     choice = choose_model_size(50257, 1024, 0, "bf16", None, 3600.0, 2048, 1)
-    assert measured == ["nano", "tiny", "small"]
+    assert measured == ["pico", "nano", "tiny", "small"]
     assert choice.size == "small" and choice.tokens_per_s == 2e5
     ratio = 2e5 * 3600 / params_of("small", 50257, 1024)
     assert ratio < TOKENS_PER_PARAM and f"{ratio:.3g} tokens per parameter" in choice.reason
@@ -111,15 +111,15 @@ def test_a_budgeted_run_records_its_choices_and_a_resume_keeps_them(tiny_dataset
     run = train(TrainConfig(**cfg))
     rc = json.loads((run / "run_config.json").read_text())
     chosen = rc["chosen_for_budget"]
-    assert rc["model_size"] == chosen["model_size"]["chosen"] == "nano"  # 2000 tokens: the smallest preset
-    b = choose_batch(train_flops("nano", rc["vocab_size"], rc["context"], 2000), 2000, rc["context"], 1, None)
+    assert rc["model_size"] == chosen["model_size"]["chosen"] == "pico"  # 2000 tokens: the smallest preset
+    b = choose_batch(train_flops("pico", rc["vocab_size"], rc["context"], 2000), 2000, rc["context"], 1, None)
     assert (rc["batch_size"], rc["gradient_accumulation_steps"]) == (b.batch_size, b.accumulation)
     assert rc["tokens_per_step"] == b.batch_size * b.accumulation * rc["context"]
     assert "measuring_seconds" not in chosen  # a token budget needs no measuring
-    flops = train_flops("nano", rc["vocab_size"], rc["context"], 2000)
+    flops = train_flops("pico", rc["vocab_size"], rc["context"], 2000)
     lr = choose_learning_rate(flops, rc["tokens_per_step"]).learning_rate
     assert rc["learning_rate"] == chosen["learning_rate"]["chosen"] == pytest.approx(lr)
-    assert rc["learning_rate"] != MODEL_PRESETS["nano"].learning_rate
+    assert rc["learning_rate"] != MODEL_PRESETS["pico"].learning_rate
     # the optimizer trained at that rate (the schedule's peak): the first AdamW group of the checkpoint
     import torch
 

@@ -36,7 +36,7 @@ class TrainConfig:
                                   "step count is fixed so the schedule ends properly")
     learning_rate: float | None = option(None, "peak learning rate (AdamW's; Muon's is 0.02). Default: with "
                                          "--max-time or --max-tokens, chosen for the budget (see the README); "
-                                         "else per size: nano and tiny 2e-3, small 6e-4, medium 3e-4, large "
+                                         "else per size: pico, nano and tiny 2e-3, small 6e-4, medium 3e-4, large "
                                          "2.5e-4, xl 2e-4")
     warmup: float = option(0.05, "linear warmup: a fraction of the run if < 1, else a number of steps")
     weight_decay: float = option(0.1, "AdamW weight decay on weight matrices (not biases or LayerNorms)")
