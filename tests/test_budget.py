@@ -164,3 +164,16 @@ def test_two_ranks_train_with_rank_zeros_choices(tiny_dataset, tmp_path):
     assert rc["world_size"] == 2 and rc["model_size"] == rc["chosen_for_budget"]["model_size"]["chosen"]
     assert rc["tokens_per_step"] == rc["batch_size"] * rc["gradient_accumulation_steps"] * 2 * rc["context"]
     assert r.stderr.count("--model-size auto:") == 1  # printed once, by rank 0
+
+
+def test_the_learning_rate_is_chosen_for_the_tokens_the_run_will_train(tiny_dataset, tmp_path):
+    """A --max-steps that ends the run before its budget does sizes the learning rate's compute."""
+    run = train(TrainConfig(dataset_path=str(tiny_dataset), model_size="nano", batch_size=2, max_steps=3,
+                            max_tokens=1e6, precision="fp32", output_dir=str(tmp_path)))
+    rc = json.loads((run / "run_config.json").read_text())
+    trained = 3 * rc["tokens_per_step"]
+    expected = choose_learning_rate(train_flops("nano", rc["vocab_size"], rc["context"], trained),
+                                    rc["tokens_per_step"]).learning_rate
+    assert rc["total_steps"] == 3 and rc["learning_rate"] == pytest.approx(expected)
+    assert rc["learning_rate"] != pytest.approx(choose_learning_rate(
+        train_flops("nano", rc["vocab_size"], rc["context"], 1e6), rc["tokens_per_step"]).learning_rate)

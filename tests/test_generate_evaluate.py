@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import math
+import signal
 import subprocess
 import sys
 from pathlib import Path
@@ -265,10 +266,14 @@ def long_context_model(tmp_path_factory, tiny_run) -> Path:
 def test_interactive_through_a_pseudo_terminal(long_context_model):
     pexpect = pytest.importorskip("pexpect")
     tiny_run = long_context_model
+    # SIGINT back to its default in the child: a test run started in the background by a non-interactive shell
+    # (`cmd &`, nohup) ignores SIGINT, exec keeps that, and Python then installs no KeyboardInterrupt handler, so
+    # Ctrl-C could not reach the REPL (the generation ran to its end and no "[stopped]" came)
     child = pexpect.spawn(sys.executable, ["-m", "gpt2_dutch", "generate", "--model-path", str(tiny_run),
                                            "--interactive", "--precision", "fp32", "--max-new-tokens", "4000"],
                           encoding="utf-8", timeout=60, env={"HOME": str(tiny_run), "PATH": "/usr/bin:/bin",
-                                                             "GPT2_DUTCH_HISTORY": str(tiny_run / "hist")})
+                                                             "GPT2_DUTCH_HISTORY": str(tiny_run / "hist")},
+                          preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL))
     child.expect("/help for commands")
     child.expect("> ")
     child.sendline("/temp 0.7")

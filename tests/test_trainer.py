@@ -67,7 +67,9 @@ def test_text_console_is_a_bar_and_one_line_per_evaluation(tiny_dataset, tmp_pat
 def test_text_console_of_a_max_time_run_corrects_the_bars_total(tiny_dataset, tmp_path, cli, monkeypatch):
     """--max-time: the bar has no total until the step count is fitted, then the fitted one."""
     poison_training_step(monkeypatch, 2)
-    rc, _, err = cli("train", "--dataset-path", tiny_dataset, *TINY, "--output-dir", tmp_path, "--max-time", "3s")
+    # a --learning-rate: else choosing one for the budget measures speed first, whose forwards the poison counts
+    rc, _, err = cli("train", "--dataset-path", tiny_dataset, *TINY, "--output-dir", tmp_path, "--max-time", "3s",
+                     "--learning-rate", "2e-3")
     assert rc == 0, err
     _check_text_console(err, _run_dir(tmp_path))
     assert "0step [" in err and "/1000000000" not in err  # no placeholder total before the fit

@@ -165,6 +165,8 @@ def _choose_for_budget(cfg: TrainConfig, vocab_size: int, context: int, eos_toke
         cfg = replace(cfg, gradient_accumulation_steps=1)
     if cfg.learning_rate is None and budget:
         per_step = cfg.batch_size * cfg.gradient_accumulation_steps * world * context
+        if cfg.max_steps:  # a --max-steps below the budget ends the run first
+            tokens = min(tokens, cfg.max_steps * per_step)
         lr = choose_learning_rate(train_flops(cfg.model_size, vocab_size, context, tokens), per_step)
         cfg = replace(cfg, learning_rate=lr.learning_rate)
         choices["learning_rate"] = {"chosen": lr.learning_rate, "why": lr.reason}
@@ -199,8 +201,8 @@ def _choices_of_resumed_run(cfg: TrainConfig, saved: dict[str, Any]) -> TrainCon
     changes: dict[str, Any] = {}
     if cfg.model_size == "auto":
         changes["model_size"] = saved["model_size"]
-    if cfg.learning_rate is None:  # the rate the run trained with: chosen for its budget, or its size's
-        changes["learning_rate"] = saved["learning_rate"]
+    if cfg.learning_rate is None and saved.get("learning_rate"):  # the rate the run trained with: chosen for its
+        changes["learning_rate"] = saved["learning_rate"]  # budget, or its size's
     if cfg.batch_size is None:
         changes["batch_size"] = saved["batch_size"]
         changes["gradient_accumulation_steps"] = saved["gradient_accumulation_steps"]
