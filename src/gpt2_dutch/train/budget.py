@@ -40,9 +40,9 @@ DEFAULT_BATCH = 8  # --batch-size of a run without a budget
 # The fit below comes from runs of 1e17+ FLOPs with thousands of steps; extrapolated to a few minutes on a CPU
 # (1e13) it leaves a run ~20 steps, and there fewer tokens per step won clearly (4x256 GPT-2, Muon, one core,
 # 150 s: 6 chunks of 1024 a step 2.198 bits per byte, 2 chunks 2.122). So a run gets at least this many steps.
-# 150 and not 100: the speed probe leaves out the optimizer and the data, so a run planned for 100 steps got
-# 65-88, and fewer than ~100 cost quality (`nano`, 150 s on one core: 65 steps 2.133, 104 steps 2.089, 196 steps
-# 2.084).
+# 150 and not 100: the speed probe leaves out the optimizer and the data (and until a fix ran the head in bf16
+# while training ran it in fp32), so runs planned for 100 steps got 65-88, and fewer than ~100 cost quality
+# (`nano`, 150 s on one core: 65 steps 2.133, 104 steps 2.089, 196 steps 2.084).
 MIN_STEPS = 150
 
 
