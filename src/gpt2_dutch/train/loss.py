@@ -18,6 +18,10 @@ while the three matmuls keep the chunk's full height. Head and loss, forward and
 with a 32k vocabulary in bf16 on one CPU core (median of 3): width 128 (`nano`) 761 -> 505 ms, 256 (`tiny`)
 1071 -> 807 ms, 768 (`small`) 2259 -> 2018 ms against the whole chunk at once; 16 MiB blocks were slower
 (662 ms for width 128), and so were smaller chunks instead of blocks (their dL/dW products are thin matmuls).
+
+On CUDA a fused kernel from an installed library (Liger Kernel, then Apple's cut-cross-entropy) is used when
+one imports; neither is a dependency. The model itself is never changed: the final model stays a plain
+GPT2LMHeadModel (see GPT2Trainer.compute_loss for how the hidden states are obtained under DDP).
 """
 
 from __future__ import annotations
@@ -81,15 +85,14 @@ class _ChunkedLinearCrossEntropy(torch.autograd.Function):
                     del x, e
                 if not (want_h or want_w):
                     continue
-                g = logits
-                if grad_h is not None:
-                    torch.matmul(g, w, out=grad_h[start:start + chunk])
+                if grad_h is not None:  # `logits` now holds dL/dlogits
+                    torch.matmul(logits, w, out=grad_h[start:start + chunk])
                 if grad_w is not None:
                     if dtype == torch.float32:
-                        grad_w.addmm_(g.t(), hc)
+                        grad_w.addmm_(logits.t(), hc)
                     else:
-                        grad_w += (g.t() @ hc).float()
-                del logits, g
+                        grad_w += (logits.t() @ hc).float()
+                del logits
         ctx.save_for_backward(grad_h, grad_w)
         ctx.dtypes = (hidden.dtype, weight.dtype)
         return total
