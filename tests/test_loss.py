@@ -115,6 +115,38 @@ def test_chunked_function_matches_cross_entropy_on_raw_tensors(block, dtype):
     assert torch.allclose(h.grad, 2 * ref_h, atol=1e-5) and torch.allclose(w.grad, 2 * ref_w, atol=1e-5)
 
 
+def test_cpu_logits_reuse_one_buffer_across_chunks_and_calls_without_stale_values():
+    """The chunk's logits go into one reused CPU buffer (a fresh 128 MiB tensor per chunk cost page faults:
+    see the module doc); a later call with other shapes and values still gives exactly the reference."""
+    from gpt2_dutch.train.loss import logits_buffer
+
+    first = logits_buffer(6, 50, torch.float32, torch.device("cpu"))
+    again = logits_buffer(4, 50, torch.float32, torch.device("cpu"))
+    assert again.shape == (4, 50) and again.data_ptr() == first.data_ptr()
+    grown = logits_buffer(600, 50, torch.float32, torch.device("cpu"))
+    assert grown.shape == (600, 50) and grown.is_contiguous()
+    assert logits_buffer(2, 50, torch.float32, torch.device("cpu")).data_ptr() == grown.data_ptr()
+    bf16 = logits_buffer(2, 50, torch.bfloat16, torch.device("cpu"))  # one per dtype
+    assert bf16.dtype == torch.bfloat16 and bf16.data_ptr() != grown.data_ptr()
+    # in another thread: its own buffer (two threads computing a loss must not share one)
+    import threading
+
+    other: list[int] = []
+    worker = threading.Thread(target=lambda: other.append(
+        logits_buffer(2, 50, torch.float32, torch.device("cpu")).data_ptr()))
+    worker.start()
+    worker.join()
+    assert other[0] != grown.data_ptr()
+
+    g = torch.Generator().manual_seed(5)
+    for rows, vocab, chunk in [(37, 50, 6), (9, 70, 9), (37, 50, 4)]:  # larger, then smaller buffers reused
+        h = torch.randn(rows, 8, generator=g)
+        w = torch.randn(vocab, 8, generator=g)
+        t = torch.randint(0, vocab, (rows,), generator=g)
+        ref = torch.nn.functional.cross_entropy(h @ w.t(), t, reduction="sum")
+        assert torch.allclose(chunked_linear_cross_entropy(h, w, t, chunk), ref, atol=1e-4)
+
+
 def test_a_fused_cuda_library_is_called_with_its_own_argument_order(monkeypatch):
     """Liger's loss module takes (weight, hidden, target); cut-cross-entropy's function (hidden, weight, target).
     Faked here (no GPU, neither library installed): what the CUDA path would call, and with what."""

@@ -8,9 +8,10 @@ several passes over it through memory.
 Here the loss is computed `chunk_tokens` rows of hidden states at a time: logits = h @ W^T in the compute
 dtype (the autocast dtype, as the plain path's `lm_head`), log-sum-exp and the target's logit in fp32, and,
 while the chunk's logits are still at hand, their gradient (softmax - one-hot, in place) and its two products:
-dL/dh for the chunk's rows and dL/dW accumulated in fp32. So no chunk's logits outlive its iteration, and
-nothing is recomputed in backward (the same 3 matmuls as the plain path; torch.utils.checkpoint per chunk
-would need a 4th). Backward only scales the stored gradients by the incoming scalar.
+dL/dh for the chunk's rows and dL/dW accumulated in fp32. So no chunk's logits outlive its iteration (on a
+CPU every chunk reuses one buffer: see `logits_buffer`), and nothing is recomputed in backward (the same 3
+matmuls as the plain path; torch.utils.checkpoint per chunk would need a 4th). Backward only scales the stored
+gradients by the incoming scalar.
 
 Within a chunk the elementwise work (fp32 cast, log-sum-exp, softmax gradient) runs ELEMENTWISE_LOGITS logits
 at a time (64 rows of a 32k vocabulary: 8 MiB of fp32, which stays in a CPU's cache across its six passes),
@@ -27,6 +28,7 @@ GPT2LMHeadModel (see GPT2Trainer.compute_loss for how the hidden states are obta
 from __future__ import annotations
 
 import functools
+import threading
 from collections.abc import Callable
 from typing import Any
 
@@ -42,6 +44,28 @@ def compute_dtype(device: torch.device) -> torch.dtype | None:
     if not torch.is_autocast_enabled(kind):
         return None
     return torch.get_autocast_dtype(kind)
+
+
+_cpu_buffers = threading.local()  # per thread: {dtype: the largest logits buffer asked for so far}
+
+
+def logits_buffer(rows: int, vocab: int, dtype: torch.dtype, device: torch.device) -> torch.Tensor:
+    """An uninitialised [rows, vocab] tensor for one chunk's logits. On a CPU it is a view of one buffer per
+    thread and dtype, kept between chunks and calls: a chunk's logits (2,048 x 32,768 bf16 = 128 MiB) are
+    above glibc's largest mmap threshold, so a fresh tensor per chunk is mapped and returned to the OS each time,
+    and every page of it faults on first touch. Measured (`pico`, 30 training steps of 8 chunks, 2 cores):
+    4.8M minor page faults without the buffer, 0.6M with it; 2 threads, head and loss of 8,192 tokens forward
+    and backward (4 chunks, median of 6): width 64 1045 -> 848 ms, width 128 1389 -> 1093 ms. On GPUs the
+    caching allocator already reuses memory: a plain tensor there."""
+    if device.type != "cpu":
+        return torch.empty(rows, vocab, dtype=dtype, device=device)
+    buffers = getattr(_cpu_buffers, "by_dtype", None)
+    if buffers is None:
+        buffers = _cpu_buffers.by_dtype = {}
+    buffer = buffers.get(dtype)
+    if buffer is None or buffer.numel() < rows * vocab:
+        buffer = buffers[dtype] = torch.empty(rows * vocab, dtype=dtype)
+    return buffer[:rows * vocab].view(rows, vocab)
 
 
 class _ChunkedLinearCrossEntropy(torch.autograd.Function):
@@ -61,7 +85,8 @@ class _ChunkedLinearCrossEntropy(torch.autograd.Function):
             block = max(1, block_logits // w.shape[0])  # rows per elementwise block
             for start in range(0, h.shape[0], chunk):
                 hc, tc = h[start:start + chunk], targets[start:start + chunk]
-                logits = hc @ w.t()  # in `dtype`; overwritten block by block with dL/dlogits
+                logits = logits_buffer(hc.shape[0], w.shape[0], dtype, h.device)
+                torch.matmul(hc, w.t(), out=logits)  # in `dtype`; overwritten block by block with dL/dlogits
                 for row in range(0, logits.shape[0], block):
                     out = logits[row:row + block]
                     t = tc[row:row + block]
