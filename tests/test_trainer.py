@@ -75,6 +75,84 @@ def test_text_console_of_a_max_time_run_corrects_the_bars_total(tiny_dataset, tm
     assert "0step [" in err and "/1000000000" not in err  # no placeholder total before the fit
 
 
+def _simulate_max_time(kind: str, tmp_path: Path, monkeypatch, seconds_per_step) -> dict:  # noqa: ANN001
+    """MaxTimeCallback over a simulated 100 s run whose steps take seconds_per_step(step) on a fake clock,
+    called as the Trainer calls it, with a 5 s evaluation and checkpoint every 50 steps (not part of the
+    budget); returns, among others, the seconds of training (data and steps)."""
+    from gpt2_dutch.train import trainer as trainer_module
+    from gpt2_dutch.train.schedule import make_schedule
+    from gpt2_dutch.train.trainer import MaxTimeCallback
+
+    clock = [0.0]
+    monkeypatch.setattr(trainer_module.time, "perf_counter", lambda: clock[0])
+    (tmp_path / "run_config.json").write_text(json.dumps({"total_steps": 10**9}))
+    schedule = make_schedule(kind, 10**9, 5, 0.25)  # until the fit, the warmup of a 100-step run (as run.py)
+    cb = MaxTimeCallback(100.0, schedule, 0.05, tmp_path, 10**9, auto_eval=True, auto_save=True)
+    fits: list[int] = []
+    cb.fit_listeners.append(fits.append)
+    state = SimpleNamespace(global_step=0, max_steps=10**9, is_world_process_zero=True)
+    args = SimpleNamespace(max_steps=10**9)
+    control = SimpleNamespace(should_training_stop=False, should_save=False)
+    cb.on_train_begin(args, state, control)
+    lrs, totals, training = [], [], 0.0
+    while state.global_step < state.max_steps and not control.should_training_stop:
+        clock[0] += 0.001  # the batch is loaded before on_step_begin
+        training += 0.001
+        cb.on_step_begin(args, state, control)
+        lrs.append(schedule(state.global_step))
+        state.global_step += 1
+        clock[0] += seconds_per_step(state.global_step)
+        training += seconds_per_step(state.global_step)
+        cb.on_step_end(args, state, control)
+        totals.append(state.max_steps)
+        if state.global_step % 50 == 0:  # an evaluation, then a checkpoint: on top of the budget
+            clock[0] += 4.0
+            cb.on_evaluate(args, state, control)
+            clock[0] += 1.0
+            cb.on_save(args, state, control)
+    return {"seconds": training, "lrs": lrs, "totals": totals, "fits": fits, "schedule": schedule,
+            "run_config": json.loads((tmp_path / "run_config.json").read_text())}
+
+
+def test_max_time_refits_the_length_in_wsds_stable_phase_so_a_slowdown_still_ends_on_time(tmp_path, monkeypatch):
+    """The first fit comes from the first steps; when the steps then slow down (here from 0.1 to 0.2 s), a
+    wsd run refits its length while its learning rate is still at the peak, so it ends near its budget instead
+    of running ~2x over it, and its learning rate never jumps (1 until the cooldown, then down to 0)."""
+    run = _simulate_max_time("wsd", tmp_path, monkeypatch, lambda step: 0.1 if step <= 20 else 0.2)
+    assert 97 <= run["seconds"] <= 103, run["seconds"]
+    first = run["totals"][3]  # the first fit, after 3 measured steps of 0.1 s: ~1000 steps
+    assert 990 <= first <= 1000
+    total = run["totals"][-1]
+    assert total == len(run["lrs"]) == run["run_config"]["total_steps"] and 490 < total < 530
+    assert run["run_config"]["seconds_per_step"] > 0.19  # the last fit's measured speed
+    warmup = run["schedule"].warmup_steps
+    assert warmup == int(0.05 * first)  # from the first fit, kept by the refits
+    rising = run["lrs"][4:warmup]  # after the first fit (at step 4) up to the end of the warmup
+    assert all(a < b for a, b in zip(rising, rising[1:], strict=False)) and run["lrs"][warmup] == 1.0
+    after = run["lrs"][warmup:]
+    stable = after[:after.index(next(lr for lr in after if lr < 1.0))]
+    assert set(stable) == {1.0} and len(stable) > 0.65 * total  # the peak, never interrupted
+    decay = after[len(stable):]
+    assert all(a > b for a, b in zip(decay, decay[1:], strict=False)) and decay[-1] < 0.01  # then straight down to ~0
+    assert run["fits"] == [first]  # listeners (the evaluations' size) hear the first fit only: evals stay comparable
+
+
+@pytest.mark.parametrize("kind, slowdown", [("cosine", True), ("wsd", False)])
+def test_max_time_keeps_its_first_fit_when_a_refit_would_bend_the_schedule_or_is_not_needed(kind, slowdown,
+                                                                                           tmp_path, monkeypatch):
+    """A cosine's learning rate depends on the length at every step, so a refit would make it jump: a cosine
+    run keeps its first fit (and overruns a slowdown). A steady wsd run's refits change nothing."""
+    run = _simulate_max_time(kind, tmp_path, monkeypatch, lambda step: 0.2 if slowdown and step > 20 else 0.1)
+    first = run["totals"][3]
+    assert 990 <= first <= 1000
+    if kind == "cosine":
+        assert set(run["totals"][3:]) == {first}
+    else:  # refits only correct the first fit's rounding
+        assert max(abs(total - first) for total in run["totals"][3:]) <= 2
+    assert run["seconds"] == pytest.approx(20 * 0.101 + (first - 20) * (0.201 if slowdown else 0.101), abs=0.1)
+    assert run["totals"][-1] == len(run["lrs"])  # it trained to the fit (over budget after a slowdown)
+
+
 def test_json_console_prints_the_records_of_metrics_jsonl(tiny_dataset, tmp_path, cli):
     rc, _, err = cli("train", "--dataset-path", tiny_dataset, *TINY, "--output-dir", tmp_path, "--max-steps", "4",
                      "--eval-every", "2", "--log-every", "1", "--log-format", "json")

@@ -27,13 +27,20 @@ class WarmupCosine:
         return self.min_ratio + (1 - self.min_ratio) * 0.5 * (1 + math.cos(math.pi * progress))
 
 
+    def can_change_length(self, step: int, total_steps: int) -> bool:
+        """Whether the run's length can become `total_steps` after `step` without changing the rate of any step
+        from here on (a cosine's rate depends on the length at every step: never)."""
+        return False
+
+
 def warmup_steps_for(warmup: float, total_steps: int) -> int:
     return int(warmup * total_steps) if warmup < 1 else int(warmup)
 
 
 class WarmupStableDecay(WarmupCosine):
     """LR multiplier: linear warmup to 1, 1 until the last `cooldown` fraction of the run, then linearly to 0 at
-    exactly `total_steps`. Same mutable `total_steps`/`warmup_steps` as WarmupCosine (a --max-time run refits it)."""
+    exactly `total_steps`. Same mutable `total_steps`/`warmup_steps` as WarmupCosine; a --max-time run fits it
+    once and refits it while the rate is at its peak (`can_change_length`)."""
 
     def __init__(self, total_steps: int, warmup_steps: int, cooldown: float):
         super().__init__(total_steps, warmup_steps, min_ratio=0.0)
@@ -44,6 +51,13 @@ class WarmupStableDecay(WarmupCosine):
             return (step + 1) / (self.warmup_steps + 1)
         decay_steps = max(1.0, self.cooldown * self.total_steps)
         return max(0.0, min(1.0, (self.total_steps - step) / decay_steps))
+
+    def can_change_length(self, step: int, total_steps: int) -> bool:
+        """True before either length's cooldown: the warmup does not depend on the length (the caller keeps
+        `warmup_steps`), and the stable phase is the peak under both."""
+        def last_peak_step(total: int) -> float:
+            return total - max(1.0, self.cooldown * total)
+        return step + 1 <= min(last_peak_step(self.total_steps), last_peak_step(total_steps))
 
 
 SCHEDULES = ("cosine", "wsd")

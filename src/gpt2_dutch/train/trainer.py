@@ -506,39 +506,92 @@ def eval_line(step: int, logs: dict[str, Any]) -> str:
 
 
 class MaxTimeCallback(TrainerCallback):
-    """Fits the step count to a wall-clock budget once the speed of the first steps is known."""
+    """Fits the step count to a wall-clock budget once the speed of the first steps is known, and, while the
+    schedule allows it (wsd's stable phase: `can_change_length`), refits it at every REFIT_EVERY of the budget
+    from the speed measured so far. Why refit: the first fit sees ~5% of the run, and on a shared machine
+    or as data and evaluations settle the speed drifts (runs of the same 4-minute budget trained 203-255 s)."""
+
+    REFIT_EVERY = 0.1  # of the budget
 
     def __init__(self, budget_s: float, schedule: WarmupCosine, warmup: float, run_dir: Path, upper_bound: int,
                  auto_eval: bool, auto_save: bool):
         self.budget_s, self.schedule, self.warmup, self.run_dir = budget_s, schedule, warmup, run_dir
         self.upper_bound, self.auto_eval, self.auto_save = upper_bound, auto_eval, auto_save
-        self.start = self.after_first = 0.0
+        # the budget's clock: seconds of training steps (from one step's end to the next's, or from its own
+        # start when an evaluation or a checkpoint came between: those come on top of the budget)
+        self.clock = self.after_first = self.last_end = self.step_began = 0.0
+        self.paused = False
         self.first_step: int | None = None
         self.fitted = False
+        self.refitting = False  # after the first fit, while the schedule can still change length
+        self.next_refit = 0.0  # seconds into the run
+        self.limit_before_fit: str | None = None  # run_config's length_set_by as the run started
         self.console: ConsoleCallback | None = None  # its bar's total is corrected once the length is fitted
-        self.fit_listeners: list[Callable[[int], None]] = []  # called with the fitted step count (rank 0 and all)
+        self.fit_listeners: list[Callable[[int], None]] = []  # called with the first fitted step count (all ranks)
 
     def on_train_begin(self, args: Any, state: Any, control: Any, **kw: Any) -> None:
-        self.start = time.perf_counter()
+        self.clock, self.last_end, self.paused = 0.0, time.perf_counter(), False
         # A resumed run keeps the step count fitted before; one stopped before its fit measures now.
-        self.fitted = "seconds_per_step" in read_run_config(self.run_dir)
+        saved = read_run_config(self.run_dir)
+        self.fitted, self.refitting = "seconds_per_step" in saved, False
+        self.limit_before_fit = saved.get("length_set_by")
         self.first_step = None
 
+    def on_step_begin(self, args: Any, state: Any, control: Any, **kw: Any) -> None:
+        self.step_began = time.perf_counter()
+
+    def on_evaluate(self, args: Any, state: Any, control: Any, **kw: Any) -> None:
+        self.paused = True
+
+    def on_save(self, args: Any, state: Any, control: Any, **kw: Any) -> None:
+        self.paused = True
+
+    def _elapsed(self) -> tuple[float, float]:
+        """Seconds of training since the start and since the first step; under DDP/FSDP the largest of all
+        ranks', so every rank fits the same length at the same step (a rank stepping once more would wait for
+        the others forever)."""
+        elapsed = (self.clock, self.clock - self.after_first)
+        if torch.distributed.is_available() and torch.distributed.is_initialized():
+            both = torch.tensor(elapsed, dtype=torch.float64, device="cuda" if torch.cuda.is_available() else "cpu")
+            torch.distributed.all_reduce(both, op=torch.distributed.ReduceOp.MAX)
+            elapsed = (both[0].item(), both[1].item())
+        return elapsed
+
     def on_step_end(self, args: Any, state: Any, control: Any, **kw: Any) -> None:
-        if self.fitted:
+        if self.fitted and not self.refitting:
             return
         now = time.perf_counter()
+        self.clock += now - (self.step_began if self.paused else self.last_end)
+        self.last_end, self.paused = now, False
         if self.first_step is None:  # step 1, or the first after a resume
-            self.first_step, self.after_first = state.global_step, now  # it pays for warm-up: not representative
+            self.first_step, self.after_first = state.global_step, self.clock  # it pays for warm-up
             return
+        since_start, since_first = self._elapsed()
         measured = state.global_step - self.first_step
-        if measured < 3 and now - self.start < 0.05 * self.budget_s:
+        if not self.fitted and measured < 3 and since_start < 0.05 * self.budget_s:
             return
-        per_step = (now - self.after_first) / measured
-        total = state.global_step + int(max(0.0, self.budget_s - (now - self.start)) / per_step)
+        if self.refitting and since_start < self.next_refit:
+            return
+        per_step = since_first / measured
+        total = state.global_step + int(max(0.0, self.budget_s - since_start) / per_step)
         total = max(state.global_step, min(self.upper_bound, total))
+        every = self.REFIT_EVERY * self.budget_s
+        self.next_refit = (math.floor(since_start / every) + 1) * every
+        if not self.fitted:
+            self.fitted = True
+            self.schedule.warmup_steps = warmup_steps_for(self.warmup, total)
+            self._set_length(total, per_step, args, state, control)
+            for listener in self.fit_listeners:
+                listener(total)
+        elif total != self.schedule.total_steps:
+            if not self.schedule.can_change_length(state.global_step, total):
+                self.refitting = False  # in (or about to enter) the cooldown: the length stays
+                return
+            self._set_length(total, per_step, args, state, control)
+        self.refitting = self.schedule.can_change_length(state.global_step, self.schedule.total_steps)
+
+    def _set_length(self, total: int, per_step: float, args: Any, state: Any, control: Any) -> None:
         self.schedule.total_steps = total
-        self.schedule.warmup_steps = warmup_steps_for(self.warmup, total)
         state.max_steps = args.max_steps = total
         every = max(1, total // 10)
         if self.auto_eval:
@@ -546,20 +599,17 @@ class MaxTimeCallback(TrainerCallback):
         if self.auto_save:
             state.save_steps = args.save_steps = every
         state.logging_steps = args.logging_steps = max(1, total // 100)
-        self.fitted = True
         if state.global_step >= total:
             # the budget is already spent: the Trainer's own check of max_steps ran before this one, so stop and
             # checkpoint the last step here (else it trains one step past the fitted length)
             control.should_training_stop = control.should_save = True
         if state.is_world_process_zero:
-            changes: dict[str, Any] = {"total_steps": total, "seconds_per_step": round(per_step, 4)}
-            if total < self.upper_bound:  # the budget, not --max-steps/--max-tokens, ends this run
-                changes["length_set_by"] = "max_time"
-            update_run_config(self.run_dir, **changes)
+            # the budget, not --max-steps/--max-tokens, ends this run unless the bound was reached
+            limit = "max_time" if total < self.upper_bound else self.limit_before_fit
+            update_run_config(self.run_dir, total_steps=total, seconds_per_step=round(per_step, 4),
+                              **({"length_set_by": limit} if limit else {}))
         if self.console is not None:
             self.console.set_total(total)
-        for listener in self.fit_listeners:
-            listener(total)
 
 
 def metrics_callbacks(cfg: TrainConfig, run_dir: Path, run_info: dict[str, Any], manifest: dict[str, Any],
