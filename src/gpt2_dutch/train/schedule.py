@@ -26,7 +26,6 @@ class WarmupCosine:
         progress = min(1.0, (step - self.warmup_steps) / span)
         return self.min_ratio + (1 - self.min_ratio) * 0.5 * (1 + math.cos(math.pi * progress))
 
-
     def can_change_length(self, step: int, total_steps: int) -> bool:
         """Whether the run's length can become `total_steps` after `step` without changing the rate of any step
         from here on (a cosine's rate depends on the length at every step: never)."""
