@@ -106,3 +106,25 @@ def test_the_example_ablation_files_are_valid_settings():
     assert len(files) >= 8
     for f in files:
         assert ours_overrides(str(f), "--ablation"), f.name  # a non-empty change, checked as train checks it
+
+
+@pytest.mark.parametrize("seconds_per_step, expected_steps", [(0.5, 48), (30.0, 3)], ids=["fast", "slow"])
+def test_the_textbooks_timing_run_times_a_tenth_of_the_budget(seconds_per_step, expected_steps, monkeypatch):
+    """The textbook's cosine is fixed from its first step, so its step count comes from one timing run: after
+    the first step (warm-up), a tenth of the budget (at least 3 steps), not just 3 steps, which on a shared
+    machine misread the speed by up to 27% (176 s of training for a 240 s budget)."""
+    from types import SimpleNamespace
+
+    from gpt2_dutch.bench import baselines
+
+    clock = [0.0]
+    monkeypatch.setattr(baselines.time, "perf_counter", lambda: clock[0])
+    timing = baselines.TimeFirstSteps(240.0)
+    state, control = SimpleNamespace(global_step=0), SimpleNamespace(should_training_stop=False)
+    timing.on_train_begin(None, state, control)
+    while not control.should_training_stop:
+        state.global_step += 1
+        clock[0] += 2.0 if state.global_step == 1 else seconds_per_step
+        timing.on_step_end(None, state, control)
+    assert state.global_step - 1 == expected_steps  # timed steps: 24 s of 0.5 s steps; 3 of 30 s
+    assert timing.seconds_per_step == pytest.approx(seconds_per_step)

@@ -16,12 +16,13 @@ What happens, in order:
    TrainConfig settings of --ours-config (a JSON/YAML file of train's flags, as `train --config` reads them).
 4. Baseline (baselines.py, TEXTBOOK): the same training documents ours trained on, run_clm's data path, a
    4x256 GPT-2 (context 256, batch 8), AdamW 1e-3, 5% warmup then cosine to 0, fp32; max_steps set from a
-   short timing run so that its steps fill the same budget.
+   timing run (a tenth of the budget) so that its steps fill the same budget.
 5. Both final models score the held-out documents with `gpt2-dutch evaluate` (fp32, each document after an
    <|endoftext|>), and the report gives both bits per byte and ours / baseline (lower is better).
 
-The budget is for training steps on both sides: our --max-time fixes its step count from the speed of its first
-steps, and its evaluations along the way come on top; the baseline evaluates and saves nothing while training.
+The budget is for training steps on both sides: our --max-time fits its step count from the speed of its first
+steps and refits it while its rate is at the peak, and its evaluations along the way come on top; the baseline
+evaluates and saves nothing while training.
 Each side's seconds of training, steps, tokens and parameters are recorded, so the report shows the budgets
 matched.
 """
