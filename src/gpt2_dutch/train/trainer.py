@@ -84,6 +84,16 @@ def say(message: str) -> None:
     sys.stderr.flush()
 
 
+def max_over_ranks(values: tuple[float, ...]) -> tuple[float, ...]:
+    """Each of `values` as the largest of all ranks' (under DDP/FSDP; as given otherwise), so that every rank
+    takes the same decision at the same step."""
+    if not (torch.distributed.is_available() and torch.distributed.is_initialized()):
+        return values
+    both = torch.tensor(values, dtype=torch.float64, device="cuda" if torch.cuda.is_available() else "cpu")
+    torch.distributed.all_reduce(both, op=torch.distributed.ReduceOp.MAX)
+    return tuple(both.tolist())
+
+
 def weights_finite(model: torch.nn.Module, sync: bool = False) -> bool:
     """Every weight finite. `sync` (FSDP: each rank holds a shard) all-reduces the verdict, so every rank takes
     the same branch: one rank skipping a save that the others enter would hang their collectives."""
@@ -193,13 +203,9 @@ class StopOnSignal(TrainerCallback):
                 signal.signal(s, handler)
 
     def on_step_end(self, args: Any, state: Any, control: Any, **kw: Any) -> None:
-        stop = self.signal is not None
-        if torch.distributed.is_available() and torch.distributed.is_initialized():
-            flag = torch.tensor([float(stop)], device="cuda" if torch.cuda.is_available() else "cpu")
-            torch.distributed.all_reduce(flag, op=torch.distributed.ReduceOp.MAX)
-            stop = bool(flag.item())
-            if stop and self.signal is None:
-                self.signal = signal.SIGTERM  # another rank was signalled (torchrun forwards SIGTERM)
+        (stop,) = max_over_ranks((float(self.signal is not None),))
+        if stop and self.signal is None:
+            self.signal = signal.SIGTERM  # another rank was signalled (torchrun forwards SIGTERM)
         if stop:
             control.should_save = True
             control.should_training_stop = True
@@ -550,12 +556,8 @@ class MaxTimeCallback(TrainerCallback):
         """Seconds of training since the start and since the first step; under DDP/FSDP the largest of all
         ranks', so every rank fits the same length at the same step (a rank stepping once more would wait for
         the others forever)."""
-        elapsed = (self.clock, self.clock - self.after_first)
-        if torch.distributed.is_available() and torch.distributed.is_initialized():
-            both = torch.tensor(elapsed, dtype=torch.float64, device="cuda" if torch.cuda.is_available() else "cpu")
-            torch.distributed.all_reduce(both, op=torch.distributed.ReduceOp.MAX)
-            elapsed = (both[0].item(), both[1].item())
-        return elapsed
+        since_start, since_first = max_over_ranks((self.clock, self.clock - self.after_first))
+        return since_start, since_first
 
     def on_step_end(self, args: Any, state: Any, control: Any, **kw: Any) -> None:
         if self.fitted and not self.refitting:
