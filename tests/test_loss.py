@@ -205,7 +205,8 @@ def test_a_fused_cuda_library_is_called_with_its_own_argument_order(monkeypatch)
 
 
 @pytest.mark.slow
-def test_training_with_chunks_equals_full_logits_and_saves_a_plain_model(tiny_dataset, tmp_path):
+@pytest.mark.parametrize("tie", [False, True], ids=["own-head", "tied-head"])
+def test_training_with_chunks_equals_full_logits_and_saves_a_plain_model(tie, tiny_dataset, tmp_path):
     """Through the Trainer (gradient accumulation: the loss is normalised over the step's tokens), 3 steps in
     fp32: the same logged losses and weights as the full-logits path; final_model is a plain GPT2LMHeadModel
     whose logits equal those of the checkpoint's weights."""
@@ -218,7 +219,8 @@ def test_training_with_chunks_equals_full_logits_and_saves_a_plain_model(tiny_da
     def run(out: Path, chunk: int) -> Path:
         return train(TrainConfig(dataset_path=str(tiny_dataset), model_size="tiny", batch_size=2,
                                  gradient_accumulation_steps=2, precision="fp32", output_dir=str(out), max_steps=3,
-                                 eval_every=3, save_every=3, log_every=1, loss_chunk_tokens=chunk))
+                                 eval_every=3, save_every=3, log_every=1, loss_chunk_tokens=chunk,
+                                 tie_embeddings=tie))
 
     def losses(r: Path, key: str) -> list[float]:
         rows = [json.loads(line) for line in (r / "metrics.jsonl").read_text().splitlines()]
@@ -235,7 +237,7 @@ def test_training_with_chunks_equals_full_logits_and_saves_a_plain_model(tiny_da
         # step on a rounding-level difference (one element of 0.8M moved 2.8e-5 here); the rest agree to ~1e-6
         assert torch.allclose(a[k], b[k], atol=1e-4), k
     model = AutoModelForCausalLM.from_pretrained(chunked / "final_model").eval()
-    assert type(model) is GPT2LMHeadModel and model.lm_head.weight is model.transformer.wte.weight
+    assert type(model) is GPT2LMHeadModel and (model.lm_head.weight is model.transformer.wte.weight) is tie
     ref = AutoModelForCausalLM.from_pretrained(chunked / "checkpoints" / "checkpoint-3").eval()
     ids = torch.tensor([[5, 17, 42, 99, 0, 7]])
     with torch.no_grad():

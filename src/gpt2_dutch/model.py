@@ -44,15 +44,18 @@ def preset(name: str) -> ModelPreset:
 FAST_GELU = "gelu_pytorch_tanh"
 
 
-def gpt2_config(size: str, vocab_size: int, context: int, eos_token_id: int):  # -> GPT2Config
-    """A GPT2Config for `size` with the dataset's vocabulary and context; no dropout (single-pass pretraining)."""
+def gpt2_config(size: str, vocab_size: int, context: int, eos_token_id: int,
+                tie_embeddings: bool = True):  # -> GPT2Config
+    """A GPT2Config for `size` with the dataset's vocabulary and context; no dropout (single-pass pretraining).
+    tie_embeddings=False gives the LM head its own weight (`train`'s default: see TrainConfig.tie_embeddings);
+    either way it is a plain GPT2LMHeadModel."""
     from transformers import GPT2Config
 
     p = preset(size)
     return GPT2Config(
         vocab_size=vocab_size, n_positions=context, n_embd=p.n_embd, n_layer=p.n_layer, n_head=p.n_head,
         resid_pdrop=0.0, embd_pdrop=0.0, attn_pdrop=0.0, bos_token_id=eos_token_id, eos_token_id=eos_token_id,
-        tie_word_embeddings=True,
+        tie_word_embeddings=tie_embeddings,
         # GPT-2's own GELU (the tanh approximation), as one fused op instead of gelu_new's seven elementwise ones:
         # the same function (first loss equal to 1e-5). Measured for small on 2 CPU cores: a bf16 Trainer step
         # took 6.4 instead of 6.8 s (median of 2x5 steps, alternating) and decoding got ~5% faster.
@@ -63,10 +66,15 @@ def gpt2_config(size: str, vocab_size: int, context: int, eos_token_id: int):  #
 def flops_per_token(n_params: int, n_layer: int, n_embd: int, context: int) -> float:
     """Training FLOPs per token as in PaLM (appendix B) and nanoGPT: 6N for the weight matmuls (forward 2N,
     backward 4N) plus 12 * n_layer * n_embd * context for attention scores and values. N counts every parameter
-    that takes part in a matmul: all but the position embeddings (the tied token embedding is the LM head)."""
+    that takes part in a matmul: all but the position embeddings, and the token embedding once (tied, it is the
+    LM head; untied, its lookup is no matmul and the head has its own weight)."""
     return 6 * n_params + 12 * n_layer * n_embd * context
 
 
 def matmul_params(model) -> int:  # noqa: ANN001 - a GPT2LMHeadModel
-    """Parameters that enter the FLOP count: everything except the position embedding table."""
-    return sum(p.numel() for p in model.parameters()) - model.transformer.wpe.weight.numel()
+    """Parameters that enter the FLOP count: everything except the position embedding table and, when the LM head
+    has its own weight, the token embedding table (a lookup)."""
+    tables = model.transformer.wpe.weight.numel()
+    if model.get_output_embeddings().weight is not model.transformer.wte.weight:
+        tables += model.transformer.wte.weight.numel()
+    return sum(p.numel() for p in model.parameters()) - tables

@@ -89,14 +89,16 @@ def locate(path: str | Path) -> tuple[Path, Path | None]:
 
 
 def gpt2_parameters(config: dict[str, Any]) -> int | None:
-    """Parameters of a GPT-2 with a tied LM head, from its config.json (for a model without its run record)."""
+    """Parameters of a GPT-2 from its config.json (for a model without its run record); an untied LM head
+    (tie_word_embeddings false) has its own [vocab, width] weight."""
     try:
         v, p, d, n = (int(config[k]) for k in ("vocab_size", "n_positions", "n_embd", "n_layer"))
     except (KeyError, TypeError, ValueError):
         return None
     inner = int(config.get("n_inner") or 4 * d)
     block = 2 * d + (d * 3 * d + 3 * d) + (d * d + d) + 2 * d + (d * inner + inner) + (inner * d + d)
-    return v * d + p * d + n * block + 2 * d
+    head = 0 if config.get("tie_word_embeddings", True) else v * d
+    return v * d + head + p * d + n * block + 2 * d
 
 
 def card_facts(model_dir: str | Path, run_dir: str | Path | None = None, hardware: str | None = None) -> dict:

@@ -104,7 +104,9 @@ class SizeChoice:
 
 
 def params_of(size: str, vocab_size: int, context: int) -> int:
-    """Parameters of a preset (GPT-2 with tied embeddings), without building it."""
+    """Parameters of a preset, without building it, counting the token embedding once (as GPT-2's tied head):
+    an untied head's second [vocab, width] table adds no compute per token (the embedding is a lookup), so
+    --model-size auto chooses the same either way."""
     p = MODEL_PRESETS[size]
     d = p.n_embd
     block = 12 * d * d + 13 * d  # attention 4d^2 + MLP 8d^2, their biases and two LayerNorms
@@ -112,7 +114,8 @@ def params_of(size: str, vocab_size: int, context: int) -> int:
 
 
 def choose_model_size(vocab_size: int, context: int, eos_token_id: int, precision: str, max_tokens: float | None,
-                      budget_s: float | None, loss_chunk_tokens: int, world: int) -> SizeChoice:
+                      budget_s: float | None, loss_chunk_tokens: int, world: int,
+                      tie_embeddings: bool = True) -> SizeChoice:
     """The preset for --model-size auto (see the module doc)."""
     check(max_tokens is not None or budget_s is not None, "--model-size auto needs a budget to size the model "
           "for: give --max-time (e.g. 30m) or --max-tokens (e.g. 5e8), or pick a --model-size")
@@ -134,7 +137,7 @@ def choose_model_size(vocab_size: int, context: int, eos_token_id: int, precisio
     speed: dict[str, float] = {}
     for size in sizes:
         speed[size] = world * measure_tokens_per_s(size, vocab_size, context, eos_token_id, precision,
-                                                   loss_chunk_tokens)
+                                                   loss_chunk_tokens, tie_embeddings=tie_embeddings)
         tokens[size] = speed[size] * budget_s
         if max_tokens is not None:
             tokens[size] = min(tokens[size], max_tokens)
@@ -149,7 +152,7 @@ def choose_model_size(vocab_size: int, context: int, eos_token_id: int, precisio
 
 
 def measure_tokens_per_s(size: str, vocab_size: int, context: int, eos_token_id: int, precision: str,
-                         loss_chunk_tokens: int, chunks: int | None = None) -> float:
+                         loss_chunk_tokens: int, chunks: int | None = None, tie_embeddings: bool = True) -> float:
     """Training tokens/s of a preset on this device: forward + backward of a micro-batch of random tokens, in
     the run's precision and loss path; the faster of two after one that warms up. Global RNG state is untouched."""
     import torch
@@ -164,7 +167,7 @@ def measure_tokens_per_s(size: str, vocab_size: int, context: int, eos_token_id:
     with torch.random.fork_rng(devices=[device] if cuda else []):
         from transformers import AutoModelForCausalLM
 
-        model = AutoModelForCausalLM.from_config(gpt2_config(size, vocab_size, context, eos_token_id),
+        model = AutoModelForCausalLM.from_config(gpt2_config(size, vocab_size, context, eos_token_id, tie_embeddings),
                                                  attn_implementation="sdpa").to(device)
         ids = torch.randint(0, vocab_size, (chunks, context), device=device)
     try:

@@ -24,6 +24,9 @@ class TrainConfig:
     model_size: str = option("small", f"GPT-2 shape: {', '.join(MODEL_PRESETS)}, or auto: the one closest to "
                              "compute-optimal (~20 tokens per parameter) for --max-time or --max-tokens, from the "
                              "speed measured here")
+    tie_embeddings: bool = option(False, "tie the LM head to the token embedding, as GPT-2 did. By default the head "
+                                  "has its own weight: as fast, and it learned more per step (see the README's "
+                                  "quality section). A resumed run and --init-from keep their model's choice")
     epochs: float = option(1.0, "passes over the training split (ignored when a --max-* limit is given)")
     batch_size: int | None = option(None, "chunks per device per micro-batch (default: with --max-time or "
                                     "--max-tokens, chosen for the budget, see the README; else 8)")

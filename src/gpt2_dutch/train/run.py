@@ -137,7 +137,7 @@ def _choose_for_budget(cfg: TrainConfig, vocab_size: int, context: int, eos_toke
     probe_s = 0.0
     if cfg.model_size == "auto":
         size = choose_model_size(vocab_size, context, eos_token_id, precision, max_tokens, budget_s,
-                                 cfg.loss_chunk_tokens, world)
+                                 cfg.loss_chunk_tokens, world, cfg.tie_embeddings)
         cfg = replace(cfg, model_size=size.size)
         speed, probe_s = size.tokens_per_s, size.probe_seconds
         choices["model_size"] = {"chosen": size.size, "why": size.reason}
@@ -147,7 +147,7 @@ def _choose_for_budget(cfg: TrainConfig, vocab_size: int, context: int, eos_toke
         if budget_s is not None and speed is None:
             t = time.perf_counter()
             speed = world * measure_tokens_per_s(cfg.model_size, vocab_size, context, eos_token_id, precision,
-                                                 cfg.loss_chunk_tokens)
+                                                 cfg.loss_chunk_tokens, tie_embeddings=cfg.tie_embeddings)
             probe_s += time.perf_counter() - t
         tokens = speed * max(0.0, budget_s - probe_s) if budget_s is not None and speed else math.inf
         tokens = min(tokens, max_tokens or math.inf)
@@ -321,6 +321,15 @@ def _init_source(cfg: TrainConfig, model_config: Any) -> Path | None:
     return source
 
 
+def _saved_tie_embeddings(model_dir: Path) -> bool:
+    """Whether the model saved in `model_dir` ties its LM head to the token embedding (transformers' default, and
+    GPT-2's, when config.json does not say)."""
+    try:
+        return bool(json.loads((model_dir / "config.json").read_text()).get("tie_word_embeddings", True))
+    except (OSError, json.JSONDecodeError, UnicodeDecodeError) as e:
+        raise UsageError(f"cannot read {model_dir / 'config.json'} ({e})") from None
+
+
 def _initial_model(model_config: Any, source: Path | None) -> Any:
     """Random weights, or those of the checked --init-from model."""
     from transformers import AutoModelForCausalLM
@@ -374,8 +383,14 @@ def _run(cfg: TrainConfig, manifest: dict[str, Any]) -> Path:
     tokens_per_step = cfg.batch_size * cfg.gradient_accumulation_steps * world_size() * context
     total_steps, limit = plan_steps(cfg, len(train_ds), tokens_per_step)
 
-    model_config = gpt2_config(cfg.model_size, vocab_size, context, tokenizer.eos_token_id)
+    model_config = gpt2_config(cfg.model_size, vocab_size, context, tokenizer.eos_token_id, cfg.tie_embeddings)
     init_source = _init_source(cfg, model_config)
+    # a checkpoint or --init-from model keeps its own head: untying a tied one would leave lm_head random
+    # (from_pretrained only warns), and tying an untied one would drop its trained head
+    kept_from = resume.checkpoint if resume is not None else init_source
+    if kept_from is not None:
+        model_config.tie_word_embeddings = _saved_tie_embeddings(kept_from)
+        cfg = replace(cfg, tie_embeddings=model_config.tie_word_embeddings)
     if resume is not None:
         run_dir, checkpoint, total_steps = resume.run_dir, resume.checkpoint, resume.total_steps
         _check_resumable(checkpoint, cfg, manifest)
