@@ -19,10 +19,11 @@ while the three matmuls keep the chunk's full height. The softmax is torch's fus
 through the cache) into a reused fp32 buffer, and the log-sum-exp comes from its largest probability; before,
 separate fp32 cast, max, subtract, exp, sum and scale ops each passed over the whole block: the block's work
 for 8,192 bf16 rows took 264-323 instead of 451-1311 ms on 2 threads, and head and loss of 8,192 tokens, forward
-and backward, 608 instead of 666 ms at width 64 and 953 instead of 994 at 128 (fastest of 7, alternating). Head and loss, forward and backward, of 2,048 tokens
-with a 32k vocabulary in bf16 on one CPU core (median of 3): width 128 (`nano`) 761 -> 505 ms, 256 (`tiny`)
-1071 -> 807 ms, 768 (`small`) 2259 -> 2018 ms against the whole chunk at once; 16 MiB blocks were slower
-(662 ms for width 128), and so were smaller chunks instead of blocks (their dL/dW products are thin matmuls).
+and backward, 608 instead of 666 ms at width 64 and 953 instead of 994 at 128 (fastest of 7, alternating).
+Blocks at all, against the whole chunk at once (head and loss, forward and backward, of 2,048 tokens with a
+32k vocabulary in bf16 on one CPU core, median of 3): width 128 (`nano`) 761 -> 505 ms, 256 (`tiny`) 1071 ->
+807 ms, 768 (`small`) 2259 -> 2018 ms; 16 MiB blocks were slower (662 ms for width 128), and so were smaller
+chunks instead of blocks (their dL/dW products are thin matmuls).
 
 On CUDA a fused kernel from an installed library (Liger Kernel, then Apple's cut-cross-entropy) is used when
 one imports; neither is a dependency. The model itself is never changed: the final model stays a plain
