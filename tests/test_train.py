@@ -146,6 +146,63 @@ def test_the_head_has_its_own_weight_unless_tied_and_resume_and_init_from_keep_t
         assert tie is expected and ("lm_head.weight" in weights) is not expected
 
 
+@pytest.mark.parametrize("kind", ["muon", "adamw"])
+def test_the_embedding_tables_get_their_own_group_at_a_multiple_of_the_learning_rate(kind):
+    from transformers import AutoModelForCausalLM
+
+    from gpt2_dutch.model import gpt2_config
+    from gpt2_dutch.train.muon import MuonAdamW, param_groups
+    from gpt2_dutch.train.trainer import scale_embedding_lr
+
+    model = AutoModelForCausalLM.from_config(gpt2_config("pico", 300, 32, 0, tie_embeddings=False))
+    tables = {id(model.transformer.wte.weight), id(model.transformer.wpe.weight)}
+    if kind == "muon":
+        optimizer = MuonAdamW(param_groups(model, 1e-3, 0.1))
+    else:  # as the Trainer's own AdamW: decay / no decay
+        decay = [p for n, p in model.named_parameters() if p.ndim >= 2]
+        optimizer = torch.optim.AdamW([{"params": decay, "weight_decay": 0.1},
+                                       {"params": [p for p in model.parameters() if p.ndim < 2],
+                                        "weight_decay": 0.0}], lr=1e-3, betas=(0.9, 0.95))
+    before = [(g["lr"], len(g["params"])) for g in optimizer.param_groups]
+    n_params = sum(len(g["params"]) for g in optimizer.param_groups)
+    assert scale_embedding_lr(optimizer, model, 8.0)
+    groups = optimizer.param_groups
+    assert sum(len(g["params"]) for g in groups) == n_params  # nothing lost, nothing twice
+    assert {id(p) for p in groups[-1]["params"]} == tables
+    assert groups[-1]["lr"] == pytest.approx(8e-3) and groups[-1]["weight_decay"] == 0.1
+    assert groups[-1]["betas"] == groups[0]["betas"] and groups[0]["lr"] == before[0][0]  # the logged lr: as before
+    assert len(groups[0]["params"]) == before[0][1] - 2 and not any(id(p) in tables for g in groups[:-1]
+                                                                       for p in g["params"])
+    # a step moves the tables by ~8x the lr (Adam's first step is lr * sign), the head by ~1x
+    for p in model.parameters():
+        p.grad = torch.ones_like(p)
+    wte, head = model.transformer.wte.weight.detach().clone(), model.lm_head.weight.detach().clone()
+    optimizer.step()
+    assert (wte - model.transformer.wte.weight).abs().mean().item() == pytest.approx(8e-3, rel=0.05)
+    assert (head - model.lm_head.weight).abs().mean().item() == pytest.approx(1e-3, rel=0.05)
+    # tables the optimizer does not hold as such (FSDP's flattened parameters): nothing changes
+    other = AutoModelForCausalLM.from_config(gpt2_config("pico", 300, 32, 0))
+    fresh = torch.optim.AdamW(other.parameters(), lr=1e-3)
+    assert not scale_embedding_lr(fresh, model, 8.0) and len(fresh.param_groups) == 1
+
+
+@pytest.mark.slow
+def test_training_records_the_embedding_scale_and_a_resume_keeps_it_or_refuses_another(tiny_dataset, tmp_path, cli):
+    run = train(tiny_cfg(tiny_dataset, tmp_path, max_steps=2, save_every=2, embedding_lr_scale=4.0))
+    state = torch.load(run / "checkpoints" / "checkpoint-2" / "optimizer.pt", weights_only=True)
+    lrs = [g["lr"] for g in state["param_groups"]]
+    assert lrs[-1] == pytest.approx(4 * lrs[0]) and len(state["param_groups"][-1]["params"]) == 2
+    assert json.loads((run / "run_config.json").read_text())["embedding_lr_scale"] == 4.0
+    rc, _, err = cli("train", "--dataset-path", tiny_dataset, *TINY, "--output-dir", tmp_path, "--resume", run,
+                     "--max-steps", "3", "--embedding-lr-scale", "2")
+    assert rc == 2 and "trained with --embedding-lr-scale 4" in err and "Traceback" not in err
+    train(tiny_cfg(tiny_dataset, tmp_path, max_steps=3, resume=str(run)))  # the flag left out: the run's own
+    assert json.loads((run / "run_config.json").read_text())["embedding_lr_scale"] == 4.0
+    assert json.loads((run / "run_config.json").read_text())["status"] == "finished"
+    default = train(tiny_cfg(tiny_dataset, tmp_path / "d", max_steps=1))
+    assert json.loads((default / "run_config.json").read_text())["embedding_lr_scale"] == 8.0
+
+
 def _train_cmd(dataset: Path, out: Path, *extra: str) -> list[str]:
     return [sys.executable, "-m", "gpt2_dutch", "train", "--dataset-path", str(dataset), *TINY,
             "--output-dir", str(out), "--max-steps", "16", "--save-every", "4", "--eval-every", "8",
@@ -213,6 +270,8 @@ BAD_INPUTS = [  # "{tmp}" is the test's tmp_path, "{data}" the tiny dataset
     pytest.param(["--dataset-path", "{data}", "--model-size", "auto"], "--model-size auto needs a budget",
                  id="model-size-auto-without-a-budget"),
     pytest.param(["--dataset-path", "{data}", "--optimizer", "foo"], "invalid choice: 'foo'", id="optimizer-foo"),
+    pytest.param(["--dataset-path", "{data}", "--embedding-lr-scale", "0"],
+                 "--embedding-lr-scale must be greater than 0", id="embedding-lr-scale-zero"),
     # trackio is not a dependency: a clear message, never a crash mid-run
     pytest.param(["--dataset-path", "{data}", "--report-to", "trackio"], "trackio is not installed",
                  id="trackio-not-installed", marks=pytest.mark.skipif(importlib.util.find_spec("trackio") is not None,

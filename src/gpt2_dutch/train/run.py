@@ -26,7 +26,7 @@ from ..files import replace_dir, temp_name, write_json_atomic
 from ..model import MODEL_PRESETS, flops_per_token, gpt2_config, matmul_params, preset
 from ..model_card import describe_hardware, write_card
 from ..push import check_ready_to_push, push_after_training
-from .config import TrainConfig
+from .config import EMBEDDING_LR_SCALE, TrainConfig
 from .muon import MUON_LR, resolve_optimizer
 from .runs import (
     FINISHED,
@@ -203,6 +203,13 @@ def _choices_of_resumed_run(cfg: TrainConfig, saved: dict[str, Any]) -> TrainCon
         changes["model_size"] = saved["model_size"]
     if cfg.learning_rate is None and saved.get("learning_rate"):  # the rate the run trained with: chosen for its
         changes["learning_rate"] = saved["learning_rate"]  # budget, or its size's
+    # the scale decides the optimizer's param groups: checkpoints of another one do not load
+    recorded_scale = saved.get("embedding_lr_scale") or 1.0  # runs from before the option had none
+    if cfg.embedding_lr_scale is None:
+        changes["embedding_lr_scale"] = recorded_scale
+    elif cfg.embedding_lr_scale != recorded_scale:
+        raise UsageError(f"cannot resume: the run was trained with --embedding-lr-scale {recorded_scale:g} (pass "
+                         "that, or leave the flag out)")
     if cfg.batch_size is None:
         changes["batch_size"] = saved["batch_size"]
         changes["gradient_accumulation_steps"] = saved["gradient_accumulation_steps"]
@@ -380,6 +387,8 @@ def _run(cfg: TrainConfig, manifest: dict[str, Any]) -> Path:
         cfg, budget_choices = _choices_of_resumed_run(cfg, read_run_config(resume.run_dir)), {}
     else:
         cfg, budget_choices = _choose_for_budget(cfg, vocab_size, context, tokenizer.eos_token_id, precision)
+        if cfg.embedding_lr_scale is None:
+            cfg = replace(cfg, embedding_lr_scale=EMBEDDING_LR_SCALE)
     tokens_per_step = cfg.batch_size * cfg.gradient_accumulation_steps * world_size() * context
     total_steps, limit = plan_steps(cfg, len(train_ds), tokens_per_step)
 
@@ -467,7 +476,7 @@ def _run(cfg: TrainConfig, manifest: dict[str, Any]) -> Path:
                                                        auto_save=cfg.save_every is None)],
         schedule=schedule, keep_checkpoints=cfg.keep_checkpoints, tokens_per_step=tokens_per_step,
         bytes_per_token=_bytes_per_token(manifest), health=health, optimizer_kind=optimizer,
-        loss_chunk_tokens=cfg.loss_chunk_tokens, eval_chunks=eval_chunks,
+        loss_chunk_tokens=cfg.loss_chunk_tokens, eval_chunks=eval_chunks, embedding_lr_scale=cfg.embedding_lr_scale,
     )
     fitting = next((c for c in trainer.callback_handler.callbacks if isinstance(c, MaxTimeCallback)), None)
     if fitting is not None and cfg.eval_chunks is None:

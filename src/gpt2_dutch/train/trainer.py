@@ -211,11 +211,46 @@ class StopOnSignal(TrainerCallback):
             control.should_training_stop = True
 
 
+def scale_embedding_lr(optimizer: torch.optim.Optimizer, model: Any, scale: float) -> bool:
+    """Move GPT-2's token and position embedding tables into a param group of their own, with `scale` times the
+    learning rate of the group they were in (and its other settings); the schedule then scales that lr like
+    every other. Before the first step only. False (nothing changed) where the tables are not among the
+    optimizer's parameters as they are (FSDP's flattened ones).
+
+    Why: a table's row moves only on the steps whose batch has its token, while the head and the blocks learn
+    from every token; a higher rate for the tables learned more per step at the same speed (see the README's
+    quality section), as in modded-nanogpt, which gives its embeddings ~75x its LM head's rate."""
+    if scale == 1:
+        return True
+    unwrapped = getattr(model, "module", model)
+    tables = [unwrapped.get_input_embeddings().weight, unwrapped.transformer.wpe.weight]
+    wanted = {id(t) for t in tables}
+    moved: list[tuple[dict[str, Any], list[torch.nn.Parameter]]] = []
+    for group in optimizer.param_groups:
+        if group.get("use_muon"):
+            continue
+        found = [p for p in group["params"] if id(p) in wanted]
+        if found:
+            group["params"] = [p for p in group["params"] if id(p) not in wanted]
+            moved.append((group, found))
+    if sum(len(found) for _, found in moved) != len(wanted):
+        for group, found in moved:  # all or nothing
+            group["params"].extend(found)
+        return False
+    for group, found in moved:
+        settings = {k: v for k, v in group.items() if k not in ("params", "initial_lr")}
+        optimizer.add_param_group({**settings, "params": found, "lr": group["lr"] * scale})
+    optimizer.param_groups[:] = [g for g in optimizer.param_groups if g["params"]]
+    return True
+
+
 class GPT2Trainer(Trainer):
     def __init__(self, *args: Any, schedule: WarmupCosine, keep_checkpoints: int, tokens_per_step: int,
                  bytes_per_token: float, health: StepHealth | None = None, optimizer_kind: str = "adamw",
-                 loss_chunk_tokens: int = 0, eval_chunks: int = 0, **kwargs: Any):
+                 loss_chunk_tokens: int = 0, eval_chunks: int = 0, embedding_lr_scale: float = 1.0,
+                 **kwargs: Any):
         super().__init__(*args, **kwargs)
+        self.embedding_lr_scale = embedding_lr_scale  # the embedding tables' lr / the other AdamW params' lr
         self.eval_chunks = eval_chunks  # test chunks per evaluation (0: all); a --max-time fit may change it
         self.loss_chunk_tokens = loss_chunk_tokens  # 0: the model's own loss over full logits (see compute_loss)
         self.schedule, self.keep_checkpoints = schedule, keep_checkpoints
@@ -234,7 +269,14 @@ class GPT2Trainer(Trainer):
                 opt_model, self.args.learning_rate, self.args.weight_decay,
                 betas=(self.args.adam_beta1, self.args.adam_beta2), eps=self.args.adam_epsilon,
                 decay_names=self.get_decay_parameter_names(opt_model)))
+        fresh = self.optimizer is None or not self.optimizer.state
         optimizer = super().create_optimizer(model)
+        if fresh and not getattr(optimizer, "_gpt2_dutch_embedding_lr", False):
+            if (not scale_embedding_lr(optimizer, self.model if model is None else model, self.embedding_lr_scale)
+                    and self.args.process_index == 0):
+                print(f"--embedding-lr-scale {self.embedding_lr_scale:g}: not applied (the optimizer holds the "
+                      "embedding tables flattened, as under FSDP); they learn at --learning-rate", file=sys.stderr)
+            optimizer._gpt2_dutch_embedding_lr = True  # type: ignore[attr-defined]
         if self.health is not None and not getattr(optimizer, "_gpt2_dutch_guarded", False):
             self.health.guard(optimizer)
             optimizer._gpt2_dutch_guarded = True  # type: ignore[attr-defined]
