@@ -101,8 +101,9 @@ def test_golden_loss_of_the_tiny_preset(tiny_dataset, tmp_path):
 
 # measured with torch 2.13.0 (CPU); update only for an intended change. Before #13 (tiny 4x128, AdamW, cosine):
 # (5.5692, 4.5405); tiny 4x256 with Muon and wsd: (5.5638, 3.8368); with the LM head's own weight (untied; the
-# first loss moves because the head starts from its own random init)
-GOLDEN = (5.5169, 3.7818)
+# first loss moves because the head starts from its own random init): (5.5169, 3.7818); with the embedding tables
+# at 8x the rate
+GOLDEN = (5.5169, 3.5963)
 
 
 @pytest.mark.slow
