@@ -71,6 +71,8 @@ def test_choose_learning_rate_scales_with_the_square_root_of_a_smaller_batch(sha
     scale = min(1.0, (per_step / optimal_tokens_per_step(flops)) ** 0.5)
     assert lr.learning_rate == pytest.approx(optimal_learning_rate(flops) * scale)
     assert ("square-root rule" in lr.reason) == (share < 1) and "2e+13 FLOPs" in lr.reason
+    beside_muon = choose_learning_rate(flops, per_step, muon=True)  # AdamW's rate beside Muon: 1.5x
+    assert beside_muon.learning_rate == pytest.approx(1.5 * lr.learning_rate) and "beside Muon" in beside_muon.reason
 
 
 @pytest.mark.parametrize(("max_tokens", "size"), [(1e6, "pico"), (2.5e9, "small"), (7e9, "medium"), (1e12, "xl")])
@@ -117,7 +119,7 @@ def test_a_budgeted_run_records_its_choices_and_a_resume_keeps_them(tiny_dataset
     assert rc["tokens_per_step"] == b.batch_size * b.accumulation * rc["context"]
     assert "measuring_seconds" not in chosen  # a token budget needs no measuring
     flops = train_flops("pico", rc["vocab_size"], rc["context"], 2000)
-    lr = choose_learning_rate(flops, rc["tokens_per_step"]).learning_rate
+    lr = choose_learning_rate(flops, rc["tokens_per_step"], muon=True).learning_rate  # Muon: the default
     assert rc["learning_rate"] == chosen["learning_rate"]["chosen"] == pytest.approx(lr)
     assert rc["learning_rate"] != MODEL_PRESETS["pico"].learning_rate
     # the optimizer trained at that rate (the schedule's peak): the first AdamW group of the checkpoint
@@ -179,7 +181,7 @@ def test_the_learning_rate_is_chosen_for_the_tokens_the_run_will_train(tiny_data
     rc = json.loads((run / "run_config.json").read_text())
     trained = 3 * rc["tokens_per_step"]
     expected = choose_learning_rate(train_flops("nano", rc["vocab_size"], rc["context"], trained),
-                                    rc["tokens_per_step"]).learning_rate
+                                    rc["tokens_per_step"], muon=True).learning_rate
     assert rc["total_steps"] == 3 and rc["learning_rate"] == pytest.approx(expected)
     assert rc["learning_rate"] != pytest.approx(choose_learning_rate(
-        train_flops("nano", rc["vocab_size"], rc["context"], 1e6), rc["tokens_per_step"]).learning_rate)
+        train_flops("nano", rc["vocab_size"], rc["context"], 1e6), rc["tokens_per_step"], muon=True).learning_rate)

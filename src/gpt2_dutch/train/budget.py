@@ -19,10 +19,11 @@ the user did not decide (an explicit --model-size / --batch-size always wins):
 - the peak learning rate, when --learning-rate is not given: DeepSeek LLM's fit eta = 0.3118 * C^-0.125 (eq. 1
   of the same paper, fitted with that batch size), times sqrt(B / B_fit) when the step's B tokens are fewer
   than the fit's B_fit (the square-root rule for Adam: Malladi et al. 2022). Under Muon this is AdamW's rate
-  (embeddings, LayerNorms, biases); Muon's own stays 0.02. For a minute-scale CPU run it gives ~5-7e-3 where
-  the size table has 2e-3 (measured: `nano`, 2 chunks a step, 150 s on one core, 2.089 bits per byte at 2e-3,
-  2.056 at 6e-3, 2.066 at 1.2e-2); for `small` over ~1e18 FLOPs ~1.7e-3, the rate llm.c found best for GPT-2
-  124M (3x the 6e-4 of the GPT-3 paper).
+  (embeddings, LM head, LayerNorms, biases), and there 1.5x the fit (MUON_ADAMW_LR_FACTOR); Muon's own stays
+  0.02. For a minute-scale CPU run the fit gives ~5-7e-3 where the size table has 2e-3 (measured: `nano`, 2
+  chunks a step, 150 s on one core, 2.089 bits per byte at 2e-3, 2.056 at 6e-3, 2.066 at 1.2e-2); for `small`
+  over ~1e18 FLOPs ~1.7e-3, the rate llm.c found best for GPT-2 124M (3x the 6e-4 of the GPT-3 paper), and
+  beside Muon 2.6e-3 (modded-nanogpt trains GPT-2 124M's head at 8e-3 and its embeddings far higher).
 """
 
 from __future__ import annotations
@@ -84,14 +85,25 @@ class LearningRate:
     reason: str
 
 
-def choose_learning_rate(train_flops: float, tokens_per_step: int) -> LearningRate:
-    """The peak learning rate for a run of `train_flops` with `tokens_per_step` (see the module doc)."""
+# Under Muon, AdamW's rate (what --learning-rate sets) trains only the embedding tables, the LM head, LayerNorms
+# and biases, not the blocks' matrices the fit was made for. Measured on pico with its own head and the tables at
+# 8x (150 steps of 8 chunks, one core; bits per byte, seeds 42 and 43): the fit's 6.6e-3 1.8402 and 1.8417,
+# 1.5x it 1.8317 and 1.8331. 2x was worse for nano in the module doc's screen (tied head), so no more than 1.5x.
+MUON_ADAMW_LR_FACTOR = 1.5
+
+
+def choose_learning_rate(train_flops: float, tokens_per_step: int, muon: bool = False) -> LearningRate:
+    """The peak learning rate for a run of `train_flops` with `tokens_per_step` (see the module doc); `muon`:
+    AdamW's rate beside Muon (MUON_ADAMW_LR_FACTOR)."""
     fit, b_fit = optimal_learning_rate(train_flops), optimal_tokens_per_step(train_flops)
     scale = min(1.0, (tokens_per_step / b_fit) ** 0.5)
     why = f"DeepSeek LLM's fit for {train_flops:.2g} FLOPs is {fit:.3g}"
     if scale < 1:
         why += (f", x {scale:.2f} for {tokens_per_step:,} tokens per step instead of the fit's {b_fit:,.0f} "
                 "(square-root rule)")
+    if muon:
+        scale *= MUON_ADAMW_LR_FACTOR
+        why += f", x {MUON_ADAMW_LR_FACTOR:g} for AdamW's parameters beside Muon"
     return LearningRate(fit * scale, why)
 
 

@@ -167,7 +167,8 @@ def _choose_for_budget(cfg: TrainConfig, vocab_size: int, context: int, eos_toke
         per_step = cfg.batch_size * cfg.gradient_accumulation_steps * world * context
         if cfg.max_steps:  # a --max-steps below the budget ends the run first
             tokens = min(tokens, cfg.max_steps * per_step)
-        lr = choose_learning_rate(train_flops(cfg.model_size, vocab_size, context, tokens), per_step)
+        lr = choose_learning_rate(train_flops(cfg.model_size, vocab_size, context, tokens), per_step,
+                                  muon=resolve_optimizer(cfg.optimizer, cfg.fsdp)[0] == "muon")
         cfg = replace(cfg, learning_rate=lr.learning_rate)
         choices["learning_rate"] = {"chosen": lr.learning_rate, "why": lr.reason}
     if speed is not None:
