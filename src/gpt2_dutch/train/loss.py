@@ -171,7 +171,7 @@ def lm_head_loss_sum(hidden: torch.Tensor, weight: torch.Tensor, labels: torch.T
     """Summed next-token cross-entropy of GPT-2's head: position i predicts labels[:, i + 1], as
     GPT2LMHeadModel's own loss (labels shifted inside; the last position predicts nothing).
 
-    hidden: [batch, seq, C] (after ln_f); weight: the head's [vocab, C] (tied to the token embedding)."""
+    hidden: [batch, seq, C] (after ln_f); weight: the head's [vocab, C] (its own, or the tied token embedding)."""
     h = hidden[:, :-1].reshape(-1, hidden.shape[-1])
     t = labels[:, 1:].reshape(-1).to(hidden.device)
     if hidden.is_cuda:

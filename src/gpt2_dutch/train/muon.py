@@ -104,7 +104,7 @@ def param_groups(model: torch.nn.Module, lr: float, weight_decay: float, muon_lr
     from transformers.pytorch_utils import Conv1D
 
     output = model.get_output_embeddings() if hasattr(model, "get_output_embeddings") else None
-    head = output.weight if output is not None else None  # tied to wte in GPT-2: an embedding, AdamW's
+    head = output.weight if output is not None else None  # tied to wte or its own: AdamW's, as the embeddings
     qkv = {id(m.c_attn.weight): 2 if m.is_cross_attention else 3
            for m in model.modules() if isinstance(m, GPT2Attention)}
     muon: dict[tuple[bool, int], list[torch.nn.Parameter]] = {}

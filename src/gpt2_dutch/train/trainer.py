@@ -289,10 +289,10 @@ class GPT2Trainer(Trainer):
         The model is called through `model`, the wrapped one (DDP, compile), so its forward hooks run as always;
         `logits_to_keep=1` makes GPT-2 project only the last position (batch x vocab, unused) and
         `output_hidden_states` hands back the final hidden states (after ln_f). The head's weight is the
-        unwrapped model's own parameter (tied to the token embedding): its gradient from the loss reaches the
+        unwrapped model's own parameter. Tied to the token embedding, its gradient from the loss reaches the
         same AccumulateGrad as the embedding's, and autograd runs that node once, with the sum, so DDP's
-        gradient hook (on that node) fires once and all-reduces the full gradient. FSDP keeps the weight
-        sharded outside the forward, so it keeps the plain path.
+        gradient hook (on that node) fires once and all-reduces the full gradient; untied, it has its own node.
+        FSDP keeps the weight sharded outside the forward, so it keeps the plain path.
         """
         if (not self.loss_chunk_tokens or "labels" not in inputs or self.is_fsdp_enabled
                 or self.label_smoother is not None or self.compute_loss_func is not None):
