@@ -7,6 +7,7 @@ import math
 import signal
 import subprocess
 import sys
+from dataclasses import replace
 from pathlib import Path
 
 import numpy as np
@@ -51,8 +52,10 @@ def test_seeded_sampling_is_reproducible(loaded):
     a = generate_texts(model, tok, ["De trein"], cfg)
     b = generate_texts(model, tok, ["De trein"], cfg)
     assert a == b
-    cfg.seed = 8
-    assert generate_texts(model, tok, ["De trein"], cfg) != a  # 12 tokens at temperature 1.5: never equal
+    cfg.seed, cfg.temperature = 8, 5.0  # another seed, nearly uniform: 12 tokens never come out the same (at 1.5
+    # this tiny model, which knows its 12 training sentences by heart, drew the same text with seeds 7 and 8)
+    assert generate_texts(model, tok, ["De trein"], cfg) != generate_texts(model, tok, ["De trein"],
+                                                                           replace(cfg, seed=7))
     cfg.num_return_sequences = 3
     cfg.seed = 7
     many = generate_texts(model, tok, ["De trein", "Het"], cfg)
@@ -107,7 +110,8 @@ def test_cpu_bf16_packs_every_linear_layer_with_the_same_logits(tiny_run):
     model, tok, _ = load_model(tiny_run, device="cpu", dtype="bf16")
     packed = [m for m in model.modules() if isinstance(m, PackedLinear)]
     assert len(packed) == 4 * model.config.n_layer + 1  # attention in/out, MLP in/out per block + the LM head
-    assert [m.counted for m in packed].count(False) == 1  # the LM head is the tied token embedding
+    # an LM head tied to the token embedding is counted there, not again (train's default head is its own)
+    assert [m.counted for m in packed].count(False) == int(model.config.tie_word_embeddings)
     plain = AutoModelForCausalLM.from_pretrained(str(tiny_run / "final_model"), dtype=torch.bfloat16).eval()
     assert parameter_count(model) == sum(p.numel() for p in plain.parameters())
     assert not any(isinstance(m, PackedLinear) for m in load_model(tiny_run, "cpu", "fp32")[0].modules())
