@@ -269,13 +269,12 @@ class GPT2Trainer(Trainer):
                 opt_model, self.args.learning_rate, self.args.weight_decay,
                 betas=(self.args.adam_beta1, self.args.adam_beta2), eps=self.args.adam_epsilon,
                 decay_names=self.get_decay_parameter_names(opt_model)))
-        fresh = self.optimizer is None or not self.optimizer.state
         optimizer = super().create_optimizer(model)
-        if fresh and not getattr(optimizer, "_gpt2_dutch_embedding_lr", False):
+        if not getattr(optimizer, "_gpt2_dutch_embedding_lr", False):  # once, before any step
             if (not scale_embedding_lr(optimizer, self.model if model is None else model, self.embedding_lr_scale)
-                    and self.args.process_index == 0):
-                print(f"--embedding-lr-scale {self.embedding_lr_scale:g}: not applied (the optimizer holds the "
-                      "embedding tables flattened, as under FSDP); they learn at --learning-rate", file=sys.stderr)
+                    and is_main_process()):
+                say(f"--embedding-lr-scale {self.embedding_lr_scale:g}: not applied (the optimizer holds the "
+                    "embedding tables flattened, as under FSDP); they learn at --learning-rate")
             optimizer._gpt2_dutch_embedding_lr = True  # type: ignore[attr-defined]
         if self.health is not None and not getattr(optimizer, "_gpt2_dutch_guarded", False):
             self.health.guard(optimizer)
