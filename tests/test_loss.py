@@ -115,22 +115,27 @@ def test_chunked_function_matches_cross_entropy_on_raw_tensors(block, dtype):
     assert torch.allclose(h.grad, 2 * ref_h, atol=1e-5) and torch.allclose(w.grad, 2 * ref_w, atol=1e-5)
 
 
+# gap: the target's logit below the best one, in nats: 60 (p ~1e-26, read off the softmax), 80 (p ~1e-35, below
+# FP32_TINY: recomputed from the row's logits) and 300 (p underflows to 0 in fp32)
+@pytest.mark.parametrize("gap", [60.0, 80.0, 300.0])
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
-def test_a_target_far_below_the_best_logit_keeps_an_exact_finite_loss(dtype):
-    """The loss comes from the row's largest probability (never below 1/vocab), not the target's: that one
-    underflows in fp32 once the target's logit is ~104 below the row's log-sum-exp, and -log 0 is inf."""
-    h = torch.tensor([[1.0, 0.0], [0.0, 1.0], [1.0, 1.0]], requires_grad=True)
-    w = torch.tensor([[150.0, 0.0], [-150.0, 0.0], [0.0, 3.0]], requires_grad=True)
-    t = torch.tensor([1, 2, 0])  # the first row's target is 300 below its best logit
+def test_a_target_far_below_the_best_logit_keeps_an_exact_finite_loss(dtype, gap):
+    """The loss is -log p(target) from the softmax; where p is too small for fp32 (it underflows to 0 ~104 nats
+    down, and -log 0 is inf) the row's loss is recomputed from its logits. An ignored row that far down adds
+    nothing."""
+    h = torch.tensor([[1.0, 0.0], [0.0, 1.0], [1.0, 1.0], [1.0, 0.0]], requires_grad=True)
+    w = torch.tensor([[gap / 2, 0.0], [-gap / 2, 0.0], [0.0, 3.0]], requires_grad=True)
+    t = torch.tensor([1, 2, 0, -100])  # the first row's target is `gap` below its best logit; the last is ignored
     with torch.autocast("cpu", dtype=torch.bfloat16, enabled=dtype == torch.bfloat16):
         logits = (h.to(dtype) @ w.to(dtype).t()).float()
         ref = torch.nn.functional.cross_entropy(logits, t, reduction="none")
         mine = chunked_linear_cross_entropy(h, w, t, 2)
-    assert ref[0] > 299 and torch.isfinite(mine)
+    assert ref[0] > gap - 1 and torch.isfinite(mine)
     assert torch.allclose(mine, ref.sum(), rtol=1e-6)
     mine.backward()
-    # the first row's gradient is exact too: softmax (1, 0, 0) minus the one-hot of token 1
+    # the first row's gradient is exact too: softmax (1, 0, 0) minus the one-hot of token 1; none for the last
     assert torch.allclose(h.grad[0], w.detach()[0] - w.detach()[1], rtol=1e-2)
+    assert torch.equal(h.grad[3], torch.zeros(2))
 
 
 def test_cpu_logits_reuse_one_buffer_across_chunks_and_calls_without_stale_values():

@@ -16,10 +16,14 @@ gradients by the incoming scalar.
 Within a chunk the elementwise work (softmax in fp32, log-sum-exp, softmax gradient) runs ELEMENTWISE_LOGITS
 logits at a time (64 rows of a 32k vocabulary: 8 MiB of fp32, which stays in a CPU's cache across its passes),
 while the three matmuls keep the chunk's full height. The softmax is torch's fused kernel (one row at a time
-through the cache) into a reused fp32 buffer, and the log-sum-exp comes from its largest probability; before,
-separate fp32 cast, max, subtract, exp, sum and scale ops each passed over the whole block: the block's work
-for 8,192 bf16 rows took 264-323 instead of 451-1311 ms on 2 threads, and head and loss of 8,192 tokens, forward
-and backward, 608 instead of 666 ms at width 64 and 953 instead of 994 at 128 (fastest of 7, alternating).
+through the cache) into a reused fp32 buffer; before, separate fp32 cast, max, subtract, exp, sum and scale ops
+each passed over the whole block: the block's work for 8,192 bf16 rows took 264-323 instead of 451-1311 ms on 2
+threads, and head and loss of 8,192 tokens, forward and backward, 608 instead of 666 ms at width 64 and 953
+instead of 994 at 128 (fastest of 7, alternating). The loss is then -log p(target) read off those probabilities
+(see `chunk_loss` for the rows where fp32 cannot hold p), and the gradient is one copy to `dtype` when no row is
+ignored: the log-sum-exp from two maxima (row's logit, row's probability) and a masking multiply had been three
+more passes over every block. Same A/B (fastest of 7): width 64 737-756 -> 610-636 ms, 128 933 -> 865 ms, 256
+1552 -> 1472 ms.
 Blocks at all, against the whole chunk at once (head and loss, forward and backward, of 2,048 tokens with a
 32k vocabulary in bf16 on one CPU core, median of 3): width 128 (`nano`) 761 -> 505 ms, 256 (`tiny`) 1071 ->
 807 ms, 768 (`small`) 2259 -> 2018 ms; 16 MiB blocks were slower (662 ms for width 128), and so were smaller
@@ -74,6 +78,23 @@ def logits_buffer(rows: int, vocab: int, dtype: torch.dtype, device: torch.devic
     return buffer[:rows * vocab].view(rows, vocab)
 
 
+FP32_TINY = 1e-30  # below this a probability has lost precision in fp32 (normal numbers end at ~1.2e-38)
+
+
+def chunk_loss(target_p: torch.Tensor, h: torch.Tensor, w: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
+    """Summed -log p(target) of a chunk's valid rows from the softmax's fp32 probabilities `target_p`; rows whose
+    probability is below FP32_TINY get the exact value from their logits recomputed alone (h @ w^T in the
+    chunk's dtype, as in the chunk; log-sum-exp in fp32). Such rows are rare (a confident model that is badly
+    wrong), so the one check per chunk costs less than a log-sum-exp pass over every block."""
+    valid = targets != IGNORE_INDEX
+    tiny = valid & (target_p < FP32_TINY)
+    loss = torch.where(valid & ~tiny, -target_p.clamp(min=FP32_TINY).log(), 0.0).sum()
+    if bool(tiny.any()):
+        logits = (h[tiny] @ w.t()).float()
+        loss = loss + (logits.logsumexp(dim=1) - logits.gather(1, targets[tiny].unsqueeze(1)).squeeze(1)).sum()
+    return loss
+
+
 class _ChunkedLinearCrossEntropy(torch.autograd.Function):
     """sum over rows of cross_entropy(hidden @ weight^T, targets), `chunk` rows at a time; see the module doc."""
 
@@ -92,6 +113,7 @@ class _ChunkedLinearCrossEntropy(torch.autograd.Function):
             for start in range(0, h.shape[0], chunk):
                 hc, tc = h[start:start + chunk], targets[start:start + chunk]
                 logits = logits_buffer(hc.shape[0], w.shape[0], dtype, h.device)
+                target_p = torch.empty(hc.shape[0], dtype=torch.float32, device=h.device)
                 torch.matmul(hc, w.t(), out=logits)  # in `dtype`; overwritten block by block with dL/dlogits
                 for row in range(0, logits.shape[0], block):
                     out = logits[row:row + block]
@@ -102,18 +124,21 @@ class _ChunkedLinearCrossEntropy(torch.autograd.Function):
                     # and scale as separate ops each passed over the whole block (see the module doc)
                     probs = torch.softmax(out, dim=1, dtype=torch.float32,
                                           out=logits_buffer(*out.shape, torch.float32, h.device, "probs"))
-                    # log-sum-exp from the row's largest probability, which never underflows (>= 1/vocab):
-                    # lse = x_j - log p_j for any j, and the largest p is at the largest x (-log p_target itself
-                    # is inf once p_target underflows). Two value-only maxima: max() with indices took 3x longer
-                    lse = out.amax(dim=1, keepdim=True).float() - probs.amax(dim=1, keepdim=True).log()
-                    total += ((lse - out.gather(1, safe).float()).squeeze(1) * valid).sum()
+                    # the loss is -log p_target, read off the softmax: no further pass over the block (the
+                    # log-sum-exp's two maxima took ~6% of a pico step). Where p_target is too small for fp32
+                    # (< FP32_TINY: more than ~69 nats below the best logit), the loss is recomputed exactly below
+                    target_p[row:row + block] = probs.gather(1, safe).squeeze(1)
                     if not (want_h or want_w):
                         continue  # evaluation: the loss is all
                     # dL/dlogits = softmax - one_hot, rounded to `dtype` once (as the plain path, which rounds the
                     # fp32 gradient); ignored rows get a zero scale: no gradient
                     keep = valid.unsqueeze(1).to(torch.float32)
                     probs.scatter_add_(1, safe, -keep)
-                    torch.mul(probs, keep, out=out)
+                    if bool(valid.all()):
+                        out.copy_(probs)
+                    else:
+                        torch.mul(probs, keep, out=out)
+                total += chunk_loss(target_p, hc, w, tc)
                 if not (want_h or want_w):
                     continue
                 if grad_h is not None:  # `logits` now holds dL/dlogits
