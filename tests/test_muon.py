@@ -126,6 +126,21 @@ def test_hidden_matrices_go_to_muon_and_the_rest_to_adamw():
             assert g["lr"] * g["weight_decay"] == pytest.approx(0.5 * 1e-3 * 0.1)
 
 
+def test_adamw_weight_decay_sets_the_embedding_and_head_decay_and_leaves_muons():
+    model = _tiny_gpt2()
+    names = {id(p): n for n, p in model.named_parameters()}
+    groups = param_groups(model, lr=1e-3, weight_decay=0.1, adamw_weight_decay=0.0)
+    adamw = {names[id(p)]: g["weight_decay"] for g in groups if not g["use_muon"] for p in g["params"]}
+    assert adamw["transformer.wte.weight"] == adamw["transformer.wpe.weight"] == 0.0
+    assert all(g["weight_decay"] * g["lr"] == pytest.approx(1e-3 * 0.1) for g in groups if g["use_muon"])
+    opt = MuonAdamW(groups)
+    wte = model.transformer.wte.weight.detach().clone()
+    for p in model.parameters():
+        p.grad = torch.zeros_like(p)
+    opt.step()  # a zero gradient: only decay could move a weight, and the tables have none
+    assert torch.equal(model.transformer.wte.weight, wte)
+
+
 def test_the_state_dict_restores_the_same_next_step():
     """What the Trainer's checkpoint relies on: state_dict -> load_state_dict -> the same update."""
     def steps(model, opt, n):

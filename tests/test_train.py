@@ -102,8 +102,9 @@ def test_golden_loss_of_the_tiny_preset(tiny_dataset, tmp_path):
 # measured with torch 2.13.0 (CPU); update only for an intended change. Before #13 (tiny 4x128, AdamW, cosine):
 # (5.5692, 4.5405); tiny 4x256 with Muon and wsd: (5.5638, 3.8368); with the LM head's own weight (untied; the
 # first loss moves because the head starts from its own random init): (5.5169, 3.7818); with the embedding tables
-# at 8x the rate
-GOLDEN = (5.5169, 3.5963)
+# at 8x the rate (5.5169, 3.5963); with AdamW's betas (0.7, 0.99) beside Muon (5.5169, 3.5118); and no decay on
+# the tables and the head there
+GOLDEN = (5.5169, 3.5105)
 
 
 @pytest.mark.slow
@@ -204,6 +205,57 @@ def test_training_records_the_embedding_scale_and_a_resume_keeps_it_or_refuses_a
     assert json.loads((default / "run_config.json").read_text())["embedding_lr_scale"] == 8.0
 
 
+
+@pytest.mark.slow
+def test_a_resume_keeps_the_runs_adam_betas_or_refuses_others(tiny_dataset, tmp_path, cli):
+    run = train(tiny_cfg(tiny_dataset, tmp_path, max_steps=2, save_every=2, adam_beta2=0.98))
+    rc, _, err = cli("train", "--dataset-path", tiny_dataset, *TINY, "--output-dir", tmp_path, "--resume", run,
+                     "--max-steps", "3", "--adam-beta2", "0.95")
+    assert rc == 2 and "trained with --adam-beta2 0.98" in err and "Traceback" not in err
+    train(tiny_cfg(tiny_dataset, tmp_path, max_steps=3, save_every=3, resume=str(run)))  # left out: the run's own
+    record = json.loads((run / "run_config.json").read_text())
+    assert (record["adam_beta1"], record["adam_beta2"]) == (0.7, 0.98) and record["status"] == "finished"
+    state = torch.load(run / "checkpoints" / "checkpoint-3" / "optimizer.pt", weights_only=True)
+    assert all(tuple(g["betas"]) == (0.7, 0.98) for g in state["param_groups"] if not g.get("use_muon"))
+    # a run recorded before the options existed trained with (0.9, 0.95): a resume keeps them
+    old = json.loads((run / "run_config.json").read_text())
+    del old["adam_beta1"], old["adam_beta2"]
+    from gpt2_dutch.train.run import _choices_of_resumed_run
+
+    del old["adamw_weight_decay"]
+    resumed = _choices_of_resumed_run(tiny_cfg(tiny_dataset, tmp_path, max_steps=4), old)
+    assert (resumed.adam_beta1, resumed.adam_beta2, resumed.adamw_weight_decay) == (0.9, 0.95, 0.1)
+
+
+@pytest.mark.slow
+def test_a_resume_keeps_the_runs_adamw_weight_decay_or_refuses_another(tiny_dataset, tmp_path, cli):
+    run = train(tiny_cfg(tiny_dataset, tmp_path, max_steps=2, save_every=2, adamw_weight_decay=0.05))
+    rc, _, err = cli("train", "--dataset-path", tiny_dataset, *TINY, "--output-dir", tmp_path, "--resume", run,
+                     "--max-steps", "3", "--adamw-weight-decay", "0")
+    assert rc == 2 and "trained with --adamw-weight-decay 0.05" in err and "Traceback" not in err
+    train(tiny_cfg(tiny_dataset, tmp_path, max_steps=3, save_every=3, resume=str(run)))
+    assert json.loads((run / "run_config.json").read_text())["adamw_weight_decay"] == 0.05
+    state = torch.load(run / "checkpoints" / "checkpoint-3" / "optimizer.pt", weights_only=True)
+    assert state["param_groups"][0]["weight_decay"] == 0.05  # the head's group
+
+
+@pytest.mark.parametrize(("optimizer", "betas"), [("muon", (0.7, 0.99)), ("adamw", (0.9, 0.95))])
+def test_adams_betas_default_by_optimizer_and_reach_the_optimizer(optimizer, betas, tiny_dataset, tmp_path):
+    run = train(tiny_cfg(tiny_dataset, tmp_path, max_steps=1, save_every=1, optimizer=optimizer))
+    record = json.loads((run / "run_config.json").read_text())
+    assert (record["adam_beta1"], record["adam_beta2"]) == betas
+    state = torch.load(run / "checkpoints" / "checkpoint-1" / "optimizer.pt", weights_only=True)
+    adamw_groups = [g for g in state["param_groups"] if not g.get("use_muon")]
+    assert adamw_groups and all(tuple(g["betas"]) == betas for g in adamw_groups)
+    # beside Muon the tables and the head (AdamW's matrices) decay by --adamw-weight-decay, 0; with adamw by 0.1
+    matrices = adamw_groups[0]["weight_decay"], adamw_groups[-1]["weight_decay"]  # head, then the tables' group
+    assert matrices == ((0.0, 0.0) if optimizer == "muon" else (0.1, 0.1))
+    assert record["adamw_weight_decay"] == (0.0 if optimizer == "muon" else None)
+    explicit = train(tiny_cfg(tiny_dataset, tmp_path / "e", max_steps=1, optimizer=optimizer, adam_beta1=0.5))
+    record = json.loads((explicit / "run_config.json").read_text())
+    assert (record["adam_beta1"], record["adam_beta2"]) == (0.5, betas[1])  # an explicit flag wins alone
+
+
 def _train_cmd(dataset: Path, out: Path, *extra: str) -> list[str]:
     return [sys.executable, "-m", "gpt2_dutch", "train", "--dataset-path", str(dataset), *TINY,
             "--output-dir", str(out), "--max-steps", "16", "--save-every", "4", "--eval-every", "8",
@@ -273,6 +325,14 @@ BAD_INPUTS = [  # "{tmp}" is the test's tmp_path, "{data}" the tiny dataset
     pytest.param(["--dataset-path", "{data}", "--optimizer", "foo"], "invalid choice: 'foo'", id="optimizer-foo"),
     pytest.param(["--dataset-path", "{data}", "--embedding-lr-scale", "0"],
                  "--embedding-lr-scale must be greater than 0", id="embedding-lr-scale-zero"),
+    pytest.param(["--dataset-path", "{data}", "--optimizer", "adamw", "--adamw-weight-decay", "0.1"],
+                 "--adamw-weight-decay is for --optimizer muon", id="adamw-weight-decay-with-adamw"),
+    pytest.param(["--dataset-path", "{data}", "--adamw-weight-decay", "-1"], "--adamw-weight-decay must be at least 0",
+                 id="adamw-weight-decay-negative"),
+    pytest.param(["--dataset-path", "{data}", "--adam-beta2", "1"], "--adam-beta2 must be less than 1",
+                 id="adam-beta2-one"),
+    pytest.param(["--dataset-path", "{data}", "--adam-beta1", "-0.1"], "--adam-beta1 must be at least 0",
+                 id="adam-beta1-negative"),
     # trackio is not a dependency: a clear message, never a crash mid-run
     pytest.param(["--dataset-path", "{data}", "--report-to", "trackio"], "trackio is not installed",
                  id="trackio-not-installed", marks=pytest.mark.skipif(importlib.util.find_spec("trackio") is not None,

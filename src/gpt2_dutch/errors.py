@@ -43,8 +43,9 @@ def check(condition: bool, message: str) -> None:
 
 
 def check_number(value: float | None, flag: str, *, minimum: float | None = None, maximum: float | None = None,
-                 exclusive_minimum: bool = False) -> None:
-    """A finite number within [minimum, maximum] (or (minimum, ...] with exclusive_minimum); None passes.
+                 exclusive_minimum: bool = False, exclusive_maximum: bool = False) -> None:
+    """A finite number within [minimum, maximum] (either end open with exclusive_minimum/exclusive_maximum); None
+    passes.
 
     argparse accepts `inf` and `nan` for float flags; both are refused here with one line.
     """
@@ -57,7 +58,10 @@ def check_number(value: float | None, flag: str, *, minimum: float | None = None
         else:
             check(value >= minimum, f"{flag} must be at least {minimum:g} (got {value:g})")
     if maximum is not None:
-        check(value <= maximum, f"{flag} must be at most {maximum:g} (got {value:g})")
+        if exclusive_maximum:
+            check(value < maximum, f"{flag} must be less than {maximum:g} (got {value:g})")
+        else:
+            check(value <= maximum, f"{flag} must be at most {maximum:g} (got {value:g})")
 
 
 def check_seed(seed: int | None, flag: str = "--seed") -> None:

@@ -94,10 +94,12 @@ def orthogonal_update(momentum: torch.Tensor, conv1d: bool, blocks: int) -> torc
 
 def param_groups(model: torch.nn.Module, lr: float, weight_decay: float, muon_lr: float = MUON_LR,
                  betas: tuple[float, float] = (0.9, 0.95), eps: float = 1e-8,
-                 decay_names: Iterable[str] | None = None) -> list[dict[str, Any]]:
+                 decay_names: Iterable[str] | None = None,
+                 adamw_weight_decay: float | None = None) -> list[dict[str, Any]]:
     """MuonAdamW's param groups for a GPT-2 model: the weights of the blocks' Conv1D/Linear layers (c_attn as Q,
-    K and V; cross-attention's c_attn as K and V) to Muon, every other parameter to AdamW at `lr`, with weight
-    decay on the names in `decay_names` (the Trainer's choice: not biases or LayerNorms; default: >= 2-D).
+    K and V; cross-attention's c_attn as K and V) to Muon with `weight_decay`, every other parameter to AdamW at
+    `lr`, with weight decay `adamw_weight_decay` (default: `weight_decay`) on the names in `decay_names` (the
+    Trainer's choice: not biases or LayerNorms; default: >= 2-D): the embedding tables and the LM head.
 
     The AdamW group with decay comes first: the Trainer logs the first group's lr as the run's lr."""
     from transformers.models.gpt2.modeling_gpt2 import GPT2Attention
@@ -117,7 +119,8 @@ def param_groups(model: torch.nn.Module, lr: float, weight_decay: float, muon_lr
     named = [(n, p) for n, p in model.named_parameters() if p.requires_grad and id(p) not in in_muon]
     decay = set(decay_names) if decay_names is not None else {n for n, p in named if p.ndim >= 2}
     adamw = {"use_muon": False, "lr": lr, "betas": betas, "eps": eps}
-    groups = [{**adamw, "params": [p for n, p in named if n in decay], "weight_decay": weight_decay},
+    adamw_decay = weight_decay if adamw_weight_decay is None else adamw_weight_decay
+    groups = [{**adamw, "params": [p for n, p in named if n in decay], "weight_decay": adamw_decay},
               {**adamw, "params": [p for n, p in named if n not in decay], "weight_decay": 0.0}]
     for (conv1d, blocks), params in sorted(muon.items()):
         groups.append({"use_muon": True, "params": params, "lr": muon_lr, "momentum": MUON_MOMENTUM,

@@ -26,7 +26,7 @@ from ..files import replace_dir, temp_name, write_json_atomic
 from ..model import MODEL_PRESETS, flops_per_token, gpt2_config, matmul_params, preset
 from ..model_card import describe_hardware, write_card
 from ..push import check_ready_to_push, push_after_training
-from .config import EMBEDDING_LR_SCALE, TrainConfig
+from .config import ADAM_BETAS, EMBEDDING_LR_SCALE, MUON_ADAMW_WEIGHT_DECAY, TrainConfig
 from .muon import MUON_LR, resolve_optimizer
 from .runs import (
     FINISHED,
@@ -211,6 +211,24 @@ def _choices_of_resumed_run(cfg: TrainConfig, saved: dict[str, Any]) -> TrainCon
     elif cfg.embedding_lr_scale != recorded_scale:
         raise UsageError(f"cannot resume: the run was trained with --embedding-lr-scale {recorded_scale:g} (pass "
                          "that, or leave the flag out)")
+    # optimizer.pt's param groups carry the betas the run trained with, and loading it restores them: another
+    # value would be silently ignored. Runs from before the options had torch's (0.9, 0.95)
+    for name, old_default in (("adam_beta1", 0.9), ("adam_beta2", 0.95)):
+        recorded = saved[name] if saved.get(name) is not None else old_default
+        if getattr(cfg, name) is None:
+            changes[name] = recorded
+        elif getattr(cfg, name) != recorded:
+            raise UsageError(f"cannot resume: the run was trained with --{name.replace('_', '-')} {recorded:g} "
+                             "(pass that, or leave the flag out)")
+    # the same for the decay of AdamW's matrices beside Muon: runs from before the option decayed them by
+    # --weight-decay (adamw runs record none: --weight-decay is all there is)
+    if resolve_optimizer(saved.get("optimizer", "adamw"), bool(saved.get("fsdp")))[0] == "muon":
+        recorded = saved.get("adamw_weight_decay", saved.get("weight_decay", 0.1))
+        if cfg.adamw_weight_decay is None:
+            changes["adamw_weight_decay"] = recorded
+        elif cfg.adamw_weight_decay != recorded:
+            raise UsageError(f"cannot resume: the run was trained with --adamw-weight-decay {recorded:g} (pass "
+                             "that, or leave the flag out)")
     if cfg.batch_size is None:
         changes["batch_size"] = saved["batch_size"]
         changes["gradient_accumulation_steps"] = saved["gradient_accumulation_steps"]
@@ -390,6 +408,12 @@ def _run(cfg: TrainConfig, manifest: dict[str, Any]) -> Path:
         cfg, budget_choices = _choose_for_budget(cfg, vocab_size, context, tokenizer.eos_token_id, precision)
         if cfg.embedding_lr_scale is None:
             cfg = replace(cfg, embedding_lr_scale=EMBEDDING_LR_SCALE)
+        kind = resolve_optimizer(cfg.optimizer, cfg.fsdp)[0]
+        beta1, beta2 = ADAM_BETAS[kind]
+        cfg = replace(cfg, adam_beta1=beta1 if cfg.adam_beta1 is None else cfg.adam_beta1,
+                      adam_beta2=beta2 if cfg.adam_beta2 is None else cfg.adam_beta2)
+        if kind == "muon" and cfg.adamw_weight_decay is None:
+            cfg = replace(cfg, adamw_weight_decay=MUON_ADAMW_WEIGHT_DECAY)
     tokens_per_step = cfg.batch_size * cfg.gradient_accumulation_steps * world_size() * context
     total_steps, limit = plan_steps(cfg, len(train_ds), tokens_per_step)
 
@@ -478,6 +502,7 @@ def _run(cfg: TrainConfig, manifest: dict[str, Any]) -> Path:
         schedule=schedule, keep_checkpoints=cfg.keep_checkpoints, tokens_per_step=tokens_per_step,
         bytes_per_token=_bytes_per_token(manifest), health=health, optimizer_kind=optimizer,
         loss_chunk_tokens=cfg.loss_chunk_tokens, eval_chunks=eval_chunks, embedding_lr_scale=cfg.embedding_lr_scale,
+        adamw_weight_decay=cfg.adamw_weight_decay,
     )
     fitting = next((c for c in trainer.callback_handler.callbacks if isinstance(c, MaxTimeCallback)), None)
     if fitting is not None and cfg.eval_chunks is None:

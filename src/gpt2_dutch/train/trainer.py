@@ -46,8 +46,8 @@ def build_training_arguments(cfg: TrainConfig, run_dir: Path, precision: str, lr
         gradient_accumulation_steps=cfg.gradient_accumulation_steps,
         learning_rate=lr,
         weight_decay=cfg.weight_decay,  # the Trainer exempts biases and LayerNorm weights: matrices only
-        adam_beta1=0.9,
-        adam_beta2=0.95,
+        adam_beta1=cfg.adam_beta1 if cfg.adam_beta1 is not None else 0.9,  # run.py fills them in (ADAM_BETAS)
+        adam_beta2=cfg.adam_beta2 if cfg.adam_beta2 is not None else 0.95,
         max_grad_norm=1.0,
         max_steps=total_steps,
         logging_steps=log_every,
@@ -248,9 +248,11 @@ class GPT2Trainer(Trainer):
     def __init__(self, *args: Any, schedule: WarmupCosine, keep_checkpoints: int, tokens_per_step: int,
                  bytes_per_token: float, health: StepHealth | None = None, optimizer_kind: str = "adamw",
                  loss_chunk_tokens: int = 0, eval_chunks: int = 0, embedding_lr_scale: float = 1.0,
+                 adamw_weight_decay: float | None = None,
                  **kwargs: Any):
         super().__init__(*args, **kwargs)
         self.embedding_lr_scale = embedding_lr_scale  # the embedding tables' lr / the other AdamW params' lr
+        self.adamw_weight_decay = adamw_weight_decay  # Muon only: the decay of AdamW's matrices (None: args')
         self.eval_chunks = eval_chunks  # test chunks per evaluation (0: all); a --max-time fit may change it
         self.loss_chunk_tokens = loss_chunk_tokens  # 0: the model's own loss over full logits (see compute_loss)
         self.schedule, self.keep_checkpoints = schedule, keep_checkpoints
@@ -268,7 +270,7 @@ class GPT2Trainer(Trainer):
             self.optimizer = MuonAdamW(param_groups(
                 opt_model, self.args.learning_rate, self.args.weight_decay,
                 betas=(self.args.adam_beta1, self.args.adam_beta2), eps=self.args.adam_epsilon,
-                decay_names=self.get_decay_parameter_names(opt_model)))
+                decay_names=self.get_decay_parameter_names(opt_model), adamw_weight_decay=self.adamw_weight_decay))
         optimizer = super().create_optimizer(model)
         if not getattr(optimizer, "_gpt2_dutch_embedding_lr", False):  # once, before any step
             if (not scale_embedding_lr(optimizer, self.model if model is None else model, self.embedding_lr_scale)
