@@ -206,37 +206,32 @@ def test_training_records_the_embedding_scale_and_a_resume_keeps_it_or_refuses_a
 
 
 
+# the optimizer's state (optimizer.pt's param groups) carries these, and loading it restores them
 @pytest.mark.slow
-def test_a_resume_keeps_the_runs_adam_betas_or_refuses_others(tiny_dataset, tmp_path, cli):
-    run = train(tiny_cfg(tiny_dataset, tmp_path, max_steps=2, save_every=2, adam_beta2=0.98))
+@pytest.mark.parametrize(("field", "value", "other"), [("adam_beta2", 0.98, "0.95"), ("adamw_weight_decay", 0.05, "0")])
+def test_a_resume_keeps_the_runs_adamw_setting_or_refuses_another(field, value, other, tiny_dataset, tmp_path, cli):
+    run = train(tiny_cfg(tiny_dataset, tmp_path, max_steps=2, save_every=2, **{field: value}))
+    flag = "--" + field.replace("_", "-")
     rc, _, err = cli("train", "--dataset-path", tiny_dataset, *TINY, "--output-dir", tmp_path, "--resume", run,
-                     "--max-steps", "3", "--adam-beta2", "0.95")
-    assert rc == 2 and "trained with --adam-beta2 0.98" in err and "Traceback" not in err
+                     "--max-steps", "3", flag, other)
+    assert rc == 2 and f"trained with {flag} {value:g}" in err and "Traceback" not in err
     train(tiny_cfg(tiny_dataset, tmp_path, max_steps=3, save_every=3, resume=str(run)))  # left out: the run's own
     record = json.loads((run / "run_config.json").read_text())
-    assert (record["adam_beta1"], record["adam_beta2"]) == (0.7, 0.98) and record["status"] == "finished"
+    assert record[field] == value and record["status"] == "finished"
     state = torch.load(run / "checkpoints" / "checkpoint-3" / "optimizer.pt", weights_only=True)
-    assert all(tuple(g["betas"]) == (0.7, 0.98) for g in state["param_groups"] if not g.get("use_muon"))
-    # a run recorded before the options existed trained with (0.9, 0.95): a resume keeps them
-    old = json.loads((run / "run_config.json").read_text())
-    del old["adam_beta1"], old["adam_beta2"]
+    head = state["param_groups"][0]  # AdamW's group with the LM head
+    assert (head["betas"][1] if field == "adam_beta2" else head["weight_decay"]) == pytest.approx(value)
+
+
+@pytest.mark.parametrize("optimizer", ["muon", "adamw"])
+def test_a_run_recorded_before_the_adamw_options_resumes_as_it_trained(optimizer, tiny_dataset, tmp_path):
+    """Runs from before --adam-beta1/2 and --adamw-weight-decay trained with (0.9, 0.95) and --weight-decay."""
     from gpt2_dutch.train.run import _choices_of_resumed_run
 
-    del old["adamw_weight_decay"]
-    resumed = _choices_of_resumed_run(tiny_cfg(tiny_dataset, tmp_path, max_steps=4), old)
-    assert (resumed.adam_beta1, resumed.adam_beta2, resumed.adamw_weight_decay) == (0.9, 0.95, 0.1)
-
-
-@pytest.mark.slow
-def test_a_resume_keeps_the_runs_adamw_weight_decay_or_refuses_another(tiny_dataset, tmp_path, cli):
-    run = train(tiny_cfg(tiny_dataset, tmp_path, max_steps=2, save_every=2, adamw_weight_decay=0.05))
-    rc, _, err = cli("train", "--dataset-path", tiny_dataset, *TINY, "--output-dir", tmp_path, "--resume", run,
-                     "--max-steps", "3", "--adamw-weight-decay", "0")
-    assert rc == 2 and "trained with --adamw-weight-decay 0.05" in err and "Traceback" not in err
-    train(tiny_cfg(tiny_dataset, tmp_path, max_steps=3, save_every=3, resume=str(run)))
-    assert json.loads((run / "run_config.json").read_text())["adamw_weight_decay"] == 0.05
-    state = torch.load(run / "checkpoints" / "checkpoint-3" / "optimizer.pt", weights_only=True)
-    assert state["param_groups"][0]["weight_decay"] == 0.05  # the head's group
+    old = {"optimizer": optimizer, "weight_decay": 0.02}
+    resumed = _choices_of_resumed_run(tiny_cfg(tiny_dataset, tmp_path, max_steps=4, optimizer=optimizer), old)
+    assert (resumed.adam_beta1, resumed.adam_beta2) == (0.9, 0.95)
+    assert resumed.adamw_weight_decay == (0.02 if optimizer == "muon" else None)
 
 
 @pytest.mark.parametrize(("optimizer", "betas"), [("muon", (0.7, 0.99)), ("adamw", (0.9, 0.95))])
