@@ -1,8 +1,9 @@
 """`--optimizer muon`: Muon for GPT-2's hidden weight matrices, AdamW for everything else, as one optimizer.
 
 Muon (Keller Jordan, https://kellerjordan.github.io/posts/muon/) replaces each hidden matrix's update by its
-momentum made orthogonal (all singular values ~1) with a Newton-Schulz iteration. Embeddings, the LM head (tied
-to the token embedding here), LayerNorms and biases stay with AdamW, at the preset's --learning-rate.
+momentum made orthogonal (all singular values ~1) with a Newton-Schulz iteration. Embeddings, the LM head (its own
+weight, or the tied token embedding), LayerNorms and biases stay with AdamW at --learning-rate, with the betas
+and the decay of its matrices that train.config chooses beside Muon (ADAM_BETAS, MUON_ADAMW_WEIGHT_DECAY).
 
 Why one optimizer class of ours and not torch.optim.Muon (PyTorch >= 2.9) beside a torch.optim.AdamW:
 - GPT-2's hidden matrices are transformers' `Conv1D`, whose weight is stored in x out, the transpose of
