@@ -221,8 +221,10 @@ def _choices_of_resumed_run(cfg: TrainConfig, saved: dict[str, Any]) -> TrainCon
             raise UsageError(f"cannot resume: the run was trained with --{name.replace('_', '-')} {recorded:g} "
                              "(pass that, or leave the flag out)")
     # the same for the decay of AdamW's matrices beside Muon: runs from before the option decayed them by
-    # --weight-decay (adamw runs record none: --weight-decay is all there is)
-    if resolve_optimizer(saved.get("optimizer", "adamw"), bool(saved.get("fsdp")))[0] == "muon":
+    # --weight-decay (adamw runs record none: --weight-decay is all there is; asking to resume a Muon run with
+    # adamw is refused by _check_resumable, with its own message)
+    if all(resolve_optimizer(kind, fsdp)[0] == "muon" for kind, fsdp in (
+            (saved.get("optimizer", "adamw"), bool(saved.get("fsdp"))), (cfg.optimizer, cfg.fsdp))):
         recorded = saved.get("adamw_weight_decay", saved.get("weight_decay", 0.1))
         if cfg.adamw_weight_decay is None:
             changes["adamw_weight_decay"] = recorded
