@@ -46,8 +46,8 @@ def build_training_arguments(cfg: TrainConfig, run_dir: Path, precision: str, lr
         gradient_accumulation_steps=cfg.gradient_accumulation_steps,
         learning_rate=lr,
         weight_decay=cfg.weight_decay,  # the Trainer exempts biases and LayerNorm weights: matrices only
-        adam_beta1=cfg.adam_beta1 if cfg.adam_beta1 is not None else 0.9,  # run.py fills them in (ADAM_BETAS)
-        adam_beta2=cfg.adam_beta2 if cfg.adam_beta2 is not None else 0.95,
+        adam_beta1=cfg.adam_beta1,  # filled in by run.py: ADAM_BETAS for a new run, a resumed run's own
+        adam_beta2=cfg.adam_beta2,
         max_grad_norm=1.0,
         max_steps=total_steps,
         logging_steps=log_every,
