@@ -1,6 +1,6 @@
-"""CPU inference kernels that beat PyTorch's defaults for GPT-2 decoding, each checked against the plain path.
+"""CPU inference kernels for GPT-2 decoding, each checked against PyTorch's plain path before it is used.
 
-`load_model` applies them on CPU only; training never sees them.
+`model_loading.load_model` applies them on CPU only (generate, evaluate, serve, bench); training never sees them.
 """
 
 from __future__ import annotations
@@ -17,9 +17,8 @@ def cpu_decode_attention(module: Any, query: torch.Tensor, key: torch.Tensor, va
                          **kwargs: Any) -> tuple[torch.Tensor, None]:
     """SDPA for the prompt, plain matmul + softmax for the one-token decoding steps on CPU.
 
-    Why: PyTorch's CPU flash-attention kernel costs ~0.6 ms per layer per step for a single query, more than the
-    attention maths itself; the plain path made batch-16 decoding of small 10% faster (343 vs 311 tokens/s,
-    bf16, 2 cores, median of 4 alternating runs) and batch 1 no slower. The mask is SDPA's boolean one.
+    Why: for a single query PyTorch's CPU flash-attention kernel costs more than the attention maths itself
+    (measured: docs/experiments/throughput.md). The mask is SDPA's boolean one.
     """
     from transformers.integrations.sdpa_attention import sdpa_attention_forward
 
@@ -45,11 +44,14 @@ def _use_cpu_decode_attention(model: Any) -> None:
 class PackedLinear(torch.nn.Module):
     """An inference-only linear layer whose bf16 weight is prepacked once into oneDNN's blocked layout.
 
-    Why: for the one-row matmuls of batch-1 decoding, PyTorch's bf16 addmm re-lays-out the weight on every call
-    and streams GPT-2's 768x3072 weights at 15.6 GB/s on the 2-core dev CPU; the prepacked kernel (the one
-    torch.compile's weight freezing uses) reaches 23.6 GB/s, and 0.28 vs 0.47 ms at 16 rows, with bit-identical
-    results (measured on 24 distinct weights, out of cache). The packed weight is not a parameter: a model
-    with packed layers is for generation and evaluation, not for training or saving.
+    Why: for the few-row matmuls of decoding, PyTorch's bf16 addmm re-lays-out the weight on every call; the
+    prepacked kernel (the one torch.compile's weight freezing uses) streams the weights faster with bit-identical
+    results (measured: docs/experiments/throughput.md). The packed weight is not a parameter: a model with
+    packed layers is for generation and evaluation, not for training or saving.
+
+    The oneDNN ops are private (`torch.ops.mkldnn._*`): PyTorch has no public prepacked linear outside
+    torch.compile. An upstream change makes `pack_cpu_linears` keep the plain model, and fails
+    tests/test_generate_evaluate.py::test_cpu_bf16_packs_every_linear_layer_with_the_same_logits.
     """
 
     def __init__(self, weight: torch.Tensor, bias: torch.Tensor | None, counted: bool = True):
@@ -87,7 +89,7 @@ def pack_cpu_linears(model: Any) -> int:
                 continue
             # A private generator: loading a model must not move the global RNG that --seed sets.
             x = torch.randn(3, weight.shape[1], generator=torch.Generator().manual_seed(0)).bfloat16()
-            try:  # private PyTorch ops (what inductor uses): a version that changed them keeps the plain model
+            try:  # private PyTorch ops (see PackedLinear): a version that changed them keeps the plain model
                 packed = PackedLinear(weight, bias, counted=weight.data_ptr() != embedding)
                 with torch.no_grad():
                     same = torch.allclose(packed(x).float(), child(x).float(), rtol=1e-2, atol=1e-2)

@@ -1,7 +1,8 @@
 """Decode speed of a loaded model: tokens/s at batch 1 and a larger batch, time to first token, per-token latency.
 
-A product feature (`gpt2-dutch generate --benchmark`) that `gpt2-dutch bench` also uses to compare against plain
-`model.generate`.
+    gpt2-dutch generate --model-path M --benchmark --benchmark-batch 16
+
+`gpt2-dutch bench` (bench/generate_speed.py) uses the same measurement to compare against plain `model.generate`.
 """
 
 from __future__ import annotations

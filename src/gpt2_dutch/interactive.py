@@ -1,5 +1,7 @@
 """The `generate --interactive` REPL: prompts in, streamed Dutch text out, settings changed with /commands.
 
+    gpt2-dutch generate --model-path M --interactive
+
 On a terminal it has line editing and history (readline); Ctrl-C stops the current generation and returns to
 the prompt; Ctrl-D exits. With piped stdin it reads one prompt or command per line and exits 0 at end of input.
 A line that is not UTF-8 is skipped with one line on stderr; so are a truncated prompt and a capped budget

@@ -1,4 +1,6 @@
-"""GPT-2 model presets: GPT-2's own shapes plus `tiny`, `nano` and `pico`, which train on a laptop CPU in minutes."""
+"""GPT-2 model presets (GPT-2's own shapes plus `tiny`, `nano` and `pico`, which train on a laptop CPU in minutes),
+the GPT2Config built from one, and the one FLOP-per-token count that budgets and benchmarks use.
+"""
 
 from __future__ import annotations
 
@@ -18,15 +20,14 @@ class ModelPreset:
 
 MODEL_PRESETS: dict[str, ModelPreset] = {
     # pico: the smallest, what --model-size auto picks for minute-scale budgets. With a 32k vocabulary such a run
-    # sees well under one token per parameter and learns mostly which token follows which: on one CPU core in
-    # 150 s (seed 42, bits per byte) 2x64 reached 1.926, 1x64 1.930, 1x128 1.930, 2x128 1.951, 4x64 1.951,
-    # 4x128 (nano) 1.984, 4x256 (tiny) 2.094, and 2x32 2.012
+    # sees well under one token per parameter and learns mostly which token follows which; 2x64 did best of the
+    # shapes tried at a 150 s budget (measured: docs/experiments/quality-rounds.md)
     "pico": ModelPreset(n_layer=2, n_embd=64, n_head=2, learning_rate=2e-3),
     # nano: for tests and a first try of the pipeline (tiny's shape until the quality work of #13)
     "nano": ModelPreset(n_layer=4, n_embd=128, n_head=4, learning_rate=2e-3),
     # tiny: 4x256 (the textbook small-GPT shape). With a 32k vocabulary most of a small model's FLOPs are in the
-    # LM head either way, so twice the width costs ~1.6x per token; with Muon it learned more per step than 4x128
-    # at the same few-minute budget (see the README's quality ablation)
+    # LM head either way, so twice the width costs less than twice per token; with Muon it learned more than 4x128
+    # at the same few-minute budget (measured: docs/experiments/quality-rounds.md)
     "tiny": ModelPreset(n_layer=4, n_embd=256, n_head=4, learning_rate=2e-3),
     "small": ModelPreset(n_layer=12, n_embd=768, n_head=12, learning_rate=6e-4),
     "medium": ModelPreset(n_layer=24, n_embd=1024, n_head=16, learning_rate=3e-4),
@@ -57,8 +58,7 @@ def gpt2_config(size: str, vocab_size: int, context: int, eos_token_id: int,
         resid_pdrop=0.0, embd_pdrop=0.0, attn_pdrop=0.0, bos_token_id=eos_token_id, eos_token_id=eos_token_id,
         tie_word_embeddings=tie_embeddings,
         # GPT-2's own GELU (the tanh approximation), as one fused op instead of gelu_new's seven elementwise ones:
-        # the same function (first loss equal to 1e-5). Measured for small on 2 CPU cores: a bf16 Trainer step
-        # took 6.4 instead of 6.8 s (median of 2x5 steps, alternating) and decoding got ~5% faster.
+        # the same function, faster in training and decoding (measured: docs/experiments/throughput.md).
         activation_function=FAST_GELU,
     )
 

@@ -5,11 +5,10 @@ its own (its key/value states computed once), then its rows are merged into the 
 stopped or abandoned sequences leave the batch before the next step, so their slots are free at once.
 
 Why our own scheduler rather than transformers' continuous batching (`init_continuous_batching`,
-`generate_batch`, the engine of `transformers serve`): on this CPU (1 core, GPT-2 small, fp32, 32-token prompts,
-32 new tokens, transformers 5.24) `generate_batch` made 1.9 tokens/s for one prompt and 34.5 for 16, against
-26.6 and 106 for plain `model.generate` (its paged-attention path is built for GPUs); and it samples with one
+`generate_batch`, the engine of `transformers serve`): on CPU it was far slower than plain `model.generate`
+(its paged-attention path is built for GPUs; measured: docs/experiments/serve-speed.md), and it samples with one
 `do_sample` and one seed for the whole batch, where each request here has its own temperature (0: greedy),
-top-k, top-p and seed.
+top-k, top-p and seed. Run by `gpt2-dutch serve` (serve/app.py).
 
 The batch's cache is transformers' DynamicCache with the rows aligned on the right: every row's newest token is
 the last column, shorter rows are padded on the left and masked out, each row keeps its own position ids.
@@ -358,8 +357,8 @@ def sample(logits: torch.Tensor, settings: list[Sampling], generators: list[torc
         remove = cumulative <= (1 - ps)[:, None]
         remove[:, -1] = False  # always keep the most likely token
         x = x.masked_fill(remove.scatter(1, order, remove), float("-inf"))
-    # Inverse-CDF sampling: one uniform number per row from the row's own generator. torch.multinomial took
-    # 1.5 ms per row on a 32k vocabulary (a quarter of a batch-16 step of GPT-2 small on one core).
+    # Inverse-CDF sampling: one uniform number per row from the row's own generator; torch.multinomial per row
+    # was a large share of a decoding step (measured: docs/experiments/serve-speed.md).
     cdf = x.softmax(dim=-1).cumsum(dim=-1)
     # the generators live on the CPU (cheap to seed, the same draws on any device)
     u = torch.tensor([float(torch.rand((), generator=generators[i])) for i in sampled], dtype=cdf.dtype,
