@@ -25,7 +25,7 @@ def test_bench_quality_quick_writes_both_figures_and_their_ratio(cli, tmp_path, 
     monkeypatch.chdir(tmp_path)
     ablation = tmp_path / "higher-lr.yaml"
     ablation.write_text("learning_rate: 3e-3\n")
-    rc, out, err = cli("bench", "quality", "--quick", "--budget", "3s", "--ours-config", ablation,
+    rc, out, err = cli("bench", "quality", "--quick", "--max-time", "3s", "--ours-config", ablation,
                        "--ablation", "defaults", "--output-dir", "res")
     assert rc == 0, err
     r = json.loads((tmp_path / "res" / "bench.json").read_text())
@@ -77,8 +77,8 @@ def test_heldout_documents_are_whole_seeded_and_never_trained_on():
 
 
 @pytest.mark.parametrize(("args", "message"), [
-    (["--budget", "soon"], "--budget 'soon' is not a positive duration like 4m, 90s or 1h"),
-    (["--budget", "0s"], "--budget '0s' is not a positive duration"),
+    (["--max-time", "soon"], "--max-time 'soon' is not a positive duration like 90s, 30m or 2h"),
+    (["--max-time", "0s"], "--max-time '0s' is not a positive duration"),
     (["--seeds", "0"], "--seeds must be between 1 and 100 (got 0)"),
     (["--ours-config", "missing.yaml"], "--ours-config missing.yaml not found"),
     (["--ours-config", "{unknown}"], "unknown setting 'learning_rat' (did you mean learning_rate?)"),

@@ -52,6 +52,7 @@ RENAMED = [
     ("evaluate", "--dtype", "--precision", "bf16"),
     ("evaluate", "--max-chunks", "--eval-chunks", "5"),
     ("preprocess", "--num-proc", "--threads", "3"),
+    ("bench", "--budget", "--max-time", "90s"),
 ]
 
 

@@ -23,6 +23,7 @@ import argparse
 import dataclasses
 import difflib
 import json
+import re
 import sys
 import types
 import typing
@@ -32,6 +33,15 @@ from typing import Any
 from .errors import UsageError
 
 REMOVAL = "it will be removed in the next release"
+
+
+def parse_duration(text: str, flag: str = "--max-time") -> float:
+    """'90s', '30m', '2h', '300' (seconds) -> seconds; one line naming `flag` for anything else. The one parser
+    of a wall-clock budget (train's and bench's --max-time)."""
+    m = re.fullmatch(r"\s*(\d+(?:\.\d+)?)\s*(s|m|h|)\s*", text)
+    if m is None or float(m.group(1)) <= 0:
+        raise UsageError(f"{flag} '{text}' is not a positive duration like 90s, 30m or 2h")
+    return float(m.group(1)) * {"": 1, "s": 1, "m": 60, "h": 3600}[m.group(2)]
 
 
 def option(default: Any = None, help: str = "", *, aliases: typing.Sequence[str] = (), deprecated: str = "",

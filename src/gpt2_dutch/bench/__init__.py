@@ -12,7 +12,7 @@ Each of our results is measured next to its baseline (gpt2_dutch/bench/baselines
 run_clm-style fp32 Trainer, plain fp32 `model.generate`) on the same data in the same run and reported as a
 ratio, so the figures hold on a noisy shared machine. Rates are also given as a fraction of the limit that
 bounds them: the bare encoder for preprocessing (ours and the recipe's), the matmul peak of the dtype for
-training (MFU), memory bandwidth for batch-1 decoding. `quality` gives both recipes the same --budget of training
+training (MFU), memory bandwidth for batch-1 decoding. `quality` gives both recipes the same --max-time of training
 time and scores both on the same held-out documents in bits per byte (see gpt2_dutch/bench/quality.py).
 Text: --data-files FILE, else ../shared/data/dutch/train.jsonl.gz when run from a checkout that has it, else the
 built-in sample. Tokenizer: --tokenizer, else a Dutch BPE trained on that text before any timing.
@@ -57,8 +57,8 @@ class BenchConfig:
     part: str = option("all", "what to measure: all, preprocess, train, generate, serve or quality", positional=True,
                        choices=PARTS)
     quick: bool = option(False, "small inputs, the tiny model and few steps: every part in ~20 s (CI); `all` then "
-                         "leaves quality and serve out, and `quality --quick` trains for 3 s per side unless --budget "
-                         "is given")
+                         "leaves quality and serve out, and `quality --quick` trains for 3 s per side unless "
+                         "--max-time is given")
     data_files: list[str] = option([], "benchmark text: one .jsonl(.gz) file with a 'text' field (default: "
                                    f"{REFERENCE_TEXT} when present, else the built-in sample)",
                                    aliases=["--data-file"])
@@ -68,7 +68,8 @@ class BenchConfig:
     json_out: str | None = option(None, "write the JSON results here instead", aliases=["--json"])
     markdown_out: str | None = option(None, "write the markdown table here instead", aliases=["--markdown"])
     plot_out: str | None = option(None, "write the bar chart of the ratios (PNG) here instead", aliases=["--plot"])
-    budget: str | None = option(None, "quality: training time per side, e.g. 4m, 90s (default 4m; 3s with --quick)")
+    max_time: str | None = option(None, "quality: training time per side, e.g. 4m, 90s (default 4m; 3s with --quick)",
+                                  aliases=["--budget"])
     seeds: int = option(1, "quality: train each side with this many seeds (42, 43, ...); figures per seed and means")
     ours_config: str | None = option(None, "quality: a JSON or YAML file of train settings for our side (keys as in "
                                      "`train --config`, e.g. learning_rate: 3e-3), on top of --model-size auto: "
@@ -90,9 +91,10 @@ class BenchConfig:
             check(path.is_file(), f"--data-files {path} not found")
             check(path.name.endswith((".jsonl", ".jsonl.gz", ".json", ".json.gz")), f"--data-files {path}: the "
                   "run_clm baseline reads JSON lines; give a .jsonl or .jsonl.gz file with a 'text' field")
-        from .quality import ablation_variants, ours_overrides, parse_budget  # light: no torch until quality runs
+        from ..config import parse_duration
+        from .quality import ablation_variants, ours_overrides  # light: no torch until quality runs
 
-        self.budget_s = parse_budget(self.budget or ("3s" if self.quick else "4m"))
+        self.budget_s = parse_duration(self.max_time or ("3s" if self.quick else "4m"))
         check(1 <= self.seeds <= 100, f"--seeds must be between 1 and 100 (got {self.seeds})")
         if self.ours_config is not None:
             self.ours_overrides = ours_overrides(self.ours_config)

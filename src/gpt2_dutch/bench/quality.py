@@ -3,7 +3,7 @@ the same time budget on the same text and tokenizer.
 
     gpt2-dutch bench quality                                 # 4 minutes of training per side, seed 42
     gpt2-dutch bench quality --seeds 2                       # seeds 42 and 43: per-seed figures and means
-    gpt2-dutch bench quality --budget 90s --ours-config ablation.yaml   # ours with other TrainConfig settings
+    gpt2-dutch bench quality --max-time 90s --ours-config ablation.yaml   # ours with other TrainConfig settings
     gpt2-dutch bench quality --quick                         # a 3-second budget on the built-in sample (CI)
     gpt2-dutch bench quality --seeds 2 --ablation defaults --ablation wsd.yaml   # more variants of ours beside it
 
@@ -33,7 +33,6 @@ import contextlib
 import gc
 import json
 import random
-import re
 import statistics
 import sys
 from pathlib import Path
@@ -52,14 +51,6 @@ SHOWN_SETTINGS = ("model_size", "optimizer", "schedule", "batch_size", "gradient
                   "learning_rate", "warmup", "weight_decay", "precision", "compile", "tokens_per_step")
 
 
-def parse_budget(text: str) -> float:
-    """'4m', '90s', '1h', '300' (seconds) -> seconds; one line for anything else."""
-    m = re.fullmatch(r"\s*(\d+(?:\.\d+)?)\s*(s|m|h|)\s*", text)
-    check(m is not None and float(m.group(1)) > 0, f"--budget '{text}' is not a positive duration like 4m, 90s or 1h")
-    assert m is not None
-    return float(m.group(1)) * {"": 1, "s": 1, "m": 60, "h": 3600}[m.group(2)]
-
-
 def ours_overrides(path: str, flag: str = "--ours-config") -> dict[str, Any]:
     """The TrainConfig settings in an --ours-config file, checked as `train --config` checks them (unknown keys,
     types, values), before any work starts."""
@@ -71,7 +62,7 @@ def ours_overrides(path: str, flag: str = "--ours-config") -> dict[str, Any]:
     values = config_values(TrainConfig, read_config_file(path), where)
     fixed = [k for k in values if k in SET_BY_BENCH]
     check(not fixed, f"{where}: {', '.join(fixed)} {'is' if len(fixed) == 1 else 'are'} set by the bench (the same "
-          "data, budget and seeds for both sides: use --budget and --seeds); remove it from the file")
+          "data, budget and seeds for both sides: use --max-time and --seeds); remove it from the file")
     TrainConfig(**{**values, "dataset_path": "-"})  # its own checks: a value out of range is one line now
     return values
 
