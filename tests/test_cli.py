@@ -53,6 +53,7 @@ RENAMED = [
     ("evaluate", "--max-chunks", "--eval-chunks", "5"),
     ("preprocess", "--num-proc", "--threads", "3"),
     ("bench", "--budget", "--max-time", "90s"),
+    ("serve", "--max-batch", "--batch-size", "8"),
 ]
 
 

@@ -305,7 +305,7 @@ BAD_REQUESTS = [  # (id, body as raw bytes or a JSON object, the bad field (para
     ("top_p NaN", b'{"prompt": "Hallo", "top_p": NaN}', "top_p", "finite"),
     ("top_k negative", {"prompt": "Hallo", "top_k": -1}, "top_k", "0 (off)"),
     ("n 0", {"prompt": "Hallo", "n": 0}, "n", "at least 1"),
-    ("n beyond the batch", {"prompt": "Hallo", "n": 17}, "n", "--max-batch"),
+    ("n beyond the batch", {"prompt": "Hallo", "n": 17}, "n", "--batch-size"),
     ("seed negative", {"prompt": "Hallo", "seed": -1}, "seed", "between 0"),
     ("seed a string", {"prompt": "Hallo", "seed": "42"}, "seed", "integer"),
     ("stop a number", {"prompt": "Hallo", "stop": 3}, "stop", "string"),
@@ -491,8 +491,8 @@ def test_an_api_key_guards_every_route_but_health(served_run: Path):
 def test_bad_serve_flags_are_one_line(cli, tmp_path: Path, served_run: Path):
     rc, _, err = cli("serve", "--port", "70000")
     assert_one_line_error(rc, err, "--port must be between 0 and 65535")
-    rc, _, err = cli("serve", "--max-batch", "0")
-    assert_one_line_error(rc, err, "--max-batch must be between 1")
+    rc, _, err = cli("serve", "--batch-size", "0")
+    assert_one_line_error(rc, err, "--batch-size must be between 1")
     rc, _, err = cli("serve", "--model-path", str(tmp_path / "missing"), "--port", "0")
     assert_one_line_error(rc, err, "does not exist")
     with socket.socket() as taken:

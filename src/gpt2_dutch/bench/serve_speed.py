@@ -1,5 +1,5 @@
 """Serving: `gpt2-dutch serve` under 1, 4 and 16 concurrent streaming clients, next to the same server answering
-one request at a time (--max-batch 1), and `transformers serve` (plain and --continuous-batching) on the same model.
+one request at a time (--batch-size 1), and `transformers serve` (plain and --continuous-batching) on the same model.
 
 Each server runs as its own process (`python -m gpt2_dutch serve`), the clients are threads of this process
 speaking plain HTTP (http.client) to it on loopback, so what is measured is what a user of the API gets: time to
@@ -76,8 +76,8 @@ def servers(model_dir: Path) -> list[tuple[str, list[str], dict[str, Any]]]:
     # transformers serve: the model by its local path, offline; it refuses fields it does not know (ignore_eos)
     hf = [str(Path(sys.executable).with_name("transformers")), "serve", str(model_dir), "--device", "cpu", "--port"]
     hf_body = {"model": str(model_dir)}
-    return [("ours", [*ours, "{port}", "--max-batch", "32"], {"ignore_eos": True}),
-            ("one_at_a_time", [*ours, "{port}", "--max-batch", "1"], {"ignore_eos": True}),
+    return [("ours", [*ours, "{port}", "--batch-size", "32"], {"ignore_eos": True}),
+            ("one_at_a_time", [*ours, "{port}", "--batch-size", "1"], {"ignore_eos": True}),
             ("transformers_serve", [*hf, "{port}"], hf_body),
             ("transformers_serve_cb", [*hf, "{port}", "--continuous-batching"], hf_body)]
 

@@ -53,7 +53,8 @@ class ServeConfig:
     port: int = option(8000, "port to listen on (0: any free port, printed at start)")
     api_key: str | None = option(None, "require 'Authorization: Bearer KEY' on every route but /health (default: "
                                  f"${API_KEY_ENV} when set; unset: no key)")
-    max_batch: int = option(32, "sequences decoded together in one forward pass (a request takes prompts x n)")
+    batch_size: int = option(32, "sequences decoded together in one forward pass (a request takes prompts x n)",
+                             aliases=["--max-batch"])
     max_queue: int = option(64, "requests that may wait for a slot; past that the answer is 503 with Retry-After")
     model_name: str | None = option(None, "the model's id in the API (default: the run directory's name)")
     device: str = option("auto", "cpu, cuda, cuda:1, ... (auto: cuda if available)")
@@ -63,7 +64,8 @@ class ServeConfig:
     def __post_init__(self) -> None:
         check(0 <= self.port <= 65535, f"--port must be between 0 and 65535 (got {self.port})")
         check(bool(self.host.strip()), "--host must not be empty")
-        check(1 <= self.max_batch <= MAX_BATCH, f"--max-batch must be between 1 and {MAX_BATCH} (got {self.max_batch})")
+        check(1 <= self.batch_size <= MAX_BATCH,
+              f"--batch-size must be between 1 and {MAX_BATCH} (got {self.batch_size})")
         check(0 <= self.max_queue <= 100_000, f"--max-queue must be between 0 and 100000 (got {self.max_queue})")
         if self.api_key is None:
             self.api_key = os.environ.get(API_KEY_ENV) or None
@@ -123,7 +125,7 @@ def serve(cfg: ServeConfig) -> None:
             print(f"gpt2-dutch serve: warning: listening on {cfg.host}, not loopback: anyone who can reach this "
                   "machine can use the model" + ("" if cfg.api_key else "; set --api-key to require a key"),
                   file=sys.stderr, flush=True)
-        server = build_server(cfg.model_path, device=cfg.device, precision=cfg.precision, max_batch=cfg.max_batch,
+        server = build_server(cfg.model_path, device=cfg.device, precision=cfg.precision, max_batch=cfg.batch_size,
                               max_queue=cfg.max_queue, api_key=cfg.api_key, name=cfg.model_name)
         import uvicorn
 
@@ -132,7 +134,7 @@ def serve(cfg: ServeConfig) -> None:
         host, port = sock.getsockname()[:2]
         shown = f"[{host}]" if ":" in host else host
         print(f"gpt2-dutch serve: {server.name} on http://{shown}:{port}/ (playground), API at "
-              f"http://{shown}:{port}/v1 (batch {cfg.max_batch}, queue {cfg.max_queue}"
+              f"http://{shown}:{port}/v1 (batch {cfg.batch_size}, queue {cfg.max_queue}"
               f"{', API key required' if cfg.api_key else ''}); Ctrl-C stops", file=sys.stderr, flush=True)
         config = uvicorn.Config(create_app(server), log_level="warning", timeout_graceful_shutdown=5)
         # uvicorn shuts down gracefully on Ctrl-C, then re-raises it: here the normal way to stop, not an error

@@ -134,7 +134,7 @@ class Server:
         rows = len(ids) * req.n
         if rows > self.engine.max_batch:
             raise ApiError(f"{len(ids)} prompts x n={req.n} asks for {rows} sequences; this server decodes at most "
-                           f"{self.engine.max_batch} at once (--max-batch)", "n")
+                           f"{self.engine.max_batch} at once (--batch-size)", "n")
         return ids
 
     def start(self, req: CompletionRequest, ids: list[list[int]], ignore_eos: bool
