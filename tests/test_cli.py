@@ -68,6 +68,17 @@ def test_an_old_spelling_still_works_hidden_and_with_a_notice(capsys, command, o
     assert new in help_text and old not in help_text
 
 
+@pytest.mark.parametrize(("command", "default"), [("evaluate", "fp32"), ("generate", "auto"), ("serve", "auto")])
+def test_precision_defaults_to_fp32_only_where_a_score_must_compare_across_machines(command, default):
+    from gpt2_dutch.evaluate import EvaluateConfig
+    from gpt2_dutch.generate import GenerateConfig
+    from gpt2_dutch.serve import ServeConfig
+
+    cls = {"evaluate": EvaluateConfig, "generate": GenerateConfig, "serve": ServeConfig}[command]
+    assert {f.name: f.default for f in dataclasses.fields(cls)}["precision"] == default
+    assert f"(default: {default})" in " ".join(command_parser(command).format_help().split())
+
+
 def test_use_wandb_is_an_old_way_of_saying_report_to_wandb(capsys):
     parser = command_parser("train")
     args = parser.parse_args(["--dataset-path", "d", "--use-wandb"])

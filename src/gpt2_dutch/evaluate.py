@@ -42,8 +42,11 @@ class EvaluateConfig:
     eval_chunks: int | None = option(None, "score at most this many chunks of --dataset-path (0: all)",
                                      aliases=["--max-chunks"])
     device: str = option("auto", "cpu, cuda, cuda:N (auto: cuda if available)")
-    precision: str = option("fp32", "weights dtype for scoring (auto: bf16 on GPUs and CPUs with fast bf16, else "
-                            "fp32)", choices=["auto", "bf16", "fp16", "fp32"], aliases=["--dtype"])
+    # fp32, not generate's auto: a score must not depend on the machine (auto picks bf16 by hardware, and its
+    # rounding moves perplexity), so runs scored on different machines compare
+    precision: str = option("fp32", "weights dtype for scoring; fp32 so that scores compare across machines (auto: "
+                            "bf16 on GPUs and CPUs with fast bf16, else fp32)",
+                            choices=["auto", "bf16", "fp16", "fp32"], aliases=["--dtype"])
     json: bool = option(False, "print the result as JSON")
 
     def __post_init__(self) -> None:
