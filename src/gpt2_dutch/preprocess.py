@@ -264,12 +264,9 @@ def check_carve(texts: Iterator[str], fraction: float, seed: int, flag: str) -> 
     carve() sends document i to test when the i-th draw of random.Random(seed) is below `fraction`, so which
     split a document joins depends only on its position: a split stays empty exactly when the input ends
     before the first draw that would feed it. Reading documents until both splits have had one therefore
-    decides it; that is the first document or two for train and about 1/fraction for test (10 at the
-    default 0.1). Measured on ../shared/data/dutch (4,252 documents, 2 cores): this reads 2 of them in 0.2 ms,
-    where counting every document first would be a full extra pass of 0.21 s (on a run of 1.3-1.4 s), and
-    counting during tokenizer training would come too late (it reads at most --tokenizer-train-mb, and the
-    training itself is the cost to avoid). One 10 MB document used to fail after 28 s and 2.5 GB; one of
-    50 MB is now refused after 4.9 s (3.9 s of it importing transformers) at 0.55 GB.
+    decides it: the first document or two for train and about 1/fraction for test (10 at the default 0.1),
+    where counting every document first would be a full extra pass, and counting during tokenizer training
+    would come too late (the training itself is the cost to avoid). Measured in docs/experiments/preprocess-speed.md.
     """
     rng = random.Random(seed)
     seen = {True: False, False: False}  # held out?
