@@ -46,7 +46,8 @@ for argv in [["--help"]] + [[c, "--help"] for c in {list(COMMANDS)!r}]:
 
 # ------------------------------------------------------------------------------------------ one name per idea
 
-# (command, old spelling, new spelling, value): the old one keeps working for a release, hidden from --help
+# (command, old spelling, new spelling, value (None: a switch)): the old one keeps working for a release, hidden
+# from --help
 RENAMED = [
     ("generate", "--dtype", "--precision", "fp32"),
     ("evaluate", "--dtype", "--precision", "bf16"),
@@ -54,14 +55,15 @@ RENAMED = [
     ("preprocess", "--num-proc", "--threads", "3"),
     ("bench", "--budget", "--max-time", "90s"),
     ("serve", "--max-batch", "--batch-size", "8"),
+    ("train", "--hub-private", "--private", None),
 ]
 
 
 @pytest.mark.parametrize(("command", "old", "new", "value"), RENAMED, ids=[f"{c}{o}" for c, o, _, _ in RENAMED])
 def test_an_old_spelling_still_works_hidden_and_with_a_notice(capsys, command, old, new, value):
     parser = command_parser(command)
-    dest = new[2:].replace("-", "_")
-    assert vars(parser.parse_args([old, value]))[dest] == vars(parser.parse_args([new, value]))[dest]
+    dest, given = new[2:].replace("-", "_"), [] if value is None else [value]
+    assert vars(parser.parse_args([old, *given]))[dest] == vars(parser.parse_args([new, *given]))[dest]
     err = capsys.readouterr().err
     assert err.count("\n") == 1 and f"{old} is deprecated, use {new}" in err
     help_text = parser.format_help()
@@ -202,6 +204,20 @@ def test_a_record_replays_its_settings_but_never_its_resume(tmp_path, capsys):
     assert _config("train", "--config", tmp_path / "job.yaml").resume == "auto"
     # and --resume on the command line always counts
     assert _config("train", "--config", path, "--resume").resume == "latest"
+
+
+# (old key, value, new key): a run recorded before a rename holds the setting under its old name
+OLD_KEYS = [("hub_private", True, "private")]
+
+
+@pytest.mark.parametrize(("old", "value", "new"), OLD_KEYS, ids=[o for o, _, _ in OLD_KEYS])
+def test_a_record_from_before_a_rename_still_replays(tmp_path, capsys, old, value, new):
+    settings = dataclasses.asdict(TrainConfig(dataset_path="d", model_size="tiny"))
+    del settings[new]
+    path = tmp_path / "run_config.json"
+    path.write_text(json.dumps({"format": TrainConfig.RECORD_FORMAT, **settings, old: value, "status": "finished"}))
+    assert getattr(_config("train", "--config", path), new) == value
+    assert f"key {old!r} is deprecated, use {new!r}" in capsys.readouterr().err
 
 
 @pytest.mark.slow

@@ -308,7 +308,7 @@ def test_train_refuses_a_bad_hub_id_before_anything(bad, tiny_dataset, tmp_path,
 def test_train_pushes_the_final_model_after_the_run(tiny_dataset, tmp_path, cli):
     rc, _, err = cli("train", "--dataset-path", tiny_dataset, "--output-dir", tmp_path, "--model-size", "tiny",
                      "--batch-size", "4", "--max-steps", "2", "--precision", "fp32", "--push-to-hub",
-                     "someone/gpt2-dutch-tiny", "--hub-private")
+                     "someone/gpt2-dutch-tiny", "--private")
     assert rc == 0, err
     run = (tmp_path / "gpt2-dutch-tiny-latest").resolve()
     assert calls("create_repo") == [{"repo_id": "someone/gpt2-dutch-tiny", "private": True, "repo_type": "model",

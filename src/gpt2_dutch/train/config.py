@@ -124,7 +124,8 @@ class TrainConfig:
     push_to_hub: str | None = option(None, "at the end of a successful run, publish final_model on the Hugging "
                                      "Face Hub as this repository (NAME or OWNER/NAME; see `gpt2-dutch push`); "
                                      "the token is checked before training starts")
-    hub_private: bool = option(False, "with --push-to-hub: create the repository as private")
+    private: bool = option(False, "with --push-to-hub: create the repository as private",
+                           aliases=["--hub-private"])
 
     # --max-time in seconds, derived in __post_init__; a field so that run_config.json records it
     max_time_s: float | None = field(init=False, default=None)

@@ -558,7 +558,7 @@ def _run(cfg: TrainConfig, manifest: dict[str, Any]) -> Path:
         update_latest_link(run_dir, cfg.model_size)
         print(f"final model: {run_dir / 'final_model'}  (loss curve: {run_dir / 'loss.png'})", file=sys.stderr)
         if cfg.push_to_hub:
-            push_after_training(run_dir, cfg.push_to_hub, cfg.hub_private)
+            push_after_training(run_dir, cfg.push_to_hub, cfg.private)
     return run_dir
 
 
