@@ -353,7 +353,7 @@ class ChunkWriter:
     Shards use the exact layout of `Dataset.save_to_disk` (the same Arrow stream, schema metadata, state.json and
     dataset_info.json; tests/test_preprocess.py compares them with what `datasets` writes), written incrementally
     with pyarrow alone, so that memory holds at most one batch of tokens whatever the split's size and a
-    preprocess run never pays for importing `datasets` (0.8 s of a 4 s run).
+    preprocess run never pays for importing `datasets` (a fifth of a small run; docs/experiments/preprocess-speed.md).
     """
 
     SHARD_BYTES = 512 * 2**20

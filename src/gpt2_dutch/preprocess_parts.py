@@ -203,7 +203,7 @@ def verify_docs(part: Part) -> int:
 
     The input's first part gets the 64 a single run always checked; every other part a number in proportion to
     its size (64 for a 32 MB part, at least 1), because the check runs at the speed of `tokenizers` on one
-    thread: 64 documents cost 0.2 s, which on 1 MB parts was most of their time.
+    thread, which on small parts was most of their time (docs/experiments/preprocess-speed.md).
     """
     if part.key == part_key(0, 0):
         return VERIFY_DOCS

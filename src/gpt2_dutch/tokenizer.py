@@ -116,8 +116,8 @@ GPT2_TOKENIZER_CONFIG = {"add_prefix_space": False, "backend": "tokenizers", "bo
 class TokenizerFiles:
     """A tokenizer as preprocess needs it: the Rust backend, the EOS token, and how to save it for AutoTokenizer.
 
-    Loading a tokenizer through transformers costs 0.7 s of imports, and building GPT-2's from vocab.json +
-    merges.txt another 1.8 s (measured on one core): half of a whole preprocess run on the 14 MB corpus. A saved
+    Loading a tokenizer through transformers (its imports, and building GPT-2's from vocab.json + merges.txt)
+    costs about half of a small preprocess run (docs/experiments/preprocess-speed.md). A saved
     tokenizer directory (tokenizer.json + tokenizer_config.json, what preprocess and save_pretrained write) and
     GPT-2-style vocab.json + merges.txt are read here with `tokenizers` alone; anything else (a Hub name, a
     directory transformers must convert) goes through `load_tokenizer`. The ids are the same either way (tested).
@@ -200,8 +200,8 @@ def _gpt2_backend(directory: Path) -> Tokenizer:
 GPT2_PATTERN = r"""'s|'t|'re|'ve|'m|'ll|'d| ?\p{L}+| ?\p{N}+| ?[^\s\p{L}\p{N}]+|\s+(?!\S)|\s+"""
 ENCODERS = ["auto", "tokenizers"]
 VERIFY_DOCS = 64  # the first documents of a run, encoded both ways before the fast encoder is trusted
-# Documents longer than this are encoded (and trained on) in pieces: one 10 MB document encoded whole took
-# 2.0-2.5 GB (the Rust encoders keep per-byte alignments, offsets and token strings for the whole text).
+# Documents longer than this are encoded (and trained on) in pieces: the Rust encoders keep per-byte alignments,
+# offsets and token strings for the whole text, gigabytes for one long document (docs/experiments/preprocess-speed.md).
 PIECE_CHARS = 1 << 16
 # A space with a non-space character on either side: GPT-2's pre-tokenizer (GPT2_PATTERN) always starts a new
 # pre-token there. The pre-token holding the character before it ends at it, because only the whitespace
@@ -248,12 +248,12 @@ class BatchEncoder:
     """Token ids of a batch of documents, exactly as `tokenizer(texts, add_special_tokens=False)` gives them.
 
     For a GPT-2-style byte-level BPE (what `preprocess` trains, and GPT-2 itself) tiktoken's encoder gives the
-    same ids 3-3.5x faster than `tokenizers`' encode_batch_fast: 14 MB of Dutch text in 0.6 s against 2.1 s
-    on 2 cores, with the benchmark's Dutch BPE; identical ids on all 8.6 M tokens of ../shared/data/dutch
-    with that BPE and with the English GPT-2 one. The two algorithms agree only when the vocabulary's ids
-    follow the merge order (tiktoken merges the pair whose result has the lowest id, tokenizers the pair
-    with the earliest merge), so `_tiktoken_for` checks that and the rest of the tokenizer's shape, and the
-    first 64 documents are encoded both ways: any difference switches to `tokenizers` for the rest of the run.
+    same ids several times faster than `tokenizers`' encode_batch_fast (docs/experiments/preprocess-speed.md;
+    identical ids were checked on a whole Dutch corpus with a Dutch and the English GPT-2 BPE). The two
+    algorithms agree only when the vocabulary's ids follow the merge order (tiktoken merges the pair whose
+    result has the lowest id, tokenizers the pair with the earliest merge), so `_tiktoken_for` checks that and
+    the rest of the tokenizer's shape, and the first 64 documents are encoded both ways: any difference
+    switches to `tokenizers` for the rest of the run.
     """
 
     def __init__(self, tokenizer: Any, threads: int, engine: str = "auto"):
