@@ -56,6 +56,7 @@ RENAMED = [
     ("bench", "--budget", "--max-time", "90s"),
     ("serve", "--max-batch", "--batch-size", "8"),
     ("train", "--hub-private", "--private", None),
+    ("train", "--num-workers", "--dataloader-workers", "2"),
 ]
 
 
@@ -207,7 +208,7 @@ def test_a_record_replays_its_settings_but_never_its_resume(tmp_path, capsys):
 
 
 # (old key, value, new key): a run recorded before a rename holds the setting under its old name
-OLD_KEYS = [("hub_private", True, "private")]
+OLD_KEYS = [("hub_private", True, "private"), ("num_workers", 2, "dataloader_workers")]
 
 
 @pytest.mark.parametrize(("old", "value", "new"), OLD_KEYS, ids=[o for o, _, _ in OLD_KEYS])

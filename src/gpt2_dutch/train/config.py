@@ -105,7 +105,8 @@ class TrainConfig:
     report_to: str = option("none", "experiment tracker", choices=["none", "tensorboard", "wandb", "trackio"])
     use_wandb: bool = option(False, "same as --report-to wandb", deprecated="--report-to wandb")
     fsdp: bool = option(False, "shard parameters, gradients and optimizer state (FSDP) across GPUs: for large/xl")
-    num_workers: int = option(0, "DataLoader worker processes (the data is memory-mapped; 0 is usually enough)")
+    dataloader_workers: int = option(0, "DataLoader worker processes (the data is memory-mapped; 0 is usually "
+                                     "enough)", aliases=["--num-workers"])
     quiet: bool = option(False, "no progress bar and no per-evaluation lines: only warnings, errors and the final "
                          "line (the records still go to metrics.jsonl and the trackers)")
     log_format: str = option("text", "text: a progress bar with the live figures and one line per evaluation; "
@@ -163,7 +164,8 @@ class TrainConfig:
         check(self.eval_chunks is None or self.eval_chunks >= 0, "--eval-chunks must be >= 0")
         check(isinstance(self.loss_chunk_tokens, int) and self.loss_chunk_tokens >= 0, "--loss-chunk-tokens must "
               f"be a whole number >= 0 (0: the full-logits loss; got {self.loss_chunk_tokens})")
-        check(0 <= self.num_workers <= 256, f"--num-workers must be between 0 and 256 (got {self.num_workers})")
+        check(0 <= self.dataloader_workers <= 256, f"--dataloader-workers must be between 0 and 256 (got "
+              f"{self.dataloader_workers})")
         check(not (self.resume and self.init_from), "give --resume (continue a run) or --init-from (a new run "
               "from a model's weights), not both")
         check(re.fullmatch(r"[a-z0-9][a-z0-9.+-]*", self.license or "") is not None, f"--license {self.license!r} "

@@ -65,7 +65,7 @@ def build_training_arguments(cfg: TrainConfig, run_dir: Path, precision: str, lr
         seed=cfg.seed,
         data_seed=cfg.seed,
         dataloader_drop_last=True,
-        dataloader_num_workers=cfg.num_workers,
+        dataloader_num_workers=cfg.dataloader_workers,
         dataloader_pin_memory=cuda,
         remove_unused_columns=False,
         prediction_loss_only=True,  # evaluation averages the loss; logits are never accumulated
