@@ -15,7 +15,7 @@ import pytest
 from conftest import assert_one_line_error
 
 import gpt2_dutch
-from gpt2_dutch.bench import _use_one_device
+from gpt2_dutch.bench import BenchConfig, _use_one_device, join_json_lines
 from gpt2_dutch.bench.baselines import StepTimer
 from gpt2_dutch.bench.train_speed import median_tokens_per_s
 
@@ -114,6 +114,22 @@ def test_bench_is_apart_from_the_product():
             "    run('bench', ['--help'])\nprint('torch loaded' if 'torch' in sys.modules else 'light')")
     r = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
     assert "gpt2-dutch bench" in r.stdout and r.stdout.splitlines()[-1] == "light"
+
+
+def test_bench_takes_several_data_files_and_globs_as_one_text(tmp_path):
+    import gzip
+
+    (tmp_path / "a.jsonl").write_text('{"text": "Een."}\n\n{"text": "Twee."}')  # no final newline
+    with gzip.open(tmp_path / "b.jsonl.gz", "wt") as f:
+        f.write('{"text": "Drie."}\n')
+    (tmp_path / "c.jsonl").write_text('{"text": "Vier."}\n')
+    cfg = BenchConfig(data_files=[str(tmp_path / "*.jsonl*")])
+    assert cfg.text_files == [tmp_path / "a.jsonl", tmp_path / "b.jsonl.gz", tmp_path / "c.jsonl"]
+    assert BenchConfig(data_files=[str(tmp_path / "c.jsonl"), str(tmp_path / "a.jsonl")]).text_files == [
+        tmp_path / "c.jsonl", tmp_path / "a.jsonl"]  # repeatable, in the order given
+    joined = join_json_lines(cfg.text_files, tmp_path / "joined.jsonl")
+    texts = [json.loads(line)["text"] for line in joined.read_text().splitlines()]
+    assert texts == ["Een.", "Twee.", "Drie.", "Vier."]
 
 
 @pytest.mark.parametrize(("args", "message"), [

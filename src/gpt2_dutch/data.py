@@ -46,13 +46,14 @@ _LONE_SURROGATE = re.compile("[\ud800-\udfff]")
 
 # ----------------------------------------------------------------------------------------------- raw text
 
-def expand_data_files(patterns: list[str]) -> list[Path]:
-    """Expand globs; every pattern must match at least one readable file with a known extension."""
+def expand_data_files(patterns: list[str], flag: str = "data file") -> list[Path]:
+    """Expand globs; every pattern must match at least one readable file with a known extension. `flag` names
+    the patterns in the not-found error (bench: '--data-files')."""
     files: list[Path] = []
     for pattern in patterns:
         matches = sorted(glob.glob(os.path.expanduser(pattern), recursive=True))
         if not matches:
-            raise UsageError(f"data file {pattern} not found (no file matches it)")
+            raise UsageError(f"{flag} {pattern} not found (no file matches it)")
         for match in matches:
             path = Path(match)
             if path.is_dir():

@@ -59,8 +59,9 @@ class BenchConfig:
     quick: bool = option(False, "small inputs, the tiny model and few steps: every part in ~20 s (CI); `all` then "
                          "leaves quality and serve out, and `quality --quick` trains for 3 s per side unless "
                          "--max-time is given")
-    data_files: list[str] = option([], "benchmark text: one .jsonl(.gz) file with a 'text' field (default: "
-                                   f"{REFERENCE_TEXT} when present, else the built-in sample)",
+    data_files: list[str] = option([], "benchmark text: .jsonl(.gz) files with a 'text' field, globs allowed, "
+                                   "repeatable, as preprocess takes them (several are measured as one text; "
+                                   f"default: {REFERENCE_TEXT} when present, else the built-in sample)",
                                    aliases=["--data-file"])
     tokenizer: str | None = option(None, "tokenizer for every part (default: a Dutch BPE trained on the text)")
     output_dir: str = option("bench_results", "where bench.json, bench.md and bench.png are written")
@@ -80,15 +81,15 @@ class BenchConfig:
 
     # derived in __post_init__: the budget in seconds and the checked settings of --ours-config
     budget_s: float = field(init=False, default=0.0)
+    text_files: list = field(init=False, default_factory=list)  # --data-files with their globs expanded
     ours_overrides: dict = field(init=False, default_factory=dict)
     ablation_variants: list = field(init=False, default_factory=list)
 
     def __post_init__(self) -> None:
-        check(len(self.data_files) <= 1, "--data-files: the bench measures one file (the run_clm baseline reads "
-              "one JSON-lines file); concatenate them first")
-        if self.data_files:
-            path = Path(self.data_files[0])
-            check(path.is_file(), f"--data-files {path} not found")
+        from ..data import expand_data_files
+
+        self.text_files = expand_data_files(self.data_files, "--data-files") if self.data_files else []
+        for path in self.text_files:
             check(path.name.endswith((".jsonl", ".jsonl.gz", ".json", ".json.gz")), f"--data-files {path}: the "
                   "run_clm baseline reads JSON lines; give a .jsonl or .jsonl.gz file with a 'text' field")
         from ..config import parse_duration
@@ -134,6 +135,17 @@ def _use_one_device() -> None:
 
 
 def _bench(cfg: BenchConfig, builtin: Path) -> dict[str, Any]:
+    with tempfile.TemporaryDirectory(prefix="gpt2-dutch-bench-text-") as joined:
+        if len(cfg.text_files) > 1:  # the run_clm baseline reads one JSON-lines file: the files as one text
+            text = join_json_lines(cfg.text_files, Path(joined) / "bench_text.jsonl")
+        elif cfg.text_files:
+            text = cfg.text_files[0]
+        else:
+            text = REFERENCE_TEXT if REFERENCE_TEXT.is_file() and not cfg.quick else builtin
+        return _bench_text(cfg, text, ", ".join(map(str, cfg.text_files)) or str(text))
+
+
+def _bench_text(cfg: BenchConfig, text: Path, shown: str) -> dict[str, Any]:
     from .generate_speed import bench_generate
     from .limits import machine_info, measure_limits
     from .preprocess_speed import bench_preprocess, train_bench_tokenizer
@@ -142,10 +154,6 @@ def _bench(cfg: BenchConfig, builtin: Path) -> dict[str, Any]:
     from .serve_speed import bench_serve
     from .train_speed import bench_train
 
-    if cfg.data_files:
-        text = Path(cfg.data_files[0])
-    else:
-        text = REFERENCE_TEXT if REFERENCE_TEXT.is_file() and not cfg.quick else builtin
     parts = PARTS[1:] if cfg.part == "all" else [cfg.part]
     if cfg.part == "all" and cfg.quick:
         # quality trains two models and scores both: ~25 s more even at its 3 s budget, which would double the
@@ -153,7 +161,7 @@ def _bench(cfg: BenchConfig, builtin: Path) -> dict[str, Any]:
         parts.remove("quality")
         parts.remove("serve")  # two server processes to start: ~20 s more; `bench serve --quick` runs it alone
     results: dict[str, Any] = {"version": __version__, "quick": cfg.quick, "machine": machine_info(),
-                               "text": {"file": str(text), "mb": text_megabytes(text)}}
+                               "text": {"file": shown, "mb": text_megabytes(text)}}
     say(f"device limits ({results['machine']['device']})")
     results["limits"] = measure_limits(cfg.quick)
     with tempfile.TemporaryDirectory(prefix="gpt2-dutch-bench-") as tmp_name:
@@ -182,6 +190,18 @@ def _bench(cfg: BenchConfig, builtin: Path) -> dict[str, Any]:
                             "markdown": Path(cfg.markdown_out or out / "bench.md"),
                             "plot": Path(cfg.plot_out or out / "bench.png")})
     return results
+
+
+def join_json_lines(files: list[Path], out: Path) -> Path:
+    """The JSON lines of `files` (each optionally gzipped), in order, as one plain .jsonl file at `out`."""
+    with open(out, "wb") as dst:
+        for path in files:
+            opener = gzip.open if path.suffix == ".gz" else open
+            with opener(path, "rb") as src:
+                for line in src:
+                    if line.strip():
+                        dst.write(line.rstrip(b"\r\n") + b"\n")
+    return out
 
 
 def text_megabytes(path: Path) -> float:
