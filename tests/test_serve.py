@@ -14,6 +14,7 @@ import contextlib
 import http.client
 import json
 import math
+import re
 import socket
 import threading
 import time
@@ -258,6 +259,35 @@ def test_models_health_card_and_page(live: Live, served_run: Path):
     # self-contained: no script, style, font or image from anywhere else
     assert "/v1/completions" in page and "<script src" not in page and "<link" not in page
     assert "https://" not in page and "cdn" not in page.lower()
+
+
+def _strings(value: Any) -> Iterator[str]:
+    """Every string in a JSON value, keys included."""
+    if isinstance(value, str):
+        yield value
+    elif isinstance(value, dict):
+        for k, v in value.items():
+            yield from _strings(k)
+            yield from _strings(v)
+    elif isinstance(value, (list, tuple)):
+        for v in value:
+            yield from _strings(v)
+
+
+def _absolute_paths(strings: Iterator[str], roots: list[str]) -> list[str]:
+    """The strings that name a place on this machine: absolute (POSIX or a Windows drive), or holding a root."""
+    return [s for s in strings if s.startswith(("/", "\\", "~")) or re.match(r"[A-Za-z]:[\\/]", s)
+            or any(root in s for root in roots)]
+
+
+def test_no_local_path_reaches_the_api_card_or_the_readme(live: Live, served_run: Path,
+                                                          tmp_path_factory: pytest.TempPathFactory):
+    roots = [str(tmp_path_factory.getbasetemp()), str(served_run.parent), str(Path.home())]
+    status, _, card = live.request("GET", "/v1/model_card")
+    assert status == 200 and _absolute_paths(_strings(card), roots) == []
+    readme = (served_run / "final_model" / "README.md").read_text(encoding="utf-8")
+    words = re.split(r"[\s()|`'\"\[\]]+", readme)  # the card's text cut at spaces, brackets and quotes
+    assert _absolute_paths(iter(words), roots) == []
 
 
 def test_the_openai_client_works_unchanged(live: Live, loaded: Any):

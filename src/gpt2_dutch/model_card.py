@@ -17,24 +17,28 @@ request. Every fact that a file does not record is None rather than a guess. The
     repo_id     the Hub repository of train --push-to-hub, or None
     model       size, n_layer, n_embd, n_head, context, vocab_size, parameters
     training    steps, tokens, wall_time_s, hardware, world_size, precision, status, settings (a dict of the
-                run_config.json settings that say how it was trained, paths left out), init_from (a name)
+                run_config.json settings that say how it was trained, paths left out), init_from (a name),
+                extensions, started_at
     eval        loss (nats/token), perplexity, bits_per_byte, step, tokens of the last evaluation, or None
     curve       the evaluations: [{step, tokens, eval_loss, eval_bpb}, ...], oldest first
+    train_curve the logged training losses: [(step, loss), ...], oldest first
     dataset     kind (hub, files, builtin), hub_id, config, description, name, test_split, documents, tokens,
                 chunk_size (None when the dataset's manifest is gone)
     tokenizer   vocab_size, origin, fertility (tokens per whitespace word on the held-out split), fertility_train
     loss_curve  "loss.png" when the model directory (or its run) has the plot, else None
 
-Paths never reach the card: local data files are named by their file names, not where they lie.
+Paths never reach the card: local data files, the dataset and the init model are named by their names, not
+where they lie, and the playground's card (serve/card.py) is a view of these facts.
 """
 
 from __future__ import annotations
 
-import json
 import math
 import sys
 from pathlib import Path
 from typing import Any
+
+from .records import METRICS, RUN_CONFIG, locate, read_json_or_none, read_metrics_file
 
 DEFAULT_LICENSE = "apache-2.0"
 CARD = "README.md"
@@ -52,41 +56,8 @@ SETTINGS = ["model_size", "context", "batch_size", "gradient_accumulation_steps"
 
 
 # ------------------------------------------------------------------------------------------------ reading
-
-def _json(path: Path) -> Any:
-    """The JSON in `path`, or None when it is missing or damaged (a card states less, it never fails a run)."""
-    try:
-        return json.loads(path.read_text(encoding="utf-8"))
-    except (OSError, ValueError):
-        return None
-
-
-def read_metrics_records(path: Path) -> list[dict[str, Any]]:
-    """metrics.jsonl's records (also the playground's card, serve/card.py); a line cut short by a kill is skipped."""
-    try:
-        lines = path.read_text(encoding="utf-8").splitlines()
-    except OSError:
-        return []
-    out = []
-    for line in lines:
-        try:
-            record = json.loads(line)
-        except ValueError:
-            continue
-        if isinstance(record, dict):
-            out.append(record)
-    return out
-
-
-def locate(path: str | Path) -> tuple[Path, Path | None]:
-    """(model directory, run directory or None) for a final_model, a run directory or a -latest link."""
-    p = Path(path).expanduser().resolve()
-    if (p / "run_config.json").is_file() and (p / "final_model").is_dir():
-        return p / "final_model", p
-    if (p.parent / "run_config.json").is_file():
-        return p, p.parent
-    return p, None
-
+# The run's records are read through gpt2_dutch.records; a missing or damaged file makes the card state less,
+# it never fails a run.
 
 def gpt2_parameters(config: dict[str, Any]) -> int | None:
     """Parameters of a GPT-2 from its config.json (for a model without its run record); an untied LM head
@@ -110,12 +81,12 @@ def card_facts(model_dir: str | Path, run_dir: str | Path | None = None, hardwar
     """
     model_path, found_run = locate(model_dir)
     run = Path(run_dir).resolve() if run_dir is not None else found_run
-    config = _json(model_path / "config.json") or {}
-    rc: dict[str, Any] = (_json(run / "run_config.json") if run else None) or {}
-    records = read_metrics_records(run / "metrics.jsonl") if run else []
+    config = read_json_or_none(model_path / "config.json") or {}
+    rc: dict[str, Any] = (read_json_or_none(run / RUN_CONFIG) if run else None) or {}
+    records = read_metrics_file(run / METRICS) if run else []
     manifest = None
     if rc.get("dataset_path"):
-        manifest = _json(Path(rc["dataset_path"]) / "manifest.json")
+        manifest = read_json_or_none(Path(rc["dataset_path"]) / "manifest.json")
     world = rc.get("world_size")
 
     evals = [r for r in records if r.get("eval_loss") is not None]
@@ -159,14 +130,22 @@ def card_facts(model_dir: str | Path, run_dir: str | Path | None = None, hardwar
             "settings": {k: rc[k] for k in SETTINGS if rc.get(k) is not None},
             "init_from": Path(rc["init_from"]).name if rc.get("init_from") else None,
             "extensions": rc.get("extensions") or [],
+            "started_at": rc.get("started_at"),
         },
         "eval": eval_facts,
         "curve": [{"step": r.get("step"), "tokens": r.get("tokens"), "eval_loss": r["eval_loss"],
                    "eval_bpb": r.get("eval_bpb")} for r in evals],
+        "train_curve": [(r["step"], r["loss"]) for r in records
+                        if finite(r.get("loss")) and isinstance(r.get("step"), int)],
         "dataset": _dataset_facts(manifest, rc),
         "tokenizer": _tokenizer_facts(manifest),
         "loss_curve": loss_curve,
     }
+
+
+def finite(value: Any) -> bool:
+    """A real, finite number (not a bool, not NaN or infinity): what a curve or a JSON answer may hold."""
+    return isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value)
 
 
 def _dataset_facts(manifest: dict[str, Any] | None, rc: dict[str, Any]) -> dict[str, Any] | None:
