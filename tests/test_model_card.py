@@ -11,7 +11,15 @@ import pytest
 import yaml
 from conftest import assert_one_line_error
 
-from gpt2_dutch.model_card import card_facts, fertility, front_matter, gpt2_parameters, render_card, write_card
+from gpt2_dutch.model_card import (
+    _duration,
+    card_facts,
+    fertility,
+    front_matter,
+    gpt2_parameters,
+    render_card,
+    write_card,
+)
 from gpt2_dutch.train import TrainConfig, train
 
 
@@ -58,8 +66,11 @@ def test_train_writes_a_card_whose_metadata_are_the_runs_metrics(card_run, tiny_
     assert f"| parameters | {rc['parameters']:,} " in card
     assert "| training tokens | 512 |" in card and "| optimizer steps | 4 |" in card  # 4 steps x 4 x 32 tokens
     assert "| learning_rate | 0.002 |" in card and "| batch_size | 4 |" in card and "| seed | 42 |" in card
+    # the wall time is the one the run recorded, as the card formats it (how long it took is the machine's)
     runtime = [r["train_runtime"] for r in records if "train_runtime" in r]
-    assert len(runtime) == 1 and f"| wall time (training loop) | {runtime[0]:.0f} s |" in card
+    wall = card_facts(card_run)["training"]["wall_time_s"]
+    assert len(runtime) == 1 and wall == round(runtime[0], 1)
+    assert f"| wall time (training loop) | {_duration(wall)} |" in card
     assert "| hardware | CPU: " in card
     assert f"**{(test['tokens'] - test['documents']) / test['words']:.2f} tokens per word**" in card
     assert f"eval loss of **{last['eval_loss']:.4f} nats/token**" in card
@@ -175,6 +186,11 @@ def test_a_hub_dataset_is_named_in_the_metadata(tmp_path):
     assert "| hardware | 8 x NVIDIA H100 80GB HBM3 |" in card and "A demonstration model" not in card
     assert "104,857,600 (104.9M)" in card and "110,418,432 (110.4M)" in card
 
+
+
+def test_durations_are_said_in_seconds_minutes_or_hours():
+    assert [_duration(s) for s in (None, 0.4, 1.2, 119.4, 120, 5400, 7200)] == [
+        "not recorded", "0 s", "1 s", "119 s", "2.0 min", "90.0 min", "2.0 h"]
 
 def test_local_files_are_named_without_their_paths(tmp_path):
     home = "/home/someone/secret-project"
