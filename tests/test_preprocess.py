@@ -292,3 +292,18 @@ def test_real_corpus_with_trained_dutch_bpe(tmp_path):
     assert m["splits"]["train"]["documents"] + m["splits"]["test"]["documents"] == 4252
     assert words == 2_270_239
     assert 1.2 < tokens / words < 1.7  # English GPT-2 BPE needs ~2.4 tokens per Dutch word
+
+
+def test_sample_is_its_own_switch_and_dataset_size_builtin_its_old_spelling(capsys):
+    from gpt2_dutch.__main__ import command_parser
+
+    new = PreprocessConfig(sample=True)
+    assert capsys.readouterr().err == ""
+    old = PreprocessConfig(dataset_size="builtin")
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and "--dataset-size builtin is deprecated, use --sample" in err
+    assert (old.sample, old.dataset_size, old.name, old.streaming) == (new.sample, None, "chunked_builtin", False)
+    help_text = command_parser("preprocess").format_help()
+    assert "--sample" in help_text and "builtin" not in help_text
+    with pytest.raises(Exception, match="give one of --sample, --dataset-size or --data-files"):
+        PreprocessConfig(sample=True, dataset_size="10k")

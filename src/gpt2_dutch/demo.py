@@ -54,7 +54,7 @@ def demo(cfg: DemoConfig) -> dict:
     out = Path(cfg.output_dir)
     step("1/4 preprocess: " + (", ".join(cfg.data_files) if cfg.data_files else "the built-in Dutch sample"))
     dataset = preprocess(PreprocessConfig(
-        dataset_size=None if cfg.data_files else "builtin", data_files=cfg.data_files, vocab_size=4096,
+        sample=not cfg.data_files, data_files=cfg.data_files, vocab_size=4096,
         chunk_size=128, output_dir=str(out / "processed_data"), name="demo", overwrite=True, seed=cfg.seed))
     chunks = read_manifest(dataset)["splits"]["train"]["chunks"]
     steps = max(1, DEMO_EPOCHS * chunks // DEMO_BATCH)

@@ -35,7 +35,7 @@ from pathlib import Path
 from typing import Any
 
 from . import __version__
-from .config import option
+from .config import _notice, option
 from .data import (
     HUB_CONFIGS,
     HUB_DATASET,
@@ -81,7 +81,8 @@ def available_cores() -> int:
 class PreprocessConfig:
     dataset_size: str | None = option(
         None, f"config of {HUB_DATASET} to download: {', '.join(HUB_CONFIGS)} (whitespace words); "
-        "'builtin' for the sample shipped with the package. Default 10k unless --data-files is given")
+        "default 10k unless --data-files or --sample is given")
+    sample: bool = option(False, "the small Dutch sample shipped with the package instead (no download)")
     data_files: list[str] = option(
         [], "local text instead of the Hub: .jsonl/.json/.parquet/.txt, optionally .gz; globs allowed; "
         "repeatable")
@@ -124,13 +125,18 @@ class PreprocessConfig:
     seed: int = option(42, "seed for carving a test split")
 
     def __post_init__(self) -> None:
-        if self.dataset_size is None and not self.data_files:
+        if self.dataset_size == "builtin":  # the old spelling of --sample: the shipped sample is not a size
+            _notice("gpt2-dutch preprocess", "--dataset-size builtin", "--sample")
+            self.sample, self.dataset_size = True, None
+        check(not (self.sample and (self.dataset_size or self.data_files)),
+              "give one of --sample, --dataset-size or --data-files")
+        if self.dataset_size is None and not self.data_files and not self.sample:
             self.dataset_size = "10k"
         check(not (self.dataset_size and self.data_files), "give either --dataset-size or --data-files, not both")
-        if self.dataset_size and self.dataset_size != "builtin" and self.dataset_name == HUB_DATASET:
+        if self.dataset_size and self.dataset_name == HUB_DATASET:
             sizes = {s.lower(): s for s in HUB_CONFIGS}
             check(self.dataset_size.lower() in sizes, f"unknown --dataset-size '{self.dataset_size}'; valid "
-                  f"sizes: {', '.join(HUB_CONFIGS)}, builtin")
+                  f"sizes: {', '.join(HUB_CONFIGS)} (or --sample for the shipped one)")
             self.dataset_size = sizes[self.dataset_size.lower()]
         # Integer flags: argparse already refuses inf/nan for them; the messages name the value as given.
         check(self.chunk_size >= 2, f"--chunk-size must be at least 2 (got {self.chunk_size})")
@@ -172,7 +178,9 @@ class PreprocessConfig:
             self.streaming = bool(self.dataset_size) and self.dataset_size in HUB_CONFIGS and (
                 HUB_CONFIGS.index(self.dataset_size) >= HUB_CONFIGS.index(STREAMING_FROM))
         if self.name is None:
-            if self.dataset_size:
+            if self.sample:
+                self.name = "chunked_builtin"  # the name --dataset-size builtin gave it
+            elif self.dataset_size:
                 self.name = f"chunked_{self.dataset_size}"
             else:
                 stem = Path(self.data_files[0]).name.split(".")[0].replace("*", "") or "custom"
@@ -200,7 +208,7 @@ def resolve_source(cfg: PreprocessConfig) -> Source:
         files = expand_data_files(cfg.data_files)
         return _file_source(files, {"type": "files", "files": [str(f) for f in files], "text_column": cfg.text_column},
                             cfg)
-    if cfg.dataset_size == "builtin":
+    if cfg.sample:
         from .sample import builtin_sample_path  # the shipped sample, a .jsonl file
 
         path = builtin_sample_path()
