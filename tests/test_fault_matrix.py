@@ -36,8 +36,8 @@ import torch
 from conftest import DOCS, assert_one_line_error, poison_training_step, write_jsonl
 from safetensors.torch import load_file
 
+from gpt2_dutch.records import create_run_dir, run_status
 from gpt2_dutch.train import TrainConfig, train
-from gpt2_dutch.train.runs import create_run_dir, run_status
 
 # ====================================================================================================
 # preprocess

@@ -15,15 +15,16 @@ from .cpu_kernels import _use_cpu_decode_attention, pack_cpu_linears
 from .devices import resolve_device, resolve_dtype
 from .errors import UsageError
 from .model import FAST_GELU
+from .records import model_dir_of
 
 
 def resolve_model_dir(path: str | Path) -> Path:
-    """A final_model directory, a run directory (-> its final_model), or a -latest link."""
+    """A final_model directory, a run directory (-> its final_model), or a -latest link (see records.model_dir_of),
+    checked for loading: it exists, holds a config.json and safetensors weights."""
     p = Path(path).expanduser()
     if not p.exists():
         raise UsageError(f"model path {p} does not exist; train one with `gpt2-dutch train` or pass --model-path")
-    if not (p / "config.json").is_file() and (p / "final_model").is_dir():
-        p = p / "final_model"
+    p = model_dir_of(p)
     if not (p / "config.json").is_file():
         raise UsageError(f"{p} is not a model directory (no config.json); pass a final_model or run directory")
     weights = list(p.glob("*.safetensors")) + list(p.glob("*.safetensors.index.json"))

@@ -73,7 +73,8 @@ def push(cfg: PushConfig) -> str:
 def publishable_dir(path: str | Path) -> Path:
     """The model directory behind `path`, checked for publishing: a config, safetensors weights, a tokenizer,
     no pickles, a card (written from the run's records when missing)."""
-    from .model_card import CARD, locate, write_card
+    from .model_card import CARD, write_card
+    from .records import locate
 
     p = Path(path).expanduser()
     check(p.exists(), f"--model-path {p} does not exist; pass a final_model, run directory or -latest link")

@@ -26,9 +26,7 @@ from ..files import replace_dir, temp_name, write_json_atomic
 from ..model import MODEL_PRESETS, flops_per_token, gpt2_config, matmul_params, preset
 from ..model_card import describe_hardware, write_card
 from ..push import check_ready_to_push, push_after_training
-from .config import ADAM_BETAS, EMBEDDING_LR_SCALE, MUON_ADAMW_WEIGHT_DECAY, TrainConfig
-from .muon import MUON_LR, resolve_optimizer
-from .runs import (
+from ..records import (
     FINISHED,
     checkpoint_problem,
     checkpoint_step,
@@ -41,6 +39,8 @@ from .runs import (
     update_run_config,
     usable_checkpoint,
 )
+from .config import ADAM_BETAS, EMBEDDING_LR_SCALE, MUON_ADAMW_WEIGHT_DECAY, TrainConfig
+from .muon import MUON_LR, resolve_optimizer
 from .schedule import make_schedule, warmup_steps_for
 
 MAX_CONTEXT = 16384  # dense attention beyond this needs more memory than any preset is sized for

@@ -2,8 +2,8 @@
 
 The Trainer (accelerate underneath) brings mixed precision, DDP/FSDP, gradient accumulation, torch.compile,
 trackers and resume with RNG state and data position; what GPT-2 pretraining needs on top of it is here:
-- a warmup + cosine-to-10% schedule fitted to the run's real length (changeable once a --max-time run knows
-  its speed),
+- the learning-rate schedule (warmup, then wsd's stable peak and linear cooldown by default, or cosine) fitted
+  to the run's real length (refitted once a --max-time run knows its speed),
 - checkpoints written to a staging directory and renamed into place (a kill never leaves a half checkpoint),
 - metrics.jsonl with tokens and tokens/s, eval perplexity and bits per byte, and loss.png redrawn at each eval,
 - a calm console: one progress bar with the live figures, one line per evaluation (or JSON lines, or quiet).
@@ -31,9 +31,9 @@ from transformers.trainer_callback import PrinterCallback, ProgressCallback
 
 from ..devices import is_main_process
 from ..files import replace_dir, write_bytes_atomic
+from ..records import read_run_config, update_run_config
 from .config import TrainConfig
-from .runs import read_run_config, update_run_config
-from .schedule import WarmupCosine, warmup_steps_for
+from .schedule import Schedule, warmup_steps_for
 
 
 def build_training_arguments(cfg: TrainConfig, run_dir: Path, precision: str, lr: float, total_steps: int,
@@ -245,7 +245,7 @@ def scale_embedding_lr(optimizer: torch.optim.Optimizer, model: Any, scale: floa
 
 
 class GPT2Trainer(Trainer):
-    def __init__(self, *args: Any, schedule: WarmupCosine, keep_checkpoints: int, tokens_per_step: int,
+    def __init__(self, *args: Any, schedule: Schedule, keep_checkpoints: int, tokens_per_step: int,
                  bytes_per_token: float, health: StepHealth | None = None, optimizer_kind: str = "adamw",
                  loss_chunk_tokens: int = 0, eval_chunks: int = 0, embedding_lr_scale: float = 1.0,
                  adamw_weight_decay: float | None = None,
@@ -562,7 +562,11 @@ class MaxTimeCallback(TrainerCallback):
 
     REFIT_EVERY = 0.1  # of the budget
 
-    def __init__(self, budget_s: float, schedule: WarmupCosine, warmup: float, run_dir: Path, upper_bound: int,
+    def now(self) -> float:
+        """The budget's clock (a method, so a test can replace it with a fake one)."""
+        return time.perf_counter()
+
+    def __init__(self, budget_s: float, schedule: Schedule, warmup: float, run_dir: Path, upper_bound: int,
                  auto_eval: bool, auto_save: bool):
         self.budget_s, self.schedule, self.warmup, self.run_dir = budget_s, schedule, warmup, run_dir
         self.upper_bound, self.auto_eval, self.auto_save = upper_bound, auto_eval, auto_save
@@ -579,7 +583,7 @@ class MaxTimeCallback(TrainerCallback):
         self.fit_listeners: list[Callable[[int], None]] = []  # called with the first fitted step count (all ranks)
 
     def on_train_begin(self, args: Any, state: Any, control: Any, **kw: Any) -> None:
-        self.clock, self.last_end, self.paused = 0.0, time.perf_counter(), False
+        self.clock, self.last_end, self.paused = 0.0, self.now(), False
         # A resumed run keeps the step count fitted before; one stopped before its fit measures now.
         saved = read_run_config(self.run_dir)
         self.fitted, self.refitting = "seconds_per_step" in saved, False
@@ -587,7 +591,7 @@ class MaxTimeCallback(TrainerCallback):
         self.first_step = None
 
     def on_step_begin(self, args: Any, state: Any, control: Any, **kw: Any) -> None:
-        self.step_began = time.perf_counter()
+        self.step_began = self.now()
 
     def on_evaluate(self, args: Any, state: Any, control: Any, **kw: Any) -> None:
         self.paused = True
@@ -605,7 +609,7 @@ class MaxTimeCallback(TrainerCallback):
     def on_step_end(self, args: Any, state: Any, control: Any, **kw: Any) -> None:
         if self.fitted and not self.refitting:
             return
-        now = time.perf_counter()
+        now = self.now()
         self.clock += now - (self.step_began if self.paused else self.last_end)
         self.last_end, self.paused = now, False
         if self.first_step is None:  # step 1, or the first after a resume
@@ -658,7 +662,7 @@ class MaxTimeCallback(TrainerCallback):
 
 
 def metrics_callbacks(cfg: TrainConfig, run_dir: Path, run_info: dict[str, Any], manifest: dict[str, Any],
-                      schedule: WarmupCosine, budget_s: float | None, auto_eval: bool,
+                      schedule: Schedule, budget_s: float | None, auto_eval: bool,
                       auto_save: bool) -> list[TrainerCallback]:
     callbacks: list[TrainerCallback] = [MetricsCallback(run_dir)]
     if budget_s:
