@@ -1061,14 +1061,18 @@ def test_the_matrix_covers_every_numeric_flag_at_every_extreme() -> None:
                 assert f"{command}-{flag}-0" in ids
 
 
-def test_a_max_time_run_stopped_before_its_fit_fits_after_resume(tmp_path):
+def test_a_max_time_run_stopped_before_its_fit_fits_after_resume(tmp_path, monkeypatch):
     """A --max-time run stopped during its first steps has no fitted length (run_config.json has no
     seconds_per_step): resumed, it measures from its first step after the resume and fits then, instead of
-    keeping the 10**9-step upper bound forever."""
+    keeping the 10**9-step upper bound forever. The clock is a fake one (0.1 s a step): no wall time decides."""
     from types import SimpleNamespace
 
+    from gpt2_dutch.train import trainer as trainer_module
     from gpt2_dutch.train.schedule import make_schedule
     from gpt2_dutch.train.trainer import MaxTimeCallback
+
+    clock = [0.0]
+    monkeypatch.setattr(trainer_module.time, "perf_counter", lambda: clock[0])
 
     (tmp_path / "run_config.json").write_text(json.dumps({"total_steps": 10**9}))
     schedule = make_schedule("cosine", 10**9, 5, 0.2)
@@ -1080,6 +1084,7 @@ def test_a_max_time_run_stopped_before_its_fit_fits_after_resume(tmp_path):
     assert not cb.fitted
     for step in (8, 9, 10, 11):  # the first step after the resume is the reference, then 3 measured steps
         state.global_step = step
+        clock[0] += 0.1
         cb.on_step_end(args, state, control)
     assert cb.fitted and 11 < state.max_steps < 10**9 and schedule.total_steps == state.max_steps
     saved = json.loads((tmp_path / "run_config.json").read_text())
