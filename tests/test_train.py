@@ -354,14 +354,27 @@ def test_resume_from_an_incompatible_checkpoint_is_refused(tiny_dataset, tmp_pat
 
 
 @pytest.mark.slow
-def test_max_time_fits_the_step_count_so_the_schedule_ends(tiny_dataset, tmp_path):
-    # nano and cosine: the fit is what is tested (nano takes more steps in 4 s), and cosine's floor shows the end
+def test_max_time_fits_the_step_count_so_the_schedule_ends(tiny_dataset, tmp_path, monkeypatch):
+    # the budget's clock is a fake one that advances 0.1 s at each reading (two per step: its start and its
+    # end), so every step takes 0.2 s whatever the machine's speed and 4 s fit 20 steps; cosine: its floor
+    # shows the end
+    from gpt2_dutch.train.trainer import MaxTimeCallback
+
+    clock = [0.0]
+
+    def tick(self) -> float:  # noqa: ANN001
+        clock[0] += 0.1
+        return clock[0]
+
+    monkeypatch.setattr(MaxTimeCallback, "now", tick)
     run = train(tiny_cfg(tiny_dataset, tmp_path, max_time="4s", learning_rate=1e-3, model_size="nano",
                          schedule="cosine"))
     rc = json.loads((run / "run_config.json").read_text())
     m = metrics(run)
     total = rc["total_steps"]
     assert 10 < total < 10**6
+    assert 19 <= total <= 20, total  # 4 s of 0.2 s steps (the first step's own time is counted too)
+    assert rc["seconds_per_step"] == pytest.approx(0.2, rel=1e-3)
     # the run went to the fitted end: its final evaluation is at that step, and train loss is logged every
     # total // 100 steps, so the last record is within one interval of it
     assert [r["step"] for r in m if "eval_loss" in r][-1] == total

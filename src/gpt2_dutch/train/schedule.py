@@ -9,15 +9,29 @@ import math
 MIN_LR_RATIO = 0.1  # cosine decay ends at 10% of the peak (GPT-3 / Chinchilla practice)
 
 
-class WarmupCosine:
-    """LR multiplier: linear warmup to 1, then cosine decay to MIN_LR_RATIO at exactly `total_steps`.
+class Schedule:
+    """An LR multiplier of the step: linear warmup to 1 over `warmup_steps`, then each kind's decay ending at
+    exactly `total_steps`. Both may be changed after the start (a --max-time run fits them once speed is known);
+    the schedule stays continuous because it is a pure function of the step."""
 
-    `total_steps` may be changed after the start (a --max-time run fits it once speed is known); the schedule
-    then stays continuous because it is a pure function of the step.
-    """
+    def __init__(self, total_steps: int, warmup_steps: int):
+        self.total_steps, self.warmup_steps = total_steps, warmup_steps
+
+    def __call__(self, step: int) -> float:
+        raise NotImplementedError
+
+    def can_change_length(self, step: int, total_steps: int) -> bool:
+        """Whether the run's length can become `total_steps` after `step` without changing the rate of any step
+        from here on."""
+        raise NotImplementedError
+
+
+class WarmupCosine(Schedule):
+    """`cosine`: after the warmup, cosine decay to MIN_LR_RATIO at exactly `total_steps`."""
 
     def __init__(self, total_steps: int, warmup_steps: int, min_ratio: float = MIN_LR_RATIO):
-        self.total_steps, self.warmup_steps, self.min_ratio = total_steps, warmup_steps, min_ratio
+        super().__init__(total_steps, warmup_steps)
+        self.min_ratio = min_ratio
 
     def __call__(self, step: int) -> float:
         if step < self.warmup_steps:
@@ -36,13 +50,13 @@ def warmup_steps_for(warmup: float, total_steps: int) -> int:
     return int(warmup * total_steps) if warmup < 1 else int(warmup)
 
 
-class WarmupStableDecay(WarmupCosine):
-    """LR multiplier: linear warmup to 1, 1 until the last `cooldown` fraction of the run, then linearly to 0 at
-    exactly `total_steps`. Same mutable `total_steps`/`warmup_steps` as WarmupCosine; a --max-time run fits it
-    once and refits it while the rate is at its peak (`can_change_length`)."""
+class WarmupStableDecay(Schedule):
+    """`wsd` (the default): after the warmup, 1 until the last `cooldown` fraction of the run, then linearly to 0
+    at exactly `total_steps`; a --max-time run fits it once and refits it while the rate is at its peak
+    (`can_change_length`)."""
 
     def __init__(self, total_steps: int, warmup_steps: int, cooldown: float):
-        super().__init__(total_steps, warmup_steps, min_ratio=0.0)
+        super().__init__(total_steps, warmup_steps)
         self.cooldown = cooldown
 
     def __call__(self, step: int) -> float:
@@ -62,7 +76,7 @@ class WarmupStableDecay(WarmupCosine):
 SCHEDULES = ("cosine", "wsd")
 
 
-def make_schedule(kind: str, total_steps: int, warmup_steps: int, cooldown: float) -> WarmupCosine:
+def make_schedule(kind: str, total_steps: int, warmup_steps: int, cooldown: float) -> Schedule:
     if kind == "wsd":
         return WarmupStableDecay(total_steps, warmup_steps, cooldown)
     return WarmupCosine(total_steps, warmup_steps)
