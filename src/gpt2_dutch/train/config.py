@@ -11,25 +11,20 @@ from ..errors import check, check_number, check_seed
 from ..model import MODEL_PRESETS, preset
 from ..push import check_repo_id
 
-# --embedding-lr-scale's default. Screened on pico, 150 steps of 8 chunks, one core, seed 42, own LM head (bits per
-# byte on 100 held-out documents): x1 1.8499, x8 1.8402, x16 1.8418; with the tied head (150 steps of 4 chunks)
-# x1 1.9486, x3 1.9407, x8 1.9387. Measured on two seeds in the README's quality section.
+# --embedding-lr-scale's default: the embedding tables train at 8x AdamW's rate, screened against x1 to x16 with
+# both an own and a tied LM head (docs/experiments/optimizer.md).
 EMBEDDING_LR_SCALE = 8.0
 
 # AdamW's (beta1, beta2) by optimizer, where --adam-beta1/--adam-beta2 are not given. Beside Muon, AdamW trains only
 # the embedding tables, the LM head, LayerNorms and biases; there less momentum and a longer second-moment memory
-# trained better (pico, 150 steps of 8 chunks, one core, seed 42, bits per byte on 100 held-out documents):
-# (0.9, 0.95) 1.8317, (0.9, 0.99) 1.8244, (0.8, 0.99) 1.8149, (0.7, 0.99) 1.8101; seed 43 in the README. A token's
-# embedding row gets a gradient only in steps where the token occurs: with beta2 0.95 a rare token's second moment
-# has decayed by its next occurrence (its step is then ~lr), with 0.99 it is remembered for ~100 steps; and
-# modded-nanogpt trains its embeddings and head with beta1 0.8. With --optimizer adamw (every matrix) the textbook
-# GPT-3 values stay: that setting was not re-measured.
+# trained better: a token's embedding row gets a gradient only in steps where the token occurs, and with beta2 0.95
+# a rare token's second moment has decayed by its next occurrence (modded-nanogpt trains its embeddings and head
+# with beta1 0.8 too). With --optimizer adamw (every matrix) the textbook GPT-3 values stay, not re-measured
+# (docs/experiments/optimizer.md).
 ADAM_BETAS = {"muon": (0.7, 0.99), "adamw": (0.9, 0.95)}
-# --adamw-weight-decay's default: under Muon, AdamW's matrices are the embedding tables and the LM head, and they
-# trained better without decay (same screen, betas (0.7, 0.99), --weight-decay 0.1): seed 43 1.8086 -> 1.8024 with
-# none on AdamW's matrices; seed 42 1.8101 -> 1.8032 with none anywhere, and 1.8106 with none on Muon's matrices
-# only, so the gain is AdamW's side. Muon's matrices keep --weight-decay (Moonshot's Moonlight found Muon needs it
-# at scale). modded-nanogpt's Adam parameters have none either.
+# --adamw-weight-decay's default: under Muon, AdamW's matrices (the embedding tables and the LM head) trained better
+# without decay, and the gain is AdamW's side; Muon's matrices keep --weight-decay (Moonshot's Moonlight found
+# Muon needs it at scale). modded-nanogpt's Adam parameters have none either (docs/experiments/optimizer.md).
 MUON_ADAMW_WEIGHT_DECAY = 0.0
 
 

@@ -1,33 +1,19 @@
 """GPT-2's LM head and cross-entropy without the full `[tokens, vocab]` logits.
 
-Why: with a 32,768-token vocabulary the LM head dominates small models (`tiny`: ~85% of the FLOPs), and the
-plain path (`GPT2LMHeadModel(labels=...)`) materializes the logits of every position, casts them to fp32 and
-keeps the fp32 log-softmax for backward: 8 x 1024 tokens x 32,768 x 4 bytes = 1 GiB per micro-batch, and
-several passes over it through memory.
+Why: with a 32,768-token vocabulary the LM head dominates small models, and the plain path
+(`GPT2LMHeadModel(labels=...)`) materializes every position's logits in fp32 and keeps their log-softmax for
+backward (1 GiB per micro-batch of 8 x 1024 tokens).
 
 Here the loss is computed `chunk_tokens` rows of hidden states at a time: logits = h @ W^T in the compute
-dtype (the autocast dtype, as the plain path's `lm_head`), log-sum-exp and the target's logit in fp32, and,
-while the chunk's logits are still at hand, their gradient (softmax - one-hot, in place) and its two products:
-dL/dh for the chunk's rows and dL/dW accumulated in fp32. So no chunk's logits outlive its iteration (on a
-CPU every chunk reuses one buffer: see `logits_buffer`), and nothing is recomputed in backward (the same 3
-matmuls as the plain path; torch.utils.checkpoint per chunk would need a 4th). Backward only scales the stored
-gradients by the incoming scalar.
+dtype, log-sum-exp and the target's logit in fp32, and, while the chunk's logits are at hand, their gradient
+(softmax - one-hot, in place) with dL/dh for the chunk's rows and dL/dW accumulated in fp32. No chunk's logits
+outlive its iteration (on a CPU they reuse one buffer: `logits_buffer`), nothing is recomputed in backward (the
+plain path's 3 matmuls), and backward only scales the stored gradients by the incoming scalar.
 
-Within a chunk the elementwise work (softmax in fp32, log-sum-exp, softmax gradient) runs ELEMENTWISE_LOGITS
-logits at a time (64 rows of a 32k vocabulary: 8 MiB of fp32, which stays in a CPU's cache across its passes),
-while the three matmuls keep the chunk's full height. The softmax is torch's fused kernel (one row at a time
-through the cache) into a reused fp32 buffer; before, separate fp32 cast, max, subtract, exp, sum and scale ops
-each passed over the whole block: the block's work for 8,192 bf16 rows took 264-323 instead of 451-1311 ms on 2
-threads, and head and loss of 8,192 tokens, forward and backward, 608 instead of 666 ms at width 64 and 953
-instead of 994 at 128 (fastest of 7, alternating). The loss is then -log p(target) read off those probabilities
-(see `chunk_loss` for the rows where fp32 cannot hold p), and the gradient is one copy to `dtype` when no row is
-ignored: the log-sum-exp from two maxima (row's logit, row's probability) and a masking multiply had been three
-more passes over every block. Same A/B (fastest of 7): width 64 737-756 -> 610-636 ms, 128 933 -> 865 ms, 256
-1552 -> 1472 ms.
-Blocks at all, against the whole chunk at once (head and loss, forward and backward, of 2,048 tokens with a
-32k vocabulary in bf16 on one CPU core, median of 3): width 128 (`nano`) 761 -> 505 ms, 256 (`tiny`) 1071 ->
-807 ms, 768 (`small`) 2259 -> 2018 ms; 16 MiB blocks were slower (662 ms for width 128), and so were smaller
-chunks instead of blocks (their dL/dW products are thin matmuls).
+Within a chunk the elementwise work runs ELEMENTWISE_LOGITS logits at a time (a block that stays in a CPU's
+cache), with torch's fused softmax into a reused fp32 buffer; the loss is -log p(target) read off those
+probabilities (see `chunk_loss` for rows where fp32 cannot hold p), and the gradient is one copy to `dtype` when
+no row is ignored. Each of these choices was an A/B (docs/experiments/loss-kernels.md).
 
 On CUDA a fused kernel from an installed library (Liger Kernel, then Apple's cut-cross-entropy) is used when
 one imports; neither is a dependency. The model itself is never changed: the final model stays a plain
@@ -63,9 +49,7 @@ def logits_buffer(rows: int, vocab: int, dtype: torch.dtype, device: torch.devic
     """An uninitialised [rows, vocab] tensor for one chunk's logits. On a CPU it is a view of one buffer per
     thread and dtype, kept between chunks and calls: a chunk's logits (2,048 x 32,768 bf16 = 128 MiB) are
     above glibc's largest mmap threshold, so a fresh tensor per chunk is mapped and returned to the OS each time,
-    and every page of it faults on first touch. Measured (`pico`, 30 training steps of 8 chunks, 2 cores):
-    4.8M minor page faults without the buffer, 0.6M with it; 2 threads, head and loss of 8,192 tokens forward
-    and backward (4 chunks, median of 6): width 64 1045 -> 848 ms, width 128 1389 -> 1093 ms. On GPUs the
+    and every page of it faults on first touch (measured in docs/experiments/loss-kernels.md). On GPUs the
     caching allocator already reuses memory: a plain tensor there."""
     if device.type != "cpu":
         return torch.empty(rows, vocab, dtype=dtype, device=device)
