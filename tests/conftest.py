@@ -3,11 +3,17 @@
 from __future__ import annotations
 
 import json
+import os
 from pathlib import Path
 
 import pytest
 
 from gpt2_dutch.__main__ import main
+
+# One torch thread in this process and in every child (set before torch is imported): the tests' models are tiny,
+# so a thread pool's wake-ups cost more than the matmuls, and on a busy CI machine far more (see test_muon's
+# _one_thread). A value set by whoever runs the tests wins.
+os.environ.setdefault("OMP_NUM_THREADS", "1")
 
 SHARED = Path(__file__).resolve().parents[2] / "shared" / "data"
 GPT2_DIR = SHARED / "gpt2-tokenizer"
