@@ -20,10 +20,8 @@ the user did not decide (an explicit --model-size / --batch-size always wins):
   of the same paper, fitted with that batch size), times sqrt(B / B_fit) when the step's B tokens are fewer
   than the fit's B_fit (the square-root rule for Adam: Malladi et al. 2022). Under Muon this is AdamW's rate
   (embeddings, LM head, LayerNorms, biases), and there 1.5x the fit (MUON_ADAMW_LR_FACTOR); Muon's own stays
-  0.02. For a minute-scale CPU run the fit gives ~5-7e-3 where the size table has 2e-3 (measured: `nano`, 2
-  chunks a step, 150 s on one core, 2.089 bits per byte at 2e-3, 2.056 at 6e-3, 2.066 at 1.2e-2); for `small`
-  over ~1e18 FLOPs ~1.7e-3, the rate llm.c found best for GPT-2 124M (3x the 6e-4 of the GPT-3 paper), and
-  beside Muon 2.6e-3 (modded-nanogpt trains GPT-2 124M's head at 8e-3 and its embeddings far higher).
+  0.02. For a minute-scale CPU run the fit gives more than the size table's 2e-3, and trained better; for
+  `small` over ~1e18 FLOPs it gives the rate llm.c found best for GPT-2 124M (docs/experiments/budget.md).
 """
 
 from __future__ import annotations
@@ -39,11 +37,9 @@ TOKENS_PER_PARAM = 20  # Chinchilla's compute-optimal ratio
 MICRO_BATCH = 8  # chunks per device per forward when the batch is chosen here (the old default --batch-size)
 DEFAULT_BATCH = 8  # --batch-size of a run without a budget
 # The fit below comes from runs of 1e17+ FLOPs with thousands of steps; extrapolated to a few minutes on a CPU
-# (1e13) it leaves a run ~20 steps, and there fewer tokens per step won clearly (4x256 GPT-2, Muon, one core,
-# 150 s: 6 chunks of 1024 a step 2.198 bits per byte, 2 chunks 2.122). So a run gets at least this many steps.
-# 150 and not 100: the speed probe leaves out the optimizer and the data (and until a fix ran the head in bf16
-# while training ran it in fp32), so runs planned for 100 steps got 65-88, and fewer than ~100 cost quality
-# (`nano`, 150 s on one core: 65 steps 2.133, 104 steps 2.089, 196 steps 2.084).
+# (1e13) it leaves a run ~20 steps, and there fewer tokens per step won clearly. So a run gets at least this many
+# steps; 150 and not 100 because the speed probe leaves out the optimizer and the data, so runs planned for 100
+# got fewer, and fewer than ~100 cost quality (docs/experiments/budget.md).
 MIN_STEPS = 150
 
 
@@ -86,9 +82,8 @@ class LearningRate:
 
 
 # Under Muon, AdamW's rate (what --learning-rate sets) trains only the embedding tables, the LM head, LayerNorms
-# and biases, not the blocks' matrices the fit was made for. Measured on pico with its own head and the tables at
-# 8x (150 steps of 8 chunks, one core; bits per byte, seeds 42 and 43): the fit's 6.6e-3 1.8402 and 1.8417,
-# 1.5x it 1.8317 and 1.8331. 2x was worse for nano in the module doc's screen (tied head), so no more than 1.5x.
+# and biases, not the blocks' matrices the fit was made for: 1.5x the fit trained better there, 2x worse
+# (docs/experiments/optimizer.md).
 MUON_ADAMW_LR_FACTOR = 1.5
 
 

@@ -47,8 +47,7 @@ MAX_CONTEXT = 16384  # dense attention beyond this needs more memory than any pr
 PROVISIONAL_STEPS = 100  # the run length a --max-time run warms up for until its speed is measured
 UNFITTED = 10**9  # the step count of a --max-time run until its speed is measured (an upper bound)
 # An evaluation chunk costs about a third of a training chunk (forward only): scoring 3% of the run's training
-# chunks at each of its ten evaluations costs about 10% of the training time. Before this, a 4-minute tiny run
-# scored 1000 chunks ten times and took 15 minutes.
+# chunks at each of its ten evaluations costs about 10% of the training time (docs/experiments/budget.md).
 EVAL_SHARE, EVAL_CHUNKS_MIN, EVAL_CHUNKS_MAX = 0.03, 16, 1000
 _USER_TENSORBOARD_DIR = os.environ.get("TENSORBOARD_LOGGING_DIR")  # a directory the user chose wins
 

@@ -305,8 +305,8 @@ class GPT2Trainer(Trainer):
                         output_hidden_states=True)
         weight = self.accelerator.unwrap_model(model).get_output_embeddings().weight
         # accelerate runs only the model's forward under autocast (and hands its outputs back in fp32): the head
-        # gets the same mixed precision as the plain path's lm_head inside the forward. Without this it ran in
-        # fp32 (nano, 2 chunks a step, one CPU core: 1.19 s per training step, 0.82 s under autocast).
+        # gets the same mixed precision as the plain path's lm_head inside the forward (without this it ran in
+        # fp32 and slower: docs/experiments/throughput.md).
         with self.accelerator.autocast():
             loss = lm_head_loss_sum(outputs.hidden_states[-1], weight, labels, self.loss_chunk_tokens)
         # the same normalisation as the model's own loss under the Trainer: a sum over the tokens of every
@@ -558,7 +558,7 @@ class MaxTimeCallback(TrainerCallback):
     """Fits the step count to a wall-clock budget once the speed of the first steps is known, and, while the
     schedule allows it (wsd's stable phase: `can_change_length`), refits it at every REFIT_EVERY of the budget
     from the speed measured so far. Why refit: the first fit sees ~5% of the run, and on a shared machine
-    or as data and evaluations settle the speed drifts (runs of the same 4-minute budget trained 203-255 s)."""
+    or as data and evaluations settle the speed drifts (docs/experiments/budget.md)."""
 
     REFIT_EVERY = 0.1  # of the budget
 
