@@ -20,8 +20,11 @@ demo: $(VENV)/.installed
 test: $(VENV)/.installed
 	$(VENV)/bin/python -m pytest -q
 
+# The development corpus beside a checkout, when there is one (the product itself never looks for it).
+BENCH_TEXT ?= $(wildcard ../shared/data/dutch/train.jsonl.gz)
+
 bench: $(VENV)/.installed
-	$(VENV)/bin/gpt2-dutch bench
+	$(VENV)/bin/gpt2-dutch bench $(if $(BENCH_TEXT),--data-files $(BENCH_TEXT))
 
 lint: $(VENV)/.installed
 	$(VENV)/bin/ruff check src tests

@@ -14,8 +14,8 @@ ratio, so the figures hold on a noisy shared machine. Rates are also given as a 
 bounds them: the bare encoder for preprocessing (ours and the recipe's), the matmul peak of the dtype for
 training (MFU), memory bandwidth for batch-1 decoding. `quality` gives both recipes the same --max-time of training
 time and scores both on the same held-out documents in bits per byte (see gpt2_dutch/bench/quality.py).
-Text: --data-files FILE, else ../shared/data/dutch/train.jsonl.gz when run from a checkout that has it, else the
-built-in sample. Tokenizer: --tokenizer, else a Dutch BPE trained on that text before any timing.
+Text: --data-files FILE ..., else the built-in sample (small: pass a real corpus for figures worth quoting;
+`make bench` passes the development corpus when the checkout has one). Tokenizer: --tokenizer, else a Dutch BPE trained on that text before any timing.
 The benchmark runs on one device: it sets CUDA_VISIBLE_DEVICES to the first visible GPU before CUDA starts.
 """
 
@@ -49,7 +49,6 @@ from ..config import option
 from ..errors import UsageError, check
 
 PARTS = ["all", "preprocess", "train", "generate", "serve", "quality"]
-REFERENCE_TEXT = Path("../shared/data/dutch/train.jsonl.gz")  # the project's benchmark corpus, in a checkout
 
 
 @dataclass
@@ -61,7 +60,7 @@ class BenchConfig:
                          "--max-time is given")
     data_files: list[str] = option([], "benchmark text: .jsonl(.gz) files with a 'text' field, globs allowed, "
                                    "repeatable, as preprocess takes them (several are measured as one text; "
-                                   f"default: {REFERENCE_TEXT} when present, else the built-in sample)",
+                                   "default: the built-in sample)",
                                    aliases=["--data-file"])
     tokenizer: str | None = option(None, "tokenizer for every part (default: a Dutch BPE trained on the text)")
     output_dir: str = option("bench_results", "where bench.json, bench.md and bench.png are written")
@@ -141,7 +140,7 @@ def _bench(cfg: BenchConfig, builtin: Path) -> dict[str, Any]:
         elif cfg.text_files:
             text = cfg.text_files[0]
         else:
-            text = REFERENCE_TEXT if REFERENCE_TEXT.is_file() and not cfg.quick else builtin
+            text = builtin
         return _bench_text(cfg, text, ", ".join(map(str, cfg.text_files)) or str(text))
 
 
