@@ -15,7 +15,8 @@ bounds them: the bare encoder for preprocessing (ours and the recipe's), the mat
 training (MFU), memory bandwidth for batch-1 decoding. `quality` gives both recipes the same --max-time of training
 time and scores both on the same held-out documents in bits per byte (see gpt2_dutch/bench/quality.py).
 Text: --data-files FILE ..., else the built-in sample (small: pass a real corpus for figures worth quoting;
-`make bench` passes the development corpus when the checkout has one). Tokenizer: --tokenizer, else a Dutch BPE trained on that text before any timing.
+`make bench` passes the development corpus when the checkout has one).
+Tokenizer: --tokenizer, else a Dutch BPE trained on that text before any timing.
 The benchmark runs on one device: it sets CUDA_VISIBLE_DEVICES to the first visible GPU before CUDA starts.
 """
 
