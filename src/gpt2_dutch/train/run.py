@@ -31,6 +31,7 @@ from ..records import (
     checkpoint_problem,
     checkpoint_step,
     create_run_dir,
+    keep_metrics_up_to,
     latest_link,
     newest_unfinished_run,
     read_run_config,
@@ -370,23 +371,6 @@ def _initial_model(model_config: Any, source: Path | None) -> Any:
         raise UsageError(f"--init-from {source}: cannot load its weights ({str(e).splitlines()[0][:160]})") from None
 
 
-def _keep_metrics_up_to(run_dir: Path, step: int) -> None:
-    """On resume, drop metric rows logged after the checkpoint: those steps are trained again and would repeat."""
-    from ..files import write_text_atomic
-
-    path = run_dir / "metrics.jsonl"
-    if not path.is_file():
-        return
-    kept = []
-    for line in path.read_text().splitlines():
-        try:
-            if json.loads(line).get("step", 0) <= step:
-                kept.append(line)
-        except json.JSONDecodeError:  # a line cut short by a kill or a full disk
-            continue
-    write_text_atomic(path, "".join(f"{line}\n" for line in kept))
-
-
 def _run(cfg: TrainConfig, manifest: dict[str, Any]) -> Path:
     from transformers import AutoTokenizer, set_seed
 
@@ -467,7 +451,7 @@ def _run(cfg: TrainConfig, manifest: dict[str, Any]) -> Path:
                 cfg, **run_info, status="running",
                 started_at=datetime.now().isoformat(timespec="microseconds")))
         else:
-            _keep_metrics_up_to(run_dir, checkpoint_step(checkpoint))
+            keep_metrics_up_to(run_dir, checkpoint_step(checkpoint))
             changes: dict[str, Any] = {"status": "running"}
             if resume.extended_from is not None:  # say in the run's own record how far and from where it grew
                 extensions = read_run_config(run_dir).get("extensions", [])
