@@ -69,7 +69,7 @@ def gpt2_dir() -> Path:
 @pytest.fixture(scope="session")
 def small_tokenizer(tmp_path_factory: pytest.TempPathFactory) -> Path:
     """A 300-token Dutch BPE trained on the test documents and saved as a tokenizer directory."""
-    from gpt2_dutch.tokenizer import train_bpe
+    from gpt2_dutch.data.tokenizer import train_bpe
 
     tok = train_bpe(iter(DOCS * 4), 300, show_progress=False)
     out = tmp_path_factory.mktemp("tok")

@@ -13,7 +13,7 @@ import pytest
 from conftest import assert_one_line_error
 
 from gpt2_dutch.bench.quality import split_documents
-from gpt2_dutch.sample import builtin_sample_path
+from gpt2_dutch.data.sample import builtin_sample_path
 
 
 def _positive(x: float) -> bool:

@@ -6,7 +6,7 @@ import json
 
 import pytest
 
-from gpt2_dutch.model import MODEL_PRESETS, gpt2_config
+from gpt2_dutch.model.presets import MODEL_PRESETS, gpt2_config
 from gpt2_dutch.train import TrainConfig, train
 from gpt2_dutch.train.budget import (
     MIN_STEPS,

@@ -13,7 +13,7 @@ import pytest
 from conftest import assert_one_line_error
 
 from gpt2_dutch.__main__ import COMMANDS, command_config, command_parser
-from gpt2_dutch.config import load_config
+from gpt2_dutch.core.options import load_config
 from gpt2_dutch.train import TrainConfig
 
 HEAVY = ["torch", "transformers", "datasets", "pyarrow", "numpy", "tiktoken", "tokenizers", "matplotlib"]

@@ -10,8 +10,8 @@ from pathlib import Path
 import pytest
 from conftest import DOCS, write_jsonl
 
+from gpt2_dutch.data.sample import builtin_sample_path
 from gpt2_dutch.demo import DemoConfig, demo
-from gpt2_dutch.sample import builtin_sample_path
 
 ROOT = Path(__file__).resolve().parents[1]
 

@@ -36,7 +36,7 @@ import torch
 from conftest import DOCS, assert_one_line_error, poison_training_step, write_jsonl
 from safetensors.torch import load_file
 
-from gpt2_dutch.records import create_run_dir, run_status
+from gpt2_dutch.runs.records import create_run_dir, run_status
 from gpt2_dutch.train import TrainConfig, train
 
 # ====================================================================================================
@@ -248,7 +248,7 @@ def never_trained(mp: pytest.MonkeyPatch) -> None:
 def disk_full(mp: pytest.MonkeyPatch) -> None:
     def write(self, flat):
         raise OSError(errno.ENOSPC, "No space left on device")
-    mp.setattr("gpt2_dutch.data.ChunkWriter._write", write)
+    mp.setattr("gpt2_dutch.data.chunks.ChunkWriter._write", write)
 
 
 def disk_full_in_a_worker(mp: pytest.MonkeyPatch) -> None:
@@ -782,7 +782,7 @@ def tiny_model(tmp_path_factory: pytest.TempPathFactory, small_tokenizer: Path) 
 @pytest.fixture(scope="session")
 def other_model(tmp_path_factory: pytest.TempPathFactory) -> Path:
     """A random model whose 300-token BPE was trained on other text: same vocabulary size, other ids and merges."""
-    from gpt2_dutch.tokenizer import train_bpe
+    from gpt2_dutch.data.tokenizer import train_bpe
 
     tok_dir = tmp_path_factory.mktemp("other_tok")
     train_bpe(iter([d[::-1] for d in DOCS] * 4), 300, show_progress=False).save_pretrained(str(tok_dir))

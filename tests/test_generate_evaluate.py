@@ -17,8 +17,8 @@ from conftest import DOCS, assert_one_line_error, write_jsonl
 
 from gpt2_dutch.evaluate import EvaluateConfig, evaluate
 from gpt2_dutch.generate import GenerateConfig
-from gpt2_dutch.generation import generate_texts
-from gpt2_dutch.model_loading import load_model
+from gpt2_dutch.generate.sampling import generate_texts
+from gpt2_dutch.model.loading import load_model
 from gpt2_dutch.train import TrainConfig, train
 
 # Every test here needs `tiny_run`, a model trained for 300 steps until it knows the corpus by heart (its
@@ -66,7 +66,7 @@ def test_cpu_decode_attention_equals_sdpa(loaded):
     """The one-query decoding path gives SDPA's result, padding mask included; longer queries are SDPA itself."""
     from transformers.integrations.sdpa_attention import sdpa_attention_forward
 
-    from gpt2_dutch.cpu_kernels import CPU_ATTENTION, cpu_decode_attention
+    from gpt2_dutch.model.cpu_kernels import CPU_ATTENTION, cpu_decode_attention
 
     model = loaded[0]
     assert model.config._attn_implementation == CPU_ATTENTION
@@ -87,7 +87,7 @@ def test_cpu_decode_attention_equals_sdpa(loaded):
 def test_models_saved_with_gelu_new_load_with_the_fused_gelu_and_same_logits(tiny_run, tmp_path):
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
-    from gpt2_dutch.model import FAST_GELU
+    from gpt2_dutch.model.presets import FAST_GELU
 
     final = tiny_run / "final_model"
     old = AutoModelForCausalLM.from_pretrained(str(final), activation_function="gelu_new").eval()
@@ -105,7 +105,7 @@ def test_models_saved_with_gelu_new_load_with_the_fused_gelu_and_same_logits(tin
 def test_cpu_bf16_packs_every_linear_layer_with_the_same_logits(tiny_run):
     from transformers import AutoModelForCausalLM
 
-    from gpt2_dutch.cpu_kernels import PackedLinear, parameter_count
+    from gpt2_dutch.model.cpu_kernels import PackedLinear, parameter_count
 
     model, tok, _ = load_model(tiny_run, device="cpu", dtype="bf16")
     packed = [m for m in model.modules() if isinstance(m, PackedLinear)]
@@ -122,7 +122,7 @@ def test_cpu_bf16_packs_every_linear_layer_with_the_same_logits(tiny_run):
 
 @pytest.mark.parametrize("failure", ["wrong results", "op error"])
 def test_packing_that_fails_its_check_keeps_the_plain_model(tiny_run, monkeypatch, failure):
-    from gpt2_dutch import cpu_kernels
+    from gpt2_dutch.model.presets import cpu_kernels
 
     def broken(self, x):
         if failure == "op error":
@@ -161,7 +161,7 @@ def test_generation_stops_at_end_of_text(loaded):
 
 def test_each_prompt_gets_its_own_budget_in_a_batch(loaded, monkeypatch):
     """A long prompt no longer shortens the others: before, every prompt got context minus the longest prompt."""
-    from gpt2_dutch.generation import plan_prompts
+    from gpt2_dutch.generate.sampling import plan_prompts
 
     model, tok, _ = loaded
     short, long = "De trein naar", DOCS[0][:33]  # the long one leaves fewer than 12 of the 32 positions
@@ -210,7 +210,7 @@ def test_cli_says_what_it_capped_and_truncated_and_json_has_it_per_prompt(tiny_r
 def test_repl_notices_and_undecodable_lines_go_to_stderr_and_it_goes_on(loaded):
     import io
 
-    from gpt2_dutch.interactive import repl
+    from gpt2_dutch.generate.repl import repl
 
     model, tok, _ = loaded
     stdin = io.TextIOWrapper(io.BytesIO(b"/max 12\nDe \xffx\nDe trein naar\n" + DOCS[0][:33].encode() + b"\n"))
@@ -257,7 +257,7 @@ def long_context_model(tmp_path_factory, tiny_run) -> Path:
     to interrupt (an untrained model ends a text after ~300 tokens on average, sometimes before Ctrl-C arrives)."""
     from transformers import AutoModelForCausalLM, AutoTokenizer, GenerationConfig
 
-    from gpt2_dutch.model import gpt2_config
+    from gpt2_dutch.model.presets import gpt2_config
 
     tok = AutoTokenizer.from_pretrained(tiny_run / "final_model")
     out = tmp_path_factory.mktemp("long") / "final_model"

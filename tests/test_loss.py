@@ -24,7 +24,7 @@ VOCAB, EOS = 512, 0
 def tiny_model(seed: int = 0):  # noqa: ANN201 - a GPT2LMHeadModel
     from transformers import AutoModelForCausalLM
 
-    from gpt2_dutch.model import gpt2_config
+    from gpt2_dutch.model.presets import gpt2_config
 
     torch.manual_seed(seed)
     return AutoModelForCausalLM.from_config(gpt2_config("tiny", VOCAB, 32, EOS), attn_implementation="sdpa")

@@ -11,7 +11,7 @@ import pytest
 import yaml
 from conftest import assert_one_line_error
 
-from gpt2_dutch.model_card import (
+from gpt2_dutch.runs.card import (
     _duration,
     card_facts,
     fertility,
@@ -230,7 +230,7 @@ def test_fertility_leaves_out_the_end_of_text_tokens():
 
 
 def test_a_card_that_cannot_be_rendered_never_costs_the_model(tmp_path, monkeypatch, capsys):
-    import gpt2_dutch.model_card as mc
+    import gpt2_dutch.runs.card as mc
 
     run = fake_run(tmp_path, HUB)
 

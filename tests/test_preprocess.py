@@ -17,9 +17,9 @@ from conftest import DOCS, DUTCH_CORPUS, assert_one_line_error, write_jsonl
 from datasets import load_from_disk
 from transformers import AutoTokenizer
 
-from gpt2_dutch.data import token_dtype
+from gpt2_dutch.data.chunks import token_dtype
+from gpt2_dutch.data.tokenizer import load_tokenizer
 from gpt2_dutch.preprocess import PreprocessConfig, preprocess
-from gpt2_dutch.tokenizer import load_tokenizer
 
 
 def run_preprocess(tmp_path: Path, files: list[Path] | Path, tokenizer: Path | None, **kw) -> Path:
@@ -132,7 +132,7 @@ def test_every_file_format_gives_the_same_chunks(tmp_path, small_tokenizer):
 def test_txt_sample_by_line_and_document(tmp_path, small_tokenizer):
     txt = tmp_path / "a.txt"
     txt.write_text("Eerste regel.\nTweede regel.\n\nDerde regel.\n")
-    from gpt2_dutch.data import iter_file_texts
+    from gpt2_dutch.data.sources import iter_file_texts
 
     assert list(iter_file_texts(txt, sample_by="line")) == ["Eerste regel.", "Tweede regel.", "Derde regel."]
     assert list(iter_file_texts(txt, sample_by="paragraph")) == ["Eerste regel.\nTweede regel.", "Derde regel."]
@@ -174,7 +174,7 @@ def test_reuse_tokenizer_of_a_dataset(tmp_path, corpus):
 
 
 def test_a_lone_surrogate_escape_in_json_is_read_as_the_replacement_character(tmp_path):
-    from gpt2_dutch.data import iter_local_texts
+    from gpt2_dutch.data.sources import iter_local_texts
 
     broken = 'Een half emoji-paar \\ud83c hier, een heel paar \\ud83c\\udf89 daar.'
     lines = '{"text": "' + broken + '"}\n{"text": "Gewoon."}\n'

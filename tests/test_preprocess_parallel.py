@@ -21,10 +21,10 @@ import pytest
 from conftest import DOCS, assert_one_line_error, write_jsonl
 from datasets import load_from_disk
 
-from gpt2_dutch.data import iter_file_texts
-from gpt2_dutch.errors import UsageError
+from gpt2_dutch.core.errors import UsageError
+from gpt2_dutch.data.sources import iter_file_texts
 from gpt2_dutch.preprocess import PreprocessConfig, preprocess
-from gpt2_dutch.preprocess_parts import KILL_HOOK, is_transient, read_blocks, retrying
+from gpt2_dutch.preprocess.parts import KILL_HOOK, is_transient, read_blocks, retrying
 
 TINY_PART_MB = 0.001  # 1 KB parts: the test corpora become dozens of parts
 
@@ -136,7 +136,7 @@ def test_a_streamed_hub_config_is_one_part_per_data_file(tmp_path, small_tokeniz
 ], ids=["jsonl-small-blocks", "jsonl-one-block", "no-final-newline", "paragraphs", "crlf-paragraphs", "empty"])
 def test_blocks_are_whole_lines_or_paragraphs_and_give_the_files_documents(tmp_path, content, paragraphs,
                                                                          part_bytes):
-    from gpt2_dutch.data import iter_block_texts
+    from gpt2_dutch.data.sources import iter_block_texts
 
     fmt = "txt" if paragraphs else "jsonl"
     path = tmp_path / f"f.{fmt}"
@@ -345,7 +345,7 @@ def test_the_arrow_files_and_metadata_are_what_datasets_writes(tmp_path):
 
     from datasets import DatasetInfo, Features, List, Value
 
-    from gpt2_dutch.data import arrow_schema, dataset_info
+    from gpt2_dutch.data.chunks import arrow_schema, dataset_info
 
     for dtype in (np.dtype(np.uint16), np.dtype(np.uint32)):
         features = Features({"input_ids": List(Value(dtype.name), length=7)})
@@ -356,7 +356,7 @@ def test_the_arrow_files_and_metadata_are_what_datasets_writes(tmp_path):
 def test_the_light_tokenizer_is_the_transformers_one(tmp_path, gpt2_dir, small_tokenizer):
     from transformers import AutoTokenizer
 
-    from gpt2_dutch.tokenizer import load_tokenizer, load_tokenizer_files
+    from gpt2_dutch.data.tokenizer import load_tokenizer, load_tokenizer_files
 
     for source in (gpt2_dir, small_tokenizer):
         light, full = load_tokenizer_files(str(source)), load_tokenizer(str(source))
@@ -375,7 +375,7 @@ def test_the_light_tokenizer_is_the_transformers_one(tmp_path, gpt2_dir, small_t
 def test_a_json_block_reads_like_the_file(tmp_path):
     lines = b'{"text": "een"}\n\n{"text": "twee \\ud83c"}\n'
     (tmp_path / "a.jsonl").write_bytes(lines)
-    from gpt2_dutch.data import iter_block_texts
+    from gpt2_dutch.data.sources import iter_block_texts
 
     assert list(iter_block_texts(tmp_path / "a.jsonl", "jsonl", lines, 1, "text", "paragraph")) == list(
         iter_file_texts(tmp_path / "a.jsonl"))

@@ -16,9 +16,9 @@ import pytest
 import yaml
 from conftest import assert_one_line_error
 
-from gpt2_dutch.config import load_config
-from gpt2_dutch.model_card import write_card
+from gpt2_dutch.core.options import load_config
 from gpt2_dutch.push import PushConfig, files_to_upload
+from gpt2_dutch.runs.card import write_card
 from gpt2_dutch.train import TrainConfig
 
 UPLOADED = ["README.md", "config.json", "generation_config.json", "loss.png", "model.safetensors", "tokenizer.json",

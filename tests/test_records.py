@@ -1,4 +1,4 @@
-"""gpt2_dutch.records, the one owner of a run's records: run_config.json, metrics.jsonl, the status, finding a
+"""gpt2_dutch.runs.records, the one owner of a run's records: run_config.json, metrics.jsonl, the status, finding a
 run or a model (final_model, run directory, -latest link), checkpoints. Fast: no training."""
 
 from __future__ import annotations
@@ -9,8 +9,8 @@ from pathlib import Path
 
 import pytest
 
-from gpt2_dutch.errors import UsageError
-from gpt2_dutch.records import (
+from gpt2_dutch.core.errors import UsageError
+from gpt2_dutch.runs.records import (
     FINISHED,
     RECORD_FORMAT,
     checkpoints_of,

@@ -49,7 +49,7 @@ def long_model(served_run: Path, tmp_path_factory: pytest.TempPathFactory) -> Pa
     import torch
     from transformers import AutoModelForCausalLM, AutoTokenizer, GenerationConfig
 
-    from gpt2_dutch.model import gpt2_config
+    from gpt2_dutch.model.presets import gpt2_config
 
     tok = AutoTokenizer.from_pretrained(served_run / "final_model")
     out = tmp_path_factory.mktemp("long") / "final_model"
@@ -139,14 +139,14 @@ def live(served_run: Path) -> Iterator[Live]:
 
 @pytest.fixture(scope="module")
 def loaded(served_run: Path):
-    from gpt2_dutch.model_loading import load_model
+    from gpt2_dutch.model.loading import load_model
 
     return load_model(served_run, device="cpu", dtype="fp32")
 
 
 def greedy_generate(loaded: Any, prompts: list[str], max_tokens: int) -> list[str]:
     from gpt2_dutch.generate import GenerateConfig
-    from gpt2_dutch.generation import generate_texts
+    from gpt2_dutch.generate.sampling import generate_texts
 
     model, tok, _ = loaded
     cfg = GenerateConfig(model_path="-", max_new_tokens=max_tokens, greedy=True)

@@ -10,7 +10,7 @@ import pytest
 from conftest import DOCS, DUTCH_CORPUS
 from tokenizers import Tokenizer, decoders, models, normalizers, pre_tokenizers
 
-from gpt2_dutch.tokenizer import EOS_TOKEN, BatchEncoder, load_tokenizer, train_bpe
+from gpt2_dutch.data.tokenizer import EOS_TOKEN, BatchEncoder, load_tokenizer, train_bpe
 
 # Texts that stress the pre-tokenizer and the byte-level alphabet, written for this test.
 HARD_TEXTS = [
@@ -165,7 +165,7 @@ def random_text(rng, n: int) -> str:
 def test_pieces_of_a_long_text_encode_to_the_ids_of_the_whole(tokenizer, small_tokenizer, request):
     import random
 
-    from gpt2_dutch.tokenizer import split_long_text
+    from gpt2_dutch.data.tokenizer import split_long_text
 
     path = small_tokenizer if tokenizer == "dutch bpe" else request.getfixturevalue("gpt2_dir")
     tok = load_tokenizer(str(path))
@@ -188,7 +188,7 @@ def test_pieces_of_a_long_text_encode_to_the_ids_of_the_whole(tokenizer, small_t
 def test_batch_encoder_encodes_long_documents_in_pieces_with_the_same_ids(small_tokenizer, engine, monkeypatch):
     import random
 
-    from gpt2_dutch import tokenizer as tokenizer_module
+    from gpt2_dutch.data import tokenizer as tokenizer_module
 
     tok = load_tokenizer(str(small_tokenizer))
     rng = random.Random(1)
@@ -205,7 +205,7 @@ def test_batch_encoder_encodes_long_documents_in_pieces_with_the_same_ids(small_
 def test_a_bpe_trained_on_the_pieces_is_the_bpe_trained_on_the_whole():
     import random
 
-    from gpt2_dutch.tokenizer import split_long_text
+    from gpt2_dutch.data.tokenizer import split_long_text
 
     rng = random.Random(2)
     text = " ".join(DOCS) * 5 + random_text(rng, 3000)

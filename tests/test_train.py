@@ -152,7 +152,7 @@ def test_the_head_has_its_own_weight_unless_tied_and_resume_and_init_from_keep_t
 def test_the_embedding_tables_get_their_own_group_at_a_multiple_of_the_learning_rate(kind):
     from transformers import AutoModelForCausalLM
 
-    from gpt2_dutch.model import gpt2_config
+    from gpt2_dutch.model.presets import gpt2_config
     from gpt2_dutch.train.muon import MuonAdamW, param_groups
     from gpt2_dutch.train.trainer import scale_embedding_lr
 

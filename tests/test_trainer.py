@@ -16,7 +16,7 @@ from types import SimpleNamespace
 import pytest
 from conftest import poison_training_step
 
-from gpt2_dutch.records import checkpoint_problem
+from gpt2_dutch.runs.records import checkpoint_problem
 
 TINY = ["--model-size", "tiny", "--batch-size", "4", "--precision", "fp32"]
 

@@ -9,9 +9,9 @@ import sys
 import types
 from typing import Any
 
-from . import __version__
-from .config import add_arguments, config_values, from_namespace, read_config_file
-from .errors import Stopped, UsageError, is_disk_full
+from gpt2_dutch import __version__
+from gpt2_dutch.core.errors import Stopped, UsageError, is_disk_full
+from gpt2_dutch.core.options import add_arguments, config_values, from_namespace, read_config_file
 
 # name -> (module, config class, entry function, one-line help). Building a parser imports each module for its
 # config class, so a module must import torch & co. only inside its functions: `--help` stays light

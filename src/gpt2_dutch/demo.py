@@ -14,10 +14,10 @@ import time
 from dataclasses import dataclass
 from pathlib import Path
 
-from .config import option
-from .data import read_manifest
-from .errors import check
-from .model import preset
+from gpt2_dutch.core.errors import check
+from gpt2_dutch.core.options import option
+from gpt2_dutch.data.chunks import read_manifest
+from gpt2_dutch.model.presets import preset
 
 
 @dataclass
@@ -42,12 +42,12 @@ DEMO_EPOCHS = 12
 
 
 def demo(cfg: DemoConfig) -> dict:
-    from .evaluate import EvaluateConfig, evaluate
-    from .generate import GenerateConfig
-    from .generation import generate_texts
-    from .model_loading import load_model
-    from .preprocess import PreprocessConfig, preprocess
-    from .train import TrainConfig, train
+    from gpt2_dutch.evaluate import EvaluateConfig, evaluate
+    from gpt2_dutch.generate import GenerateConfig
+    from gpt2_dutch.generate.sampling import generate_texts
+    from gpt2_dutch.model.loading import load_model
+    from gpt2_dutch.preprocess import PreprocessConfig, preprocess
+    from gpt2_dutch.train import TrainConfig, train
 
     start = time.perf_counter()
     out = Path(cfg.output_dir)

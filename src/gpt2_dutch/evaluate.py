@@ -20,9 +20,10 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-from .config import option
-from .data import batched, expand_data_files, iter_local_texts, load_split, read_manifest
-from .errors import UsageError, check
+from gpt2_dutch.core.errors import UsageError, check
+from gpt2_dutch.core.options import option
+from gpt2_dutch.data.chunks import load_split, read_manifest
+from gpt2_dutch.data.sources import batched, expand_data_files, iter_local_texts
 
 if TYPE_CHECKING:  # torch is imported where it is used: building the CLI's parser imports this module
     import torch
@@ -167,7 +168,7 @@ def evaluate_dataset(model: Any, cfg: EvaluateConfig, tokenizer: Any = None, mod
     import torch
     from tqdm.auto import tqdm
 
-    from .model_loading import context_length
+    from gpt2_dutch.model.loading import context_length
 
     manifest = read_manifest(cfg.dataset_path)  # type: ignore[arg-type]
     if tokenizer is not None:
@@ -206,7 +207,7 @@ def evaluate_files(model: Any, tokenizer: Any, cfg: EvaluateConfig) -> dict[str,
     import torch
     from tqdm.auto import tqdm
 
-    from .model_loading import context_length
+    from gpt2_dutch.model.loading import context_length
 
     files = expand_data_files(cfg.data_files)
     ctx = context_length(model) or 1024
@@ -250,7 +251,7 @@ def _result(t: Totals, n_bytes: float, words_per_token: float, documents: int | 
 
 
 def evaluate(cfg: EvaluateConfig) -> dict[str, Any]:
-    from .model_loading import load_model
+    from gpt2_dutch.model.loading import load_model
 
     model, tokenizer, model_dir = load_model(cfg.model_path, cfg.device, cfg.precision)
     result = evaluate_dataset(model, cfg, tokenizer, model_dir) if cfg.dataset_path else \

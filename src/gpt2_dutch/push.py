@@ -19,8 +19,8 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from .config import option
-from .errors import UsageError, check
+from gpt2_dutch.core.errors import UsageError, check
+from gpt2_dutch.core.options import option
 
 # What a model repository needs, and only that: a stray file in final_model (a note, a pickle) is never sent.
 UPLOADED = ["config.json", "generation_config.json", "*.safetensors", "*.safetensors.index.json", "tokenizer.json",
@@ -73,8 +73,8 @@ def push(cfg: PushConfig) -> str:
 def publishable_dir(path: str | Path) -> Path:
     """The model directory behind `path`, checked for publishing: a config, safetensors weights, a tokenizer,
     no pickles, a card (written from the run's records when missing)."""
-    from .model_card import CARD, write_card
-    from .records import locate
+    from gpt2_dutch.runs.card import CARD, write_card
+    from gpt2_dutch.runs.records import locate
 
     p = Path(path).expanduser()
     check(p.exists(), f"--model-path {p} does not exist; pass a final_model, run directory or -latest link")
@@ -129,7 +129,7 @@ def push_model(model_dir: Path, repo_id: str, private: bool = False,
     """Create the repository if needed and upload the model's files in one commit; return its URL."""
     from huggingface_hub import HfApi
 
-    from .model_card import name_repo_in_card
+    from gpt2_dutch.runs.card import name_repo_in_card
 
     token = hub_token()
     files = files_to_upload(model_dir)

@@ -45,9 +45,9 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from .. import __version__
-from ..config import option
-from ..errors import UsageError, check
+from gpt2_dutch import __version__
+from gpt2_dutch.core.errors import UsageError, check
+from gpt2_dutch.core.options import option
 
 PARTS = ["all", "preprocess", "train", "generate", "serve", "quality"]
 
@@ -86,14 +86,14 @@ class BenchConfig:
     ablation_variants: list = field(init=False, default_factory=list)
 
     def __post_init__(self) -> None:
-        from ..data import expand_data_files
+        from gpt2_dutch.data.sources import expand_data_files
 
         self.text_files = expand_data_files(self.data_files, "--data-files") if self.data_files else []
         for path in self.text_files:
             check(path.name.endswith((".jsonl", ".jsonl.gz", ".json", ".json.gz")), f"--data-files {path}: the "
                   "run_clm baseline reads JSON lines; give a .jsonl or .jsonl.gz file with a 'text' field")
-        from ..config import parse_duration
-        from .quality import ablation_variants, ours_overrides  # light: no torch until quality runs
+        from gpt2_dutch.bench.quality import ablation_variants, ours_overrides  # light: no torch until quality runs
+        from gpt2_dutch.core.options import parse_duration
 
         self.budget_s = parse_duration(self.max_time or ("3s" if self.quick else "4m"))
         check(1 <= self.seeds <= 100, f"--seeds must be between 1 and 100 (got {self.seeds})")
@@ -106,7 +106,7 @@ class BenchConfig:
 
 
 def bench(cfg: BenchConfig) -> dict[str, Any]:
-    from ..sample import builtin_sample_path
+    from gpt2_dutch.data.sample import builtin_sample_path
 
     saved = os.environ.get("CUDA_VISIBLE_DEVICES")
     _use_one_device()
@@ -146,13 +146,13 @@ def _bench(cfg: BenchConfig, builtin: Path) -> dict[str, Any]:
 
 
 def _bench_text(cfg: BenchConfig, text: Path, shown: str) -> dict[str, Any]:
-    from .generate_speed import bench_generate
-    from .limits import machine_info, measure_limits
-    from .preprocess_speed import bench_preprocess, train_bench_tokenizer
-    from .quality import bench_quality
-    from .report import ratios, say, write_outputs
-    from .serve_speed import bench_serve
-    from .train_speed import bench_train
+    from gpt2_dutch.bench.generate_speed import bench_generate
+    from gpt2_dutch.bench.limits import machine_info, measure_limits
+    from gpt2_dutch.bench.preprocess_speed import bench_preprocess, train_bench_tokenizer
+    from gpt2_dutch.bench.quality import bench_quality
+    from gpt2_dutch.bench.report import ratios, say, write_outputs
+    from gpt2_dutch.bench.serve_speed import bench_serve
+    from gpt2_dutch.bench.train_speed import bench_train
 
     parts = PARTS[1:] if cfg.part == "all" else [cfg.part]
     if cfg.part == "all" and cfg.quick:

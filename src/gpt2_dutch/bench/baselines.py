@@ -73,7 +73,7 @@ def train_recipe(dataset_dir: str, model_size: str, batch_size: int, steps: int,
     from datasets import load_from_disk
     from transformers import AutoModelForCausalLM, GPT2Config, Trainer, TrainingArguments, default_data_collator
 
-    from ..model import MODEL_PRESETS
+    from gpt2_dutch.model.presets import MODEL_PRESETS
 
     data = load_from_disk(dataset_dir)["train"]
     context = len(data[0]["input_ids"])

@@ -12,10 +12,10 @@ import torch
 def bench_generate(tokenizer_dir: str, tmp: Path, quick: bool, limits: dict[str, Any]) -> dict[str, Any]:
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
-    from ..decode_speed import run_benchmark
-    from ..model import gpt2_config, matmul_params
-    from ..model_loading import load_model
-    from .baselines import generate_recipe
+    from gpt2_dutch.bench.baselines import generate_recipe
+    from gpt2_dutch.generate.speed import run_benchmark
+    from gpt2_dutch.model.loading import load_model
+    from gpt2_dutch.model.presets import gpt2_config, matmul_params
 
     size = "tiny" if quick else "small"
     new_tokens, repeats, batch = (16, 1, 16) if quick else (64, 3, 16)

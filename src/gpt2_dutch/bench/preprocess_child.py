@@ -40,10 +40,10 @@ def run(side: str, text: str, tok: str, out: str, cache: str, chunk: int) -> dic
     import tokenizers  # noqa: F401
     import transformers  # noqa: F401
 
-    from ..data import iter_local_texts
-    from ..preprocess import PreprocessConfig, preprocess
-    from ..tokenizer import BatchEncoder, load_tokenizer
-    from .baselines import preprocess_recipe
+    from gpt2_dutch.bench.baselines import preprocess_recipe
+    from gpt2_dutch.data.sources import iter_local_texts
+    from gpt2_dutch.data.tokenizer import BatchEncoder, load_tokenizer
+    from gpt2_dutch.preprocess import PreprocessConfig, preprocess
 
     if side in ("encoder", "tokenizers"):  # the limits: bare batch encoders on texts already in memory
         texts = list(iter_local_texts([Path(text)], "text", "paragraph"))

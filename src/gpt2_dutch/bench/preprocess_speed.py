@@ -21,12 +21,12 @@ import sys
 from pathlib import Path
 from typing import Any
 
-from .report import say
+from gpt2_dutch.bench.report import say
 
 
 def train_bench_tokenizer(text: Path, out: Path, vocab_size: int) -> str:
-    from ..data import iter_local_texts
-    from ..tokenizer import train_bpe
+    from gpt2_dutch.data.sources import iter_local_texts
+    from gpt2_dutch.data.tokenizer import train_bpe
 
     say(f"training a {vocab_size}-token Dutch BPE on {text.name} for the benchmark (not timed)")
     train_bpe(iter_local_texts([text], "text", "paragraph"), vocab_size).save_pretrained(str(out))
@@ -75,7 +75,7 @@ def recipe_tokenizer(tokenizer: str, tmp: Path) -> str:
     path = Path(tokenizer)
     if not path.is_dir() or (path / "tokenizer.json").is_file():
         return tokenizer
-    from ..tokenizer import load_tokenizer
+    from gpt2_dutch.data.tokenizer import load_tokenizer
 
     out = tmp / "recipe-tokenizer"
     if not out.is_dir():
@@ -85,7 +85,7 @@ def recipe_tokenizer(tokenizer: str, tmp: Path) -> str:
 
 def bench_whole(text: Path, tokenizer: str, tmp: Path, quick: bool) -> dict[str, Any]:
     """Whole processes, start-up included: ours with 1 and 2 workers, and the recipe; fastest of the repeats."""
-    from ..preprocess import available_cores
+    from gpt2_dutch.preprocess import available_cores
 
     chunk = 128 if quick else 1024
     recipe_tok = recipe_tokenizer(tokenizer, tmp)

@@ -38,8 +38,8 @@ import sys
 from pathlib import Path
 from typing import Any
 
-from ..errors import check
-from .report import say
+from gpt2_dutch.bench.report import say
+from gpt2_dutch.core.errors import check
 
 HELDOUT_FRACTION, HELDOUT_MIN = 0.05, 3
 CARVE_SEED = 0  # the held-out documents do not change with the training seeds: every seed scores the same text
@@ -54,8 +54,8 @@ SHOWN_SETTINGS = ("model_size", "optimizer", "schedule", "batch_size", "gradient
 def ours_overrides(path: str, flag: str = "--ours-config") -> dict[str, Any]:
     """The TrainConfig settings in an --ours-config file, checked as `train --config` checks them (unknown keys,
     types, values), before any work starts."""
-    from ..config import config_values, read_config_file
-    from ..train.config import TrainConfig
+    from gpt2_dutch.core.options import config_values, read_config_file
+    from gpt2_dutch.train.config import TrainConfig
 
     where = f"{flag} {path}"
     check(Path(path).is_file(), f"{where} not found (a JSON or YAML file of train settings, e.g. learning_rate: 3e-3)")
@@ -103,10 +103,10 @@ def ablation_variants(paths: list[str]) -> list[tuple[str, str | None, dict[str,
 def bench_quality(text: Path, tokenizer: str | None, tmp: Path, quick: bool, budget_s: float, seeds: int,
                   ours_config: str | None, overrides: dict[str, Any],
                   ablation: list[tuple[str, str | None, dict[str, Any]]] | None = None) -> dict[str, Any]:
-    from ..data import iter_local_texts
-    from ..preprocess import DEFAULT_CARVE_FRACTION, PreprocessConfig, carve, preprocess
-    from .baselines import TEXTBOOK, textbook_dataset
-    from .preprocess_speed import train_bench_tokenizer
+    from gpt2_dutch.bench.baselines import TEXTBOOK, textbook_dataset
+    from gpt2_dutch.bench.preprocess_speed import train_bench_tokenizer
+    from gpt2_dutch.data.sources import iter_local_texts
+    from gpt2_dutch.preprocess import DEFAULT_CARVE_FRACTION, PreprocessConfig, carve, preprocess
 
     docs = list(iter_local_texts([text], "text", "paragraph"))  # the documents exactly as preprocess reads them
     train_docs, heldout, indices, dropped = split_documents(docs)
@@ -196,8 +196,8 @@ def bench_quality(text: Path, tokenizer: str | None, tmp: Path, quick: bool, bud
 def _ours(dataset: Path, budget_s: float, seed: int, overrides: dict[str, Any], out: Path) -> dict[str, Any]:
     """`gpt2-dutch train --dataset-path D --model-size auto --max-time BUDGET --seed S` (+ overrides), through
     train(TrainConfig(...)); what it did is read from what the run publishes."""
-    from ..train import TrainConfig, train
-    from .train_speed import read_metrics
+    from gpt2_dutch.bench.train_speed import read_metrics
+    from gpt2_dutch.train import TrainConfig, train
 
     # auto: our defaults given only a budget, as a user who wants the best model for it would run them
     cfg = TrainConfig(**{"model_size": "auto", **overrides, "dataset_path": str(dataset), "max_time": f"{budget_s}s",
@@ -222,7 +222,7 @@ def _ours(dataset: Path, budget_s: float, seed: int, overrides: dict[str, Any], 
 
 
 def _baseline(data: Any, tokenizer: str, budget_s: float, seed: int, out: Path) -> dict[str, Any]:
-    from .baselines import quality_recipe
+    from gpt2_dutch.bench.baselines import quality_recipe
 
     with contextlib.redirect_stdout(sys.stderr):
         return quality_recipe(data, tokenizer, str(out), budget_s, seed)
@@ -231,7 +231,7 @@ def _baseline(data: Any, tokenizer: str, budget_s: float, seed: int, out: Path) 
 def _score(model_dir: str, heldout: Path) -> dict[str, Any]:
     """`gpt2-dutch evaluate --model-path M --data-files heldout.jsonl --precision fp32`: the same documents, the
     same code, the same dtype for both sides."""
-    from ..evaluate import EvaluateConfig, evaluate
+    from gpt2_dutch.evaluate import EvaluateConfig, evaluate
 
     with contextlib.redirect_stdout(sys.stderr):
         r = evaluate(EvaluateConfig(model_path=model_dir, data_files=[str(heldout)], precision="fp32"))

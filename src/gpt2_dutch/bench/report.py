@@ -9,7 +9,7 @@ import sys
 from pathlib import Path
 from typing import Any
 
-from ..files import write_bytes_atomic, write_text_atomic
+from gpt2_dutch.core.files import write_bytes_atomic, write_text_atomic
 
 # The targets for a 2-core CPU from the project's issues; the train and generate ones are for `small`.
 TARGETS = {"preprocess_speedup": 2.0, "train_small_speedup": 2.0, "train_small_mfu": 0.5,

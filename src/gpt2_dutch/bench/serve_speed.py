@@ -24,7 +24,7 @@ import time
 from pathlib import Path
 from typing import Any
 
-from .report import say
+from gpt2_dutch.bench.report import say
 
 PROMPTS = ["Amsterdam is een stad waar veel mensen op de fiets naar hun werk gaan, ook als het regent, en",
            "Het weer in Nederland is vaak wisselvallig: in de ochtend schijnt de zon, maar in de middag",
@@ -87,7 +87,7 @@ def _model(tokenizer_dir: str, tmp: Path, size: str) -> Path:
     import torch
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
-    from ..model import gpt2_config
+    from gpt2_dutch.model.presets import gpt2_config
 
     tok = AutoTokenizer.from_pretrained(tokenizer_dir)
     model_dir = tmp / f"serve-{size}" / "final_model"

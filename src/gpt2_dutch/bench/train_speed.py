@@ -15,15 +15,15 @@ import sys
 from pathlib import Path
 from typing import Any
 
-from .report import say
+from gpt2_dutch.bench.report import say
 
 WARMUP_STEPS = 2  # the first steps pay for allocation (and, with --compile, compilation): not counted
 
 
 def bench_train(text: Path, tokenizer: str, tmp: Path, quick: bool, limits: dict[str, Any]) -> dict[str, Any]:
-    from ..preprocess import PreprocessConfig, preprocess
-    from ..train import TrainConfig, train
-    from .baselines import StepTimer, train_recipe
+    from gpt2_dutch.bench.baselines import StepTimer, train_recipe
+    from gpt2_dutch.preprocess import PreprocessConfig, preprocess
+    from gpt2_dutch.train import TrainConfig, train
 
     seq = 128 if quick else 512
     dataset = preprocess(PreprocessConfig(data_files=[str(text)], tokenizer=tokenizer, chunk_size=seq,

@@ -38,8 +38,8 @@ import sys
 from dataclasses import dataclass
 from typing import Any
 
-from ..config import option
-from ..errors import UsageError, check
+from gpt2_dutch.core.errors import UsageError, check
+from gpt2_dutch.core.options import option
 
 API_KEY_ENV = "GPT2_DUTCH_API_KEY"
 MAX_BATCH = 1024
@@ -111,8 +111,8 @@ def model_name(model_dir: Any) -> str:
 def build_server(model_path: str, *, device: str = "auto", precision: str = "auto", max_batch: int = 32,
                  max_queue: int = 64, api_key: str | None = None, name: str | None = None) -> Any:
     """A `Server` (model, tokenizer, engine, card) for create_app; the engine starts with the app."""
-    from ..model_loading import load_model
-    from .app import Server
+    from gpt2_dutch.model.loading import load_model
+    from gpt2_dutch.serve.app import Server
 
     model, tokenizer, model_dir = load_model(model_path, device, precision)
     return Server(model, tokenizer, model_dir, name or model_name(model_dir), max_batch, max_queue, api_key)
@@ -129,7 +129,7 @@ def serve(cfg: ServeConfig) -> None:
                               max_queue=cfg.max_queue, api_key=cfg.api_key, name=cfg.model_name)
         import uvicorn
 
-        from .app import create_app
+        from gpt2_dutch.serve.app import create_app
 
         host, port = sock.getsockname()[:2]
         shown = f"[{host}]" if ":" in host else host

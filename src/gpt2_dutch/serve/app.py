@@ -21,8 +21,8 @@ from importlib import resources
 from pathlib import Path
 from typing import Any
 
-from .engine import Engine, QueueFull, Sampling, Sequence, new_generator
-from .protocol import ApiError, CompletionRequest, error_body, parse_body, parse_completion
+from gpt2_dutch.serve.engine import Engine, QueueFull, Sampling, Sequence, new_generator
+from gpt2_dutch.serve.protocol import ApiError, CompletionRequest, error_body, parse_body, parse_completion
 
 
 class TextStream:
@@ -106,9 +106,9 @@ class Server:
 
     def __init__(self, model: Any, tokenizer: Any, model_dir: Path, name: str, max_batch: int, max_queue: int,
                  api_key: str | None = None):
-        from ..cpu_kernels import parameter_count
-        from ..model_loading import context_length
-        from .card import model_card
+        from gpt2_dutch.model.cpu_kernels import parameter_count
+        from gpt2_dutch.model.loading import context_length
+        from gpt2_dutch.serve.card import model_card
 
         self.model, self.tokenizer, self.name, self.api_key = model, tokenizer, name, api_key
         self.context = context_length(model)

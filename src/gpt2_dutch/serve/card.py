@@ -8,7 +8,7 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Any
 
-from ..model_card import card_facts, finite
+from gpt2_dutch.runs.card import card_facts, finite
 
 MAX_CURVE_POINTS = 400  # the page draws these; a long run's metrics are thinned evenly
 RUN_SETTINGS = ("optimizer", "schedule", "learning_rate", "total_steps", "tokens_per_step")

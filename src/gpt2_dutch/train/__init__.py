@@ -27,7 +27,7 @@ from __future__ import annotations
 
 from typing import Any
 
-from .config import TrainConfig
+from gpt2_dutch.train.config import TrainConfig
 
 __all__ = ["TrainConfig", "train"]
 
@@ -35,7 +35,7 @@ __all__ = ["TrainConfig", "train"]
 def __getattr__(name: str) -> Any:
     # `train` pulls in torch and transformers: loaded when first used, so `--help` and config parsing stay light.
     if name == "train":
-        from .run import train
+        from gpt2_dutch.train.run import train
 
         return train
     raise AttributeError(name)

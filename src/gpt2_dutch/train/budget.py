@@ -30,8 +30,8 @@ import math
 import time
 from dataclasses import dataclass
 
-from ..errors import UsageError, check
-from ..model import MODEL_PRESETS
+from gpt2_dutch.core.errors import UsageError, check
+from gpt2_dutch.model.presets import MODEL_PRESETS
 
 TOKENS_PER_PARAM = 20  # Chinchilla's compute-optimal ratio
 MICRO_BATCH = 8  # chunks per device per forward when the batch is chosen here (the old default --batch-size)
@@ -164,8 +164,8 @@ def measure_tokens_per_s(size: str, vocab_size: int, context: int, eos_token_id:
     the run's precision and loss path; the faster of two after one that warms up. Global RNG state is untouched."""
     import torch
 
-    from ..model import gpt2_config
-    from .loss import lm_head_loss_sum
+    from gpt2_dutch.model.presets import gpt2_config
+    from gpt2_dutch.train.loss import lm_head_loss_sum
 
     cuda = torch.cuda.is_available()
     device = torch.device("cuda" if cuda else "cpu")
@@ -206,7 +206,7 @@ def measure_tokens_per_s(size: str, vocab_size: int, context: int, eos_token_id:
 
 def train_flops(size: str, vocab_size: int, context: int, tokens: float) -> float:
     """Training FLOPs of `tokens` tokens for a preset (model.flops_per_token; position embeddings take no part)."""
-    from ..model import flops_per_token
+    from gpt2_dutch.model.presets import flops_per_token
 
     p = MODEL_PRESETS[size]
     matmul = params_of(size, vocab_size, context) - context * p.n_embd

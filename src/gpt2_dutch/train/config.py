@@ -6,10 +6,10 @@ import re
 from dataclasses import dataclass, field
 from typing import ClassVar
 
-from ..config import option
-from ..errors import check, check_number, check_seed
-from ..model import MODEL_PRESETS, preset
-from ..push import check_repo_id
+from gpt2_dutch.core.errors import check, check_number, check_seed
+from gpt2_dutch.core.options import option
+from gpt2_dutch.model.presets import MODEL_PRESETS, preset
+from gpt2_dutch.push import check_repo_id
 
 # --embedding-lr-scale's default: the embedding tables train at 8x AdamW's rate, screened against x1 to x16 with
 # both an own and a tied LM head (docs/experiments/optimizer.md).

@@ -19,14 +19,14 @@ from typing import Any
 import numpy as np
 import torch
 
-from ..data import load_split, read_manifest
-from ..devices import is_main_process, resolve_precision, world_size
-from ..errors import MachineError, Stopped, UsageError, check, is_disk_full
-from ..files import replace_dir, temp_name, write_json_atomic
-from ..model import MODEL_PRESETS, flops_per_token, gpt2_config, matmul_params, preset
-from ..model_card import describe_hardware, write_card
-from ..push import check_ready_to_push, push_after_training
-from ..records import (
+from gpt2_dutch.core.devices import is_main_process, resolve_precision, world_size
+from gpt2_dutch.core.errors import MachineError, Stopped, UsageError, check, is_disk_full
+from gpt2_dutch.core.files import replace_dir, temp_name, write_json_atomic
+from gpt2_dutch.data.chunks import load_split, read_manifest
+from gpt2_dutch.model.presets import MODEL_PRESETS, flops_per_token, gpt2_config, matmul_params, preset
+from gpt2_dutch.push import check_ready_to_push, push_after_training
+from gpt2_dutch.runs.card import describe_hardware, write_card
+from gpt2_dutch.runs.records import (
     FINISHED,
     checkpoint_problem,
     checkpoint_step,
@@ -40,9 +40,9 @@ from ..records import (
     update_run_config,
     usable_checkpoint,
 )
-from .config import ADAM_BETAS, EMBEDDING_LR_SCALE, MUON_ADAMW_WEIGHT_DECAY, TrainConfig
-from .muon import MUON_LR, resolve_optimizer
-from .schedule import make_schedule, warmup_steps_for
+from gpt2_dutch.train.config import ADAM_BETAS, EMBEDDING_LR_SCALE, MUON_ADAMW_WEIGHT_DECAY, TrainConfig
+from gpt2_dutch.train.muon import MUON_LR, resolve_optimizer
+from gpt2_dutch.train.schedule import make_schedule, warmup_steps_for
 
 MAX_CONTEXT = 16384  # dense attention beyond this needs more memory than any preset is sized for
 PROVISIONAL_STEPS = 100  # the run length a --max-time run warms up for until its speed is measured
@@ -78,7 +78,7 @@ def train(cfg: TrainConfig) -> Path:
     manifest = read_manifest(cfg.dataset_path)  # type: ignore[arg-type]
     if cfg.push_to_hub:
         check_ready_to_push(cfg.push_to_hub)  # a missing login fails now, not after hours of training
-    from .trainer import transformers_bars_off
+    from gpt2_dutch.train.trainer import transformers_bars_off
 
     try:
         with transformers_bars_off():
@@ -122,7 +122,7 @@ def _choose_for_budget(cfg: TrainConfig, vocab_size: int, context: int, eos_toke
                        precision: str) -> tuple[TrainConfig, dict[str, Any]]:
     """Resolve --model-size auto, and a --batch-size and --learning-rate left open (budget.py); what was chosen
     and why."""
-    from .budget import (
+    from gpt2_dutch.train.budget import (
         DEFAULT_BATCH,
         choose_batch,
         choose_learning_rate,
@@ -241,7 +241,7 @@ def _choices_of_resumed_run(cfg: TrainConfig, saved: dict[str, Any]) -> TrainCon
 
 def run_config_dict(cfg: TrainConfig, **extra: Any) -> dict[str, Any]:
     """The run's settings (every TrainConfig field) and `extra` run information, marked as a run's record so
-    that `train --config run_config.json` replays the settings (see gpt2_dutch.config)."""
+    that `train --config run_config.json` replays the settings (see gpt2_dutch.core.options)."""
     d = {"format": TrainConfig.RECORD_FORMAT, **asdict(cfg)}
     d.update(extra)
     return d
@@ -462,7 +462,7 @@ def _run(cfg: TrainConfig, manifest: dict[str, Any]) -> Path:
         # The Trainer would log under checkpoints/runs/<date>; keep the run's event files beside its metrics.
         os.environ["TENSORBOARD_LOGGING_DIR"] = str(run_dir / "tensorboard")
 
-    from .trainer import (
+    from gpt2_dutch.train.trainer import (
         GPT2Trainer,
         MaxTimeCallback,
         StepHealth,

@@ -29,11 +29,11 @@ from tqdm.auto import tqdm
 from transformers import Trainer, TrainerCallback, TrainingArguments
 from transformers.trainer_callback import PrinterCallback, ProgressCallback
 
-from ..devices import is_main_process
-from ..files import replace_dir, write_bytes_atomic
-from ..records import read_run_config, update_run_config
-from .config import TrainConfig
-from .schedule import Schedule, warmup_steps_for
+from gpt2_dutch.core.devices import is_main_process
+from gpt2_dutch.core.files import replace_dir, write_bytes_atomic
+from gpt2_dutch.runs.records import read_run_config, update_run_config
+from gpt2_dutch.train.config import TrainConfig
+from gpt2_dutch.train.schedule import Schedule, warmup_steps_for
 
 
 def build_training_arguments(cfg: TrainConfig, run_dir: Path, precision: str, lr: float, total_steps: int,
@@ -263,7 +263,7 @@ class GPT2Trainer(Trainer):
 
     def create_optimizer(self, model: Any = None) -> torch.optim.Optimizer:
         if self.optimizer is None and self.optimizer_kind == "muon":
-            from .muon import MuonAdamW, param_groups
+            from gpt2_dutch.train.muon import MuonAdamW, param_groups
 
             # set before super(), which then keeps it (and wraps it where it wraps its own)
             opt_model = self.model if model is None else model
@@ -298,7 +298,7 @@ class GPT2Trainer(Trainer):
         if (not self.loss_chunk_tokens or "labels" not in inputs or self.is_fsdp_enabled
                 or self.label_smoother is not None or self.compute_loss_func is not None):
             return super().compute_loss(model, inputs, return_outputs, num_items_in_batch)
-        from .loss import IGNORE_INDEX, lm_head_loss_sum
+        from gpt2_dutch.train.loss import IGNORE_INDEX, lm_head_loss_sum
 
         labels = inputs["labels"]
         outputs = model(**{k: v for k, v in inputs.items() if k != "labels"}, logits_to_keep=1,

@@ -12,8 +12,8 @@ from typing import Any, Protocol
 
 import torch
 
-from .errors import UsageError, check
-from .model_loading import context_length
+from gpt2_dutch.core.errors import UsageError, check
+from gpt2_dutch.model.loading import context_length
 
 
 class SamplingSettings(Protocol):

@@ -34,23 +34,20 @@ from datetime import datetime, timezone
 from pathlib import Path
 from typing import Any
 
-from . import __version__
-from .config import _notice, option
-from .data import (
+from gpt2_dutch import __version__
+from gpt2_dutch.core.errors import MachineError, UsageError, check, check_number, check_seed, disk_faults
+from gpt2_dutch.core.files import pid_alive, replace_dir, temp_name
+from gpt2_dutch.core.options import option, renamed_notice
+from gpt2_dutch.data.chunks import MANIFEST, token_dtype
+from gpt2_dutch.data.sources import (
     HUB_CONFIGS,
     HUB_DATASET,
-    MANIFEST,
     STREAMING_FROM,
     expand_data_files,
     iter_hub_texts,
     iter_local_texts,
-    token_dtype,
 )
-from .errors import MachineError, UsageError, check, check_number, check_seed, disk_faults
-from .files import pid_alive, replace_dir, temp_name
-from .preprocess_merge import SPLITS, WorkDir, merge_parts, stats_dict, tokenizer_digest
-from .preprocess_parts import Part, encode_part, file_parts, init_worker, part_key, shard_of, text_block_parts
-from .tokenizer import (
+from gpt2_dutch.data.tokenizer import (
     DEFAULT_VOCAB_SIZE,
     ENCODERS,
     MIN_VOCAB_SIZE,
@@ -59,6 +56,8 @@ from .tokenizer import (
     split_long_text,
     train_bpe,
 )
+from gpt2_dutch.preprocess.merge import SPLITS, WorkDir, merge_parts, stats_dict, tokenizer_digest
+from gpt2_dutch.preprocess.parts import Part, encode_part, file_parts, init_worker, part_key, shard_of, text_block_parts
 
 MAX_CHUNK_SIZE = 1 << 20
 MAX_THREADS = 1024
@@ -126,7 +125,7 @@ class PreprocessConfig:
 
     def __post_init__(self) -> None:
         if self.dataset_size == "builtin":  # the old spelling of --sample: the shipped sample is not a size
-            _notice("gpt2-dutch preprocess", "--dataset-size builtin", "--sample")
+            renamed_notice("gpt2-dutch preprocess", "--dataset-size builtin", "--sample")
             self.sample, self.dataset_size = True, None
         check(not (self.sample and (self.dataset_size or self.data_files)),
               "give one of --sample, --dataset-size or --data-files")
@@ -209,14 +208,14 @@ def resolve_source(cfg: PreprocessConfig) -> Source:
         return _file_source(files, {"type": "files", "files": [str(f) for f in files], "text_column": cfg.text_column},
                             cfg)
     if cfg.sample:
-        from .sample import builtin_sample_path  # the shipped sample, a .jsonl file
+        from gpt2_dutch.data.sample import builtin_sample_path  # the shipped sample, a .jsonl file
 
         path = builtin_sample_path()
         return _file_source([path], {"type": "builtin", "files": [path.name]}, cfg, text_column="text")
     size = cfg.dataset_size
     assert size is not None and cfg.streaming is not None
     stream = cfg.streaming
-    from .data import hub_split_names, load_hub_split
+    from gpt2_dutch.data.sources import hub_split_names, load_hub_split
 
     name = cfg.dataset_name
     splits = hub_split_names(name, size)

@@ -30,7 +30,7 @@ import typing
 from pathlib import Path
 from typing import Any
 
-from .errors import UsageError
+from gpt2_dutch.core.errors import UsageError
 
 REMOVAL = "it will be removed in the next release"
 
@@ -74,7 +74,7 @@ def flag_name(name: str) -> str:
     return f"--{name.replace('_', '-')}"
 
 
-def _notice(prog: str, old: str, new: str) -> None:
+def renamed_notice(prog: str, old: str, new: str) -> None:
     print(f"{prog}: note: {old} is deprecated, use {new} ({REMOVAL})", file=sys.stderr)
 
 
@@ -85,7 +85,7 @@ def _announcing(action_cls: type[argparse.Action], new: str) -> type[argparse.Ac
         def __call__(self, parser: argparse.ArgumentParser, namespace: argparse.Namespace, values: Any,
                      option_string: str | None = None) -> None:
             negated = bool(option_string and option_string.startswith("--no-") and new.startswith("--"))
-            _notice(parser.prog, option_string or "", "--no-" + new[2:] if negated else new)
+            renamed_notice(parser.prog, option_string or "", "--no-" + new[2:] if negated else new)
             super().__call__(parser, namespace, values, option_string)
 
     return Deprecated
@@ -212,9 +212,9 @@ def config_values(cls: type, data: dict[str, Any], where: str, prog: str = "gpt2
                       "same settings", file=sys.stderr)
             continue
         if name != key:
-            _notice(prog, f"{where}: key {key!r}", repr(name))
+            renamed_notice(prog, f"{where}: key {key!r}", repr(name))
         if f.metadata.get("deprecated") and value != _field_default(f):
-            _notice(prog, f"{where}: key {key!r}", f.metadata["deprecated"])
+            renamed_notice(prog, f"{where}: key {key!r}", f.metadata["deprecated"])
         values[name] = _file_value(value, hints[name], f, f"{where}: {key}")
     if unknown:
         hints_ = [f"{k!r}" + (f" (did you mean {m[0]}?)" if (m := difflib.get_close_matches(

@@ -19,8 +19,8 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from .config import option
-from .errors import UsageError, check, check_number, check_seed
+from gpt2_dutch.core.errors import UsageError, check, check_number, check_seed
+from gpt2_dutch.core.options import option
 
 DEFAULT_PROMPTS = ["Amsterdam is een stad", "Het weer in Nederland", "Er was eens een"]
 # Each sample is a row of the batch (and of the KV cache): these bounds keep a typo from asking for billions.
@@ -89,18 +89,18 @@ def read_prompts(cfg: GenerateConfig) -> list[str]:
 
 
 def generate(cfg: GenerateConfig) -> Any:
-    from .generation import generate_texts, plan_prompts, print_notices
-    from .model_loading import context_length, load_model
+    from gpt2_dutch.generate.sampling import generate_texts, plan_prompts, print_notices
+    from gpt2_dutch.model.loading import context_length, load_model
 
     model, tokenizer, model_dir = load_model(cfg.model_path, cfg.device, cfg.precision)
     if cfg.benchmark:
-        from .decode_speed import print_benchmark, run_benchmark
+        from gpt2_dutch.generate.speed import print_benchmark, run_benchmark
 
         result = run_benchmark(model, tokenizer, cfg.max_new_tokens, cfg.benchmark_batch)
         print(json.dumps(result, indent=2) if cfg.json else print_benchmark(result))
         return result
     if cfg.interactive:
-        from .interactive import repl
+        from gpt2_dutch.generate.repl import repl
 
         return repl(model, tokenizer, cfg, sys.stdin, sys.stdout)
     prompts = read_prompts(cfg)

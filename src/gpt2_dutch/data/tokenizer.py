@@ -16,7 +16,7 @@ from collections.abc import Iterable
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-from .errors import UsageError
+from gpt2_dutch.core.errors import UsageError
 
 if TYPE_CHECKING:  # tokenizers and transformers are imported where they are used: --help imports this module
     from tokenizers import Tokenizer

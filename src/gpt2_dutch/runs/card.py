@@ -3,7 +3,7 @@
 `train` writes it into final_model (inside the staging directory, before the rename, so a card is never
 half-written); `gpt2-dutch push` uploads it with the model. In Python:
 
-    from gpt2_dutch.model_card import card_facts, render_card
+    from gpt2_dutch.runs.card import card_facts, render_card
     facts = card_facts("trained_models/gpt2-dutch-tiny-latest")   # a final_model, run directory or -latest link
     facts["eval"]["bits_per_byte"], facts["training"]["tokens"], facts["model"]["parameters"]
     print(render_card(facts))                                      # the README.md text
@@ -38,7 +38,7 @@ import sys
 from pathlib import Path
 from typing import Any
 
-from .records import METRICS, RUN_CONFIG, locate, read_json_or_none, read_metrics_file
+from gpt2_dutch.runs.records import METRICS, RUN_CONFIG, locate, read_json_or_none, read_metrics_file
 
 DEFAULT_LICENSE = "apache-2.0"
 CARD = "README.md"
@@ -56,7 +56,7 @@ SETTINGS = ["model_size", "context", "batch_size", "gradient_accumulation_steps"
 
 
 # ------------------------------------------------------------------------------------------------ reading
-# The run's records are read through gpt2_dutch.records; a missing or damaged file makes the card state less,
+# The run's records are read through gpt2_dutch.runs.records; a missing or damaged file makes the card state less,
 # it never fails a run.
 
 def gpt2_parameters(config: dict[str, Any]) -> int | None:
@@ -404,7 +404,7 @@ def _limitations(facts: dict[str, Any]) -> list[str]:
 def name_repo_in_card(model_dir: str | Path, repo_id: str) -> bool:
     """Put the Hub id in the card's load snippet in place of the local placeholder (a card edited by hand keeps
     every other line); whether the card changed."""
-    from .files import write_text_atomic
+    from gpt2_dutch.core.files import write_text_atomic
 
     card = Path(model_dir) / CARD
     text = card.read_text(encoding="utf-8")
@@ -420,7 +420,7 @@ def write_card(model_dir: str | Path, run_dir: str | Path | None = None, hardwar
     A card must never cost a trained model: if the run's records cannot be turned into the full card (a bug),
     a warning is printed and a card with the metadata alone is written instead.
     """
-    from .files import write_bytes_atomic, write_text_atomic
+    from gpt2_dutch.core.files import write_bytes_atomic, write_text_atomic
 
     model_path = Path(model_dir)
     run = Path(run_dir) if run_dir is not None else locate(model_path)[1]

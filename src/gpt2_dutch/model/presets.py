@@ -6,7 +6,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
-from .errors import UsageError
+from gpt2_dutch.core.errors import UsageError
 
 
 @dataclass(frozen=True)

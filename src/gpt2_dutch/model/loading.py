@@ -11,11 +11,11 @@ from typing import Any
 
 import torch
 
-from .cpu_kernels import _use_cpu_decode_attention, pack_cpu_linears
-from .devices import resolve_device, resolve_dtype
-from .errors import UsageError
-from .model import FAST_GELU
-from .records import model_dir_of
+from gpt2_dutch.core.devices import resolve_device, resolve_dtype
+from gpt2_dutch.core.errors import UsageError
+from gpt2_dutch.model.cpu_kernels import _use_cpu_decode_attention, pack_cpu_linears
+from gpt2_dutch.model.presets import FAST_GELU
+from gpt2_dutch.runs.records import model_dir_of
 
 
 def resolve_model_dir(path: str | Path) -> Path:

@@ -29,17 +29,10 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, TypeVar
 
-from .data import (
-    BATCH_DOCS,
-    _first_line,
-    batched,
-    file_format,
-    iter_block_texts,
-    iter_file_texts,
-    reading_errors,
-)
-from .errors import UsageError, is_disk_full
-from .tokenizer import VERIFY_DOCS
+from gpt2_dutch.core.errors import UsageError, is_disk_full
+from gpt2_dutch.data.chunks import _first_line
+from gpt2_dutch.data.sources import BATCH_DOCS, batched, file_format, iter_block_texts, iter_file_texts, reading_errors
+from gpt2_dutch.data.tokenizer import VERIFY_DOCS
 
 T = TypeVar("T")
 # Tests only: the worker encoding this part key SIGKILLs itself after its first batch of documents; with
@@ -154,7 +147,7 @@ def init_worker(tokenizer_json: str, eos_id: int, dtype: str, engine: str, threa
         os.environ["TOKENIZERS_PARALLELISM"] = "false"
     from tokenizers import Tokenizer
 
-    from .tokenizer import BatchEncoder
+    from gpt2_dutch.data.tokenizer import BatchEncoder
 
     _WORKER.update(encoder=BatchEncoder(Tokenizer.from_str(tokenizer_json), threads, engine), eos=eos_id,
                    dtype=dtype, text_column=text_column, sample_by=sample_by, parts_dir=Path(parts_dir))

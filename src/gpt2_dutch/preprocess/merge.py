@@ -26,9 +26,9 @@ from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any
 
-from .data import ChunkWriter
-from .errors import UsageError, check
-from .files import write_json_atomic
+from gpt2_dutch.core.errors import UsageError, check
+from gpt2_dutch.core.files import write_json_atomic
+from gpt2_dutch.data.chunks import ChunkWriter
 
 WORK_FORMAT = "gpt2-dutch/preprocess-work"
 SPLITS = ("train", "test")

@@ -13,8 +13,8 @@ from typing import Any
 
 import torch
 
-from .cpu_kernels import parameter_count
-from .errors import check
+from gpt2_dutch.core.errors import check
+from gpt2_dutch.model.cpu_kernels import parameter_count
 
 
 class _TokenClock:

@@ -24,8 +24,8 @@ from datetime import datetime
 from pathlib import Path
 from typing import Any
 
-from .errors import UsageError
-from .files import replace_symlink, write_json_atomic, write_text_atomic
+from gpt2_dutch.core.errors import UsageError
+from gpt2_dutch.core.files import replace_symlink, write_json_atomic, write_text_atomic
 
 RUN_CONFIG = "run_config.json"
 METRICS = "metrics.jsonl"

@@ -9,7 +9,7 @@ from __future__ import annotations
 import os
 from pathlib import Path
 
-from .errors import UsageError, check
+from gpt2_dutch.core.errors import UsageError, check
 
 
 def cpu_has_fast_bf16() -> bool:

@@ -66,9 +66,9 @@ def settings_line(cfg: Any) -> str:
 def repl(model: Any, tokenizer: Any, cfg: Any, stdin: TextIO, stdout: TextIO, stderr: TextIO | None = None) -> int:
     from transformers import TextStreamer
 
-    from .errors import UsageError
-    from .generation import generate_texts, plan_prompts, print_notices
-    from .model_loading import context_length
+    from gpt2_dutch.core.errors import UsageError
+    from gpt2_dutch.generate.sampling import generate_texts, plan_prompts, print_notices
+    from gpt2_dutch.model.loading import context_length
 
     stderr = stderr or sys.stderr
     tty = stdin.isatty()

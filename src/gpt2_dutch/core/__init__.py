@@ -1,0 +1,1 @@
+"""Foundations every stage stands on: errors, atomic files, devices, the typed options of every command."""

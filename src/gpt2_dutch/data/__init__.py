@@ -1,0 +1,1 @@
+"""Text and tokens: reading raw text, the tokenizer, the processed chunk dataset."""
