@@ -14,7 +14,6 @@ Each is what a user would write without this project, kept as close to its sourc
 
 from __future__ import annotations
 
-import json
 import math
 import statistics
 import time
@@ -73,11 +72,12 @@ def train_recipe(dataset_dir: str, model_size: str, batch_size: int, steps: int,
     from datasets import load_from_disk
     from transformers import AutoModelForCausalLM, GPT2Config, Trainer, TrainingArguments, default_data_collator
 
+    from gpt2_dutch.data.chunks import read_manifest
     from gpt2_dutch.model.presets import MODEL_PRESETS
 
     data = load_from_disk(dataset_dir)["train"]
     context = len(data[0]["input_ids"])
-    manifest = json.loads((Path(dataset_dir) / "manifest.json").read_text())
+    manifest = read_manifest(dataset_dir)
     eos, p = manifest["tokenizer"]["eos_token_id"], MODEL_PRESETS[model_size]
     config = GPT2Config(vocab_size=manifest["vocab_size"], n_positions=context, n_layer=p.n_layer, n_embd=p.n_embd,
                         n_head=p.n_head, bos_token_id=eos, eos_token_id=eos)

@@ -41,6 +41,7 @@ def run(side: str, text: str, tok: str, out: str, cache: str, chunk: int) -> dic
     import transformers  # noqa: F401
 
     from gpt2_dutch.bench.baselines import preprocess_recipe
+    from gpt2_dutch.data.chunks import read_manifest
     from gpt2_dutch.data.sources import iter_local_texts
     from gpt2_dutch.data.tokenizer import BatchEncoder, load_tokenizer
     from gpt2_dutch.preprocess import PreprocessConfig, preprocess
@@ -58,7 +59,7 @@ def run(side: str, text: str, tok: str, out: str, cache: str, chunk: int) -> dic
     else:
         path = preprocess(PreprocessConfig(data_files=[text], tokenizer=tok, output_dir=out, name="d",
                                            chunk_size=chunk, streaming=True))
-        splits = json.loads((path / "manifest.json").read_text())["splits"]
+        splits = read_manifest(path)["splits"]
         stored = {"tokens": sum(s["chunks"] for s in splits.values()) * chunk}
     seconds = time.perf_counter() - t0
     stored["bytes_on_disk"] = sum(f.stat().st_size for f in Path(out).rglob("*.arrow"))

@@ -22,6 +22,7 @@ from pathlib import Path
 from typing import Any
 
 from gpt2_dutch.bench.report import say
+from gpt2_dutch.data.chunks import read_manifest
 
 
 def train_bench_tokenizer(text: Path, out: Path, vocab_size: int) -> str:
@@ -61,7 +62,7 @@ def _ours_whole(text: Path, tokenizer: str, out: Path, chunk: int, workers: int)
     result = _whole([sys.executable, "-m", "gpt2_dutch", "preprocess", "--data-files", str(text), "--tokenizer",
                      tokenizer, "--output-dir", str(out), "--name", "d", "--chunk-size", str(chunk),
                      "--num-workers", str(workers)])
-    manifest = json.loads((out / "d" / "manifest.json").read_text())
+    manifest = read_manifest(out / "d")
     result["text_mb"] = sum(s["bytes"] for s in manifest["splits"].values()) / 1e6
     result["encode_seconds"] = manifest["encode_seconds"]
     result["parts"] = manifest["parts"]["train"] + manifest["parts"]["test"]

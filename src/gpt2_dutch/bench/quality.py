@@ -40,6 +40,8 @@ from typing import Any
 
 from gpt2_dutch.bench.report import say
 from gpt2_dutch.core.errors import check
+from gpt2_dutch.data.chunks import read_manifest
+from gpt2_dutch.runs.records import metric_kind, read_metrics, read_run_config
 
 HELDOUT_FRACTION, HELDOUT_MIN = 0.05, 3
 CARVE_SEED = 0  # the held-out documents do not change with the training seeds: every seed scores the same text
@@ -59,7 +61,7 @@ def ours_overrides(path: str, flag: str = "--ours-config") -> dict[str, Any]:
 
     where = f"{flag} {path}"
     check(Path(path).is_file(), f"{where} not found (a JSON or YAML file of train settings, e.g. learning_rate: 3e-3)")
-    values = config_values(TrainConfig, read_config_file(path), where)
+    values = config_values(TrainConfig, read_config_file(path, where), where)
     fixed = [k for k in values if k in SET_BY_BENCH]
     check(not fixed, f"{where}: {', '.join(fixed)} {'is' if len(fixed) == 1 else 'are'} set by the bench (the same "
           "data, budget and seeds for both sides: use --max-time and --seeds); remove it from the file")
@@ -124,7 +126,7 @@ def bench_quality(text: Path, tokenizer: str | None, tmp: Path, quick: bool, bud
     # (seeded, per document) decides which those are; the manifest's counts confirm it.
     defaults = PreprocessConfig(data_files=[str(train_file)])
     ours_train = list(carve(iter(train_docs), DEFAULT_CARVE_FRACTION, defaults.seed, want_test=False))
-    split = json.loads((dataset / "manifest.json").read_text())["splits"]["train"]
+    split = read_manifest(dataset)["splits"]["train"]
     if (split["documents"], split["bytes"]) != (len(ours_train), _nbytes(ours_train)):
         raise RuntimeError(f"bench quality: the training split of {dataset} ({split['documents']} documents) is not "
                            f"the {len(ours_train)} documents the baseline would get; preprocess's carve changed")
@@ -196,7 +198,6 @@ def bench_quality(text: Path, tokenizer: str | None, tmp: Path, quick: bool, bud
 def _ours(dataset: Path, budget_s: float, seed: int, overrides: dict[str, Any], out: Path) -> dict[str, Any]:
     """`gpt2-dutch train --dataset-path D --model-size auto --max-time BUDGET --seed S` (+ overrides), through
     train(TrainConfig(...)); what it did is read from what the run publishes."""
-    from gpt2_dutch.bench.train_speed import read_metrics
     from gpt2_dutch.train import TrainConfig, train
 
     # auto: our defaults given only a budget, as a user who wants the best model for it would run them
@@ -204,9 +205,9 @@ def _ours(dataset: Path, budget_s: float, seed: int, overrides: dict[str, Any], 
                          "seed": seed, "output_dir": str(out)})
     with contextlib.redirect_stdout(sys.stderr):
         run = train(cfg)
-    info = json.loads((run / "run_config.json").read_text())
+    info = read_run_config(run)
     records = read_metrics(run)
-    end = next(i for i, r in enumerate(records) if "train_runtime" in r)
+    end = next(i for i, r in enumerate(records) if metric_kind(r) == "summary")
     # The Trainer's train_runtime holds the evaluations along the way, which --max-time leaves out of its budget:
     # take them out again (its checkpoints, well under a second each for tiny, stay in).
     evals = sum(r.get("eval_runtime", 0.0) for r in records[:end])

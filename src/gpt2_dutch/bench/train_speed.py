@@ -9,13 +9,13 @@ from __future__ import annotations
 
 import contextlib
 import gc
-import json
 import statistics
 import sys
 from pathlib import Path
 from typing import Any
 
 from gpt2_dutch.bench.report import say
+from gpt2_dutch.runs.records import read_metrics, read_run_config
 
 WARMUP_STEPS = 2  # the first steps pay for allocation (and, with --compile, compilation): not counted
 
@@ -52,7 +52,7 @@ def bench_train(text: Path, tokenizer: str, tmp: Path, quick: bool, limits: dict
                                     warmup=0, eval_every=10**6, save_every=10**6, log_every=1, eval_chunks=batch,
                                     compile=compile_, output_dir=str(tmp / "runs"), keep_checkpoints=1))
         gc.collect()
-        info = json.loads((run / "run_config.json").read_text())
+        info = read_run_config(run)
         ours_tps = median_tokens_per_s(read_metrics(run), info["tokens_per_step"], warmup)
         flops = info["flops_per_token"]
         out[name] = {
@@ -64,10 +64,6 @@ def bench_train(text: Path, tokenizer: str, tmp: Path, quick: bool, limits: dict
             "recipe_mfu": recipe_tps[size] * flops / peaks["fp32"],
         }
     return out
-
-
-def read_metrics(run_dir: Path) -> list[dict[str, Any]]:
-    return [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines() if line.strip()]
 
 
 def median_tokens_per_s(records: list[dict[str, Any]], tokens_per_step: int, warmup: int) -> float:
