@@ -11,6 +11,9 @@ run's record (its `"format"` is the dataclass's `RECORD_FORMAT`, as in train's r
 what the run recorded about itself (status, total_steps, ...), which is ignored, and the settings in the
 dataclass's `NOT_REPLAYED` (train's `resume`), which a replay must not take: it is a new run.
 
+The file is read through gpt2_dutch.core.reading: a regular file within CONFIG_BYTES, bounded in depth, number
+length and YAML alias expansion; a wrong value is one line naming the file, the key's line and the key, the value cut short.
+
 One name per idea: an old spelling of a flag stays accepted for one release as `option(aliases=[...])`,
 hidden from --help and announced on stderr when used (in a config file too, as its key `old_name`).
 
@@ -22,7 +25,6 @@ from __future__ import annotations
 import argparse
 import dataclasses
 import difflib
-import json
 import re
 import sys
 import types
@@ -31,6 +33,7 @@ from pathlib import Path
 from typing import Any
 
 from gpt2_dutch.core.errors import UsageError
+from gpt2_dutch.core.reading import json_type, line_of, read_config, short
 
 REMOVAL = "it will be removed in the next release"
 
@@ -146,39 +149,34 @@ def from_namespace(cls: type, namespace: argparse.Namespace, base: dict[str, Any
 
 # ------------------------------------------------------------------------------------------- config files
 
-def read_config_file(path: str | Path) -> dict[str, Any]:
-    """The mapping in a JSON (`.json`) or YAML (anything else; JSON is YAML too) file; one-line UsageError
-    for a file that is missing, unreadable, not JSON/YAML, or not a mapping."""
-    p, where = Path(path), f"--config {path}"
-    if p.is_dir():
-        raise UsageError(f"{where} is a directory; give a .json or .yaml file")
-    try:
-        text = p.read_bytes().decode("utf-8")
-    except FileNotFoundError:
-        raise UsageError(f"{where} not found") from None
-    except UnicodeDecodeError as e:
-        raise UsageError(f"{where} is not UTF-8 text (byte 0x{e.object[e.start]:02x} at offset {e.start})") from None
-    except OSError as e:
-        raise UsageError(f"{where} cannot be read ({e.strerror})") from None
-    if p.suffix.lower() == ".json":
-        try:
-            data = json.loads(text)
-        except json.JSONDecodeError as e:
-            raise UsageError(f"{where} is not valid JSON (line {e.lineno}, column {e.colno}: {e.msg})") from None
-    else:
-        import yaml  # only when a YAML file is read
+class ConfigFile(dict):
+    """A config file's mapping of settings, with the file's text (to name the line of a wrong value)."""
 
-        try:
-            data = yaml.safe_load(text)
-        except yaml.YAMLError as e:
-            mark = getattr(e, "problem_mark", None)
-            at = f"line {mark.line + 1}, column {mark.column + 1}: " if mark is not None else ""
-            raise UsageError(f"{where} is not valid YAML ({at}{getattr(e, 'problem', None) or e})") from None
+    text = ""
+
+
+def read_config_file(path: str | Path, where: str | None = None) -> dict[str, Any]:
+    """The mapping in a JSON (`.json`) or YAML (anything else; JSON is YAML too) file; one-line UsageError
+    for a file that is missing, not a regular file, too large, unreadable, not JSON/YAML, beyond the bounds of
+    gpt2_dutch.core.reading, or not a mapping. `where` names it in errors (default: `--config PATH`)."""
+    where = where or f"--config {path}"
+    if Path(path).is_dir():
+        raise UsageError(f"{where} is a directory; give a .json or .yaml file")
+    data, text = read_config(path, where)
     if data is None:  # an empty file (or only comments): no settings
-        return {}
+        data = {}
     if not isinstance(data, dict):
         raise UsageError(f"{where} must hold a mapping of settings (key: value), not a {_json_type(data)}")
-    return data
+    settings = ConfigFile(data)
+    settings.text = text
+    return settings
+
+
+def _key_where(data: dict[str, Any], where: str, key: str) -> str:
+    """`--config F line N: key`, the line where the file has one to give."""
+    text = getattr(data, "text", "")
+    line = line_of(text, (key,)) if text else None
+    return f"{where}{f' line {line}' if line else ''}: {key}"
 
 
 def config_values(cls: type, data: dict[str, Any], where: str, prog: str = "gpt2-dutch") -> dict[str, Any]:
@@ -189,7 +187,7 @@ def config_values(cls: type, data: dict[str, Any], where: str, prog: str = "gpt2
     record_format = getattr(cls, "RECORD_FORMAT", None)
     declared = data.get("format")
     if declared is not None and declared != record_format:
-        raise UsageError(f"{where} is a {declared!r} file, not settings of this command")
+        raise UsageError(f"{where} is a {short(declared)} file, not settings of this command")
     record = declared is not None  # a run's record: replayed as a new run with the same settings
     old_keys = {alias.lstrip("-").replace("-", "_"): name for name, f in fields.items()
                 for alias in f.metadata.get("aliases", ())}
@@ -208,19 +206,20 @@ def config_values(cls: type, data: dict[str, Any], where: str, prog: str = "gpt2
             continue  # derived from the other settings: a saved config holds it, the dataclass recomputes it
         if record and name in getattr(cls, "NOT_REPLAYED", ()):
             if value not in (None, _field_default(f)):
-                print(f"{prog}: note: {where}: {key} {value!r} is not replayed: this starts a new run with the "
+                print(f"{prog}: note: {where}: {key} {short(value)} is not replayed: this starts a new run with the "
                       "same settings", file=sys.stderr)
             continue
         if name != key:
             renamed_notice(prog, f"{where}: key {key!r}", repr(name))
         if f.metadata.get("deprecated") and value != _field_default(f):
             renamed_notice(prog, f"{where}: key {key!r}", f.metadata["deprecated"])
-        values[name] = _file_value(value, hints[name], f, f"{where}: {key}")
+        values[name] = _file_value(value, hints[name], f, _key_where(data, where, str(key)))
     if unknown:
-        hints_ = [f"{k!r}" + (f" (did you mean {m[0]}?)" if (m := difflib.get_close_matches(
-            k.replace("-", "_"), [n for n, f in fields.items() if f.init], n=1)) else "") for k in unknown]
-        raise UsageError(f"{where}: unknown setting{'s' if len(unknown) > 1 else ''} {', '.join(hints_)}; keys are "
-                         "the flags' names with underscores (--dataset-path: dataset_path)")
+        hints_ = [short(k) + (f" (did you mean {m[0]}?)" if (m := difflib.get_close_matches(
+            k.replace("-", "_"), [n for n, f in fields.items() if f.init], n=1)) else "") for k in unknown[:5]]
+        more = f" and {len(unknown) - 5} more" if len(unknown) > 5 else ""  # the one line stays short
+        raise UsageError(f"{where}: unknown setting{'s' if len(unknown) > 1 else ''} {', '.join(hints_)}{more}; keys "
+                         "are the flags' names with underscores (--dataset-path: dataset_path)")
     return values
 
 
@@ -229,9 +228,7 @@ def load_config(cls: type, path: str | Path, **overrides: Any) -> Any:
     return cls(**{**config_values(cls, read_config_file(path), f"--config {path}"), **overrides})
 
 
-def _json_type(value: Any) -> str:
-    return {bool: "boolean", int: "number", float: "number", str: "string", list: "list", dict: "mapping"}.get(
-        type(value), type(value).__name__)
+_json_type = json_type
 
 
 def _file_value(value: Any, hint: Any, f: dataclasses.Field, where: str) -> Any:
@@ -242,7 +239,7 @@ def _file_value(value: Any, hint: Any, f: dataclasses.Field, where: str) -> Any:
         raise UsageError(f"{where} must not be null")
     if typing.get_origin(tp) is list:
         if not isinstance(value, list):
-            raise UsageError(f"{where} must be a list (got the {_json_type(value)} {value!r})")
+            raise UsageError(f"{where} must be a list (got the {_json_type(value)} {short(value)})")
         return [_scalar(v, typing.get_args(tp)[0], f, where) for v in value]
     return _scalar(value, tp, f, where)
 
@@ -265,8 +262,8 @@ def _scalar(value: Any, tp: Any, f: dataclasses.Field, where: str) -> Any:
     else:
         ok = isinstance(value, tp)
     if not ok:
-        raise UsageError(f"{where} must be {kind} (got the {_json_type(value)} {value!r})")
+        raise UsageError(f"{where} must be {kind} (got the {_json_type(value)} {short(value)})")
     choices = f.metadata.get("choices")
     if choices is not None and value not in choices:
-        raise UsageError(f"{where} must be one of {', '.join(map(str, choices))} (got {value!r})")
+        raise UsageError(f"{where} must be one of {', '.join(map(str, choices))} (got {short(value)})")
     return value

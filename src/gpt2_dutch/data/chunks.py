@@ -16,6 +16,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from gpt2_dutch.core.errors import UsageError
+from gpt2_dutch.core.reading import Opt, read_json
 
 if TYPE_CHECKING:  # numpy and pyarrow are imported where they are used: the CLI's --help imports this module
     import numpy as np
@@ -33,7 +34,7 @@ class ChunkWriter:
     """Cuts a stream of token ids into fixed-size chunks and appends them to Arrow shards of one split.
 
     Shards use the exact layout of `Dataset.save_to_disk` (the same Arrow stream, schema metadata, state.json and
-    dataset_info.json; tests/test_preprocess.py compares them with what `datasets` writes), written incrementally
+    dataset_info.json; tests/unit/data/test_chunks.py compares them with what `datasets` writes), written incrementally
     with pyarrow alone, so that memory holds at most one batch of tokens whatever the split's size and a
     preprocess run never pays for importing `datasets` (a fifth of a small run; docs/experiments/preprocess-speed.md).
     """
@@ -158,23 +159,28 @@ def dataset_info(dtype: np.dtype, chunk_size: int) -> dict[str, Any]:
             "size_in_bytes": None, "splits": None, "supervised_keys": None, "version": None}
 
 
+_SPLIT = {"documents": Opt(int), "tokens": Opt(int), "bytes": Opt(int), "chunks": int}
+# what the stages after preprocess read from a manifest; the rest (source, timings, ...) only describes it
+MANIFEST_SCHEMA = {"format": Opt(str), "chunk_size": int, "vocab_size": int, "dtype": Opt(str),
+                   "tokenizer": Opt({"eos_token_id": Opt(int)}), "splits": {"train": _SPLIT, "test": _SPLIT}}
+
+
 def read_manifest(path: str | Path) -> dict[str, Any]:
-    """The manifest of a processed dataset directory, or a one-line error saying why there is none."""
+    """The manifest of a processed dataset directory, or a one-line error saying why there is none (or which of
+    its fields is missing or of the wrong type)."""
     path = Path(path)
     if not path.exists():
         raise UsageError(f"dataset path {path} does not exist; create it with `gpt2-dutch preprocess`")
     manifest_path = path / MANIFEST
-    if not manifest_path.is_file():
+    if not manifest_path.exists():  # anything else there (a FIFO, a directory) is refused by read_json
         raise UsageError(
             f"{path} is not a processed dataset (no {MANIFEST}); create one with `gpt2-dutch preprocess`"
         )
-    try:
-        manifest = json.loads(manifest_path.read_text())
-    except json.JSONDecodeError as e:
-        raise UsageError(f"{manifest_path} is corrupt ({e.msg}); preprocess the data again") from None
-    for key in ("chunk_size", "vocab_size", "splits"):
-        if key not in manifest:
-            raise UsageError(f"{manifest_path} lacks '{key}'; preprocess the data again")
+    again = "preprocess the data again"
+    manifest = read_json(manifest_path, schema=MANIFEST_SCHEMA, advice=again)
+    for key in ("chunk_size", "vocab_size"):
+        if manifest[key] <= 0:
+            raise UsageError(f"{manifest_path}: {key} must be positive (got {manifest[key]}); {again}")
     return manifest
 
 
@@ -207,8 +213,9 @@ def _damaged_split(split_dir: Path, error: Exception) -> UsageError:
     import pyarrow as pa
 
     try:
-        shards = [split_dir / f["filename"] for f in json.loads((split_dir / "state.json").read_text())["_data_files"]]
-    except (OSError, ValueError, KeyError, TypeError):
+        # state.json is datasets' layout as ChunkWriter writes it (test_chunks.py compares it with datasets' own)
+        shards = [split_dir / f["filename"] for f in read_json(split_dir / "state.json")["_data_files"]]
+    except (UsageError, KeyError, TypeError):
         return UsageError(f"{split_dir}/state.json is corrupt ({error}); preprocess the data again")
     for shard in shards:
         if not shard.is_file():
@@ -229,7 +236,7 @@ def _first_line(error: BaseException) -> str:
 def _manifest_chunks(path: Path, split: str) -> int | None:
     """The split's chunk count according to the manifest, or None where there is no readable count."""
     try:
-        chunks = json.loads((path / MANIFEST).read_text())["splits"][split]["chunks"]
-    except (OSError, ValueError, KeyError, TypeError):
+        chunks = read_json(path / MANIFEST)["splits"][split]["chunks"]
+    except (UsageError, KeyError, TypeError):
         return None
     return chunks if isinstance(chunks, int) else None

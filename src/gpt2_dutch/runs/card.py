@@ -38,7 +38,9 @@ import sys
 from pathlib import Path
 from typing import Any
 
-from gpt2_dutch.runs.records import METRICS, RUN_CONFIG, locate, read_json_or_none, read_metrics_file
+from gpt2_dutch.core.errors import UsageError
+from gpt2_dutch.core.reading import Opt, read_json_or_none
+from gpt2_dutch.runs.records import METRICS, locate, read_metrics_file, read_run_config_or_none
 
 DEFAULT_LICENSE = "apache-2.0"
 CARD = "README.md"
@@ -56,8 +58,15 @@ SETTINGS = ["model_size", "context", "batch_size", "gradient_accumulation_steps"
 
 
 # ------------------------------------------------------------------------------------------------ reading
-# The run's records are read through gpt2_dutch.runs.records; a missing or damaged file makes the card state less,
-# it never fails a run.
+# The run's records are read through gpt2_dutch.runs.records; a missing or damaged file (or one whose fields the card
+# reads have the wrong type) makes the card state less, it never fails a run.
+
+MODEL_CONFIG_SCHEMA = {key: Opt(int) for key in ("n_layer", "n_embd", "n_head", "n_positions", "vocab_size", "n_inner")}
+MODEL_CONFIG_SCHEMA["tie_word_embeddings"] = Opt(bool)
+_SPLIT_FACTS = Opt({"documents": Opt(int), "tokens": Opt(int), "words": Opt(int)})
+MANIFEST_FACTS_SCHEMA = {"source": Opt({"type": Opt(str), "files": Opt(list)}), "vocab_size": Opt(int),
+                         "chunk_size": Opt(int), "tokenizer": Opt({"vocab_size": Opt(int), "origin": Opt(str)}),
+                         "splits": Opt({"train": _SPLIT_FACTS, "test": _SPLIT_FACTS})}
 
 def gpt2_parameters(config: dict[str, Any]) -> int | None:
     """Parameters of a GPT-2 from its config.json (for a model without its run record); an untied LM head
@@ -81,12 +90,15 @@ def card_facts(model_dir: str | Path, run_dir: str | Path | None = None, hardwar
     """
     model_path, found_run = locate(model_dir)
     run = Path(run_dir).resolve() if run_dir is not None else found_run
-    config = read_json_or_none(model_path / "config.json") or {}
-    rc: dict[str, Any] = (read_json_or_none(run / RUN_CONFIG) if run else None) or {}
-    records = read_metrics_file(run / METRICS) if run else []
+    config = read_json_or_none(model_path / "config.json", schema=MODEL_CONFIG_SCHEMA) or {}
+    rc: dict[str, Any] = read_run_config_or_none(run) or {}
+    try:
+        records = read_metrics_file(run / METRICS) if run else []
+    except UsageError:  # not a regular file, too large, a record of the wrong types: no curve, no scores
+        records = []
     manifest = None
     if rc.get("dataset_path"):
-        manifest = read_json_or_none(Path(rc["dataset_path"]) / "manifest.json")
+        manifest = read_json_or_none(Path(rc["dataset_path"]) / "manifest.json", schema=MANIFEST_FACTS_SCHEMA)
     world = rc.get("world_size")
 
     evals = [r for r in records if r.get("eval_loss") is not None]

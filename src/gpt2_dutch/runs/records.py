@@ -13,19 +13,23 @@ A run lives in `<output-dir>/gpt2-dutch-<size>-<YYYYmmdd-HHMMSS>[-N]/`:
 bare `--resume` looks for the newest run that is not finished, so a run killed before its end is found too.
 A model is named by its final_model, its run directory or a -latest link: `model_dir_of` and `locate` turn any
 of the three into the model directory (and the run that made it). Records written before a field existed are
-read as what they meant then (`run_status`).
+read as what they meant then (`run_status`). Every record is read through gpt2_dutch.core.reading (regular files
+only, bounded) and its fields checked against RUN_CONFIG_SCHEMA and METRICS_SCHEMA: a wrong one is one line naming
+the file, the line and the field.
 """
 
 from __future__ import annotations
 
-import json
+import os
 import zipfile
+from collections.abc import Iterator
 from datetime import datetime
 from pathlib import Path
 from typing import Any
 
 from gpt2_dutch.core.errors import UsageError
-from gpt2_dutch.core.files import replace_symlink, write_json_atomic, write_text_atomic
+from gpt2_dutch.core.files import replace_symlink, write_bytes_atomic, write_json_atomic
+from gpt2_dutch.core.reading import METRICS_BYTES, Opt, check_types, iter_jsonl, read_json, read_json_or_none
 
 RUN_CONFIG = "run_config.json"
 METRICS = "metrics.jsonl"
@@ -92,15 +96,32 @@ def update_latest_link(run_dir: Path, size: str) -> None:
 
 # -------------------------------------------------------------------------------------------- run_config.json
 
+# The fields that readers of a run's record rely on (the card, resume, bench, run_status); the rest are settings
+# that TrainConfig checks when a record is replayed.
+RUN_CONFIG_SCHEMA = {
+    "format": Opt(str), "status": Opt(str), "started_at": Opt(str), "model_size": Opt(str),
+    "dataset_path": Opt(str), "precision": Opt(str), "license": Opt(str), "push_to_hub": Opt(str),
+    "total_steps": Opt(int), "tokens_per_step": Opt(int), "world_size": Opt(int), "context": Opt(int),
+    "vocab_size": Opt(int), "parameters": Opt(int), "flops_per_token": Opt(float), "learning_rate": Opt(float),
+    "extensions": Opt(list), "chosen_for_budget": Opt(dict),
+}
+# metrics.jsonl: every field a reader does arithmetic on or compares
+METRICS_SCHEMA = {key: Opt(float) for key in ("loss", "eval_loss", "eval_bpb", "eval_ppl", "tokens", "train_runtime",
+                                                "eval_runtime", "tokens_per_s", "lr", "grad_norm")}
+METRICS_SCHEMA["step"] = Opt(int)
+
+
 def read_run_config(run_dir: Path) -> dict[str, Any]:
-    """The run's record ({} when there is none); a damaged one is a one-line error."""
+    """The run's record ({} when there is none); a damaged one, or one whose fields have the wrong type, is a
+    one-line error naming the file, the line and the field."""
     path = run_dir / RUN_CONFIG
-    try:
-        return json.loads(path.read_text())
-    except FileNotFoundError:
+    if not os.path.lexists(path):
         return {}
-    except (json.JSONDecodeError, UnicodeDecodeError, OSError) as e:
-        raise UsageError(f"{path} cannot be read ({e}); the run directory is damaged") from None
+    try:
+        return read_json(path, schema=RUN_CONFIG_SCHEMA)
+    except UsageError as e:
+        problem = str(e).removeprefix(str(path)).lstrip(": ")
+        raise UsageError(f"{path} cannot be read ({problem}); the run directory is damaged") from None
 
 
 def read_run_config_or_none(run_dir: Path | None) -> dict[str, Any] | None:
@@ -108,7 +129,7 @@ def read_run_config_or_none(run_dir: Path | None) -> dict[str, Any] | None:
     (the model card, the playground)."""
     if run_dir is None:
         return None
-    data = read_json_or_none(run_dir / RUN_CONFIG)
+    data = read_json_or_none(run_dir / RUN_CONFIG, schema=RUN_CONFIG_SCHEMA)
     return data if isinstance(data, dict) else None
 
 
@@ -133,37 +154,26 @@ def run_status(run_dir: Path) -> str:
     return FINISHED if (run_dir / FINAL_MODEL / "config.json").is_file() else "running"
 
 
-def read_json_or_none(path: Path) -> Any:
-    """The JSON in `path`, or None when it is missing or damaged."""
-    try:
-        return json.loads(path.read_text(encoding="utf-8"))
-    except (OSError, ValueError):
-        return None
-
-
 # ---------------------------------------------------------------------------------------------- metrics.jsonl
 
 def read_metrics(run_dir: Path) -> list[dict[str, Any]]:
     """metrics.jsonl's records in the order they were written ([] without the file); a line cut short by a kill
-    or a full disk is skipped."""
+    or a full disk is skipped, a record whose fields have the wrong type is a one-line error."""
     return read_metrics_file(run_dir / METRICS)
 
 
 def read_metrics_file(path: Path) -> list[dict[str, Any]]:
     """As `read_metrics`, for a metrics.jsonl wherever it lies."""
-    try:
-        lines = path.read_text(encoding="utf-8").splitlines()
-    except OSError:
-        return []
-    out = []
-    for line in lines:
-        try:
-            record = json.loads(line)
-        except ValueError:
-            continue
-        if isinstance(record, dict):
-            out.append(record)
-    return out
+    return [value for _, _, value in _metrics_lines(path) if isinstance(value, dict)]
+
+
+def _metrics_lines(path: Path) -> Iterator[tuple[int, bytes, Any]]:
+    """(line number, bytes, value) of each line of a metrics.jsonl; the value of a line that does not parse is a
+    BadFile, and one that is not a mapping (never written by us) is left for the caller to skip."""
+    for number, raw, value in iter_jsonl(path):
+        if isinstance(value, dict):
+            check_types(value, METRICS_SCHEMA, f"{path} line {number}")
+        yield number, raw, value
 
 
 def metric_kind(record: dict[str, Any]) -> str:
@@ -189,14 +199,9 @@ def keep_metrics_up_to(run_dir: Path, step: int) -> None:
     path = run_dir / METRICS
     if not path.is_file():
         return
-    kept = []
-    for line in path.read_text().splitlines():
-        try:
-            if json.loads(line).get("step", 0) <= step:
-                kept.append(line)
-        except json.JSONDecodeError:
-            continue
-    write_text_atomic(path, "".join(f"{line}\n" for line in kept))
+    kept = [raw if raw.endswith(b"\n") else raw + b"\n" for _, raw, value in _metrics_lines(path)
+            if isinstance(value, dict) and value.get("step", 0) <= step]
+    write_bytes_atomic(path, b"".join(kept))
 
 
 # -------------------------------------------------------------------------------------------------- checkpoints
@@ -234,12 +239,12 @@ def checkpoint_problem(checkpoint: Path) -> str | None:
     except Exception as e:  # noqa: BLE001 - safetensors raises its own error types for every kind of damage
         return f"model.safetensors is damaged ({str(e).splitlines()[0][:120]})"
     for name in ("trainer_state.json", "config.json"):
-        try:
-            json.loads((checkpoint / name).read_text())
-        except FileNotFoundError:
+        if not (checkpoint / name).is_file():
             return f"no {name}"
-        except (json.JSONDecodeError, UnicodeDecodeError) as e:
-            return f"{name} is damaged ({e})"
+        try:
+            read_json(checkpoint / name, what=name, max_bytes=METRICS_BYTES)  # the Trainer's log history grows
+        except UsageError as e:
+            return f"{name} is damaged ({str(e).removeprefix(name).lstrip(': ')})"
     for name in ("optimizer.pt", "scheduler.pt"):
         path = checkpoint / name
         if not path.is_file():
