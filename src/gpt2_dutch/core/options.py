@@ -43,7 +43,7 @@ def parse_duration(text: str, flag: str = "--max-time") -> float:
     of a wall-clock budget (train's and bench's --max-time)."""
     m = re.fullmatch(r"\s*(\d+(?:\.\d+)?)\s*(s|m|h|)\s*", text)
     if m is None or float(m.group(1)) <= 0:
-        raise UsageError(f"{flag} '{text}' is not a positive duration like 90s, 30m or 2h")
+        raise UsageError(f"{flag} {short(text)} is not a positive duration like 90s, 30m or 2h")
     return float(m.group(1)) * {"": 1, "s": 1, "m": 60, "h": 3600}[m.group(2)]
 
 

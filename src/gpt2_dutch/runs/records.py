@@ -223,7 +223,11 @@ def checkpoint_step(checkpoint: Path) -> int:
 def checkpoint_problem(checkpoint: Path) -> str | None:
     """Why `checkpoint` cannot be resumed from, or None. Checks structure cheaply, without loading tensors:
     weights in safetensors (never a pickle), a readable safetensors header whose data fits the file, every
-    torch.save file a complete zip archive (a truncated one has no central directory), parseable JSON."""
+    torch.save file a complete zip archive (a truncated one has no central directory), parseable JSON.
+
+    The file names are the Trainer's checkpoint layout and the zip check leans on torch.save's archive format, neither
+    of which has a public "is this complete" call; test_trainer.py's test_a_kill_mid_save_leaves_only_complete_
+    checkpoints_and_the_run_resumes passes a real checkpoint through this and fails if either changes."""
     from safetensors import safe_open
 
     weights = checkpoint / "model.safetensors"

@@ -343,3 +343,12 @@ def test_metrics_that_are_a_fifo_are_refused_unread_and_a_resume_keeps_lines_byt
     with pytest.raises(UsageError, match="metrics.jsonl is a FIFO, not a regular file"):
         read_metrics(run)
     assert card_facts(run)["train_curve"] == []
+
+
+def test_a_huge_flag_value_is_echoed_cut_short(tmp_path):
+    from gpt2_dutch.core.options import parse_duration
+
+    with pytest.raises(UsageError) as error:
+        parse_duration("9" * 100_000 + "x")
+    line = _one_line(error, tmp_path)
+    assert line.startswith("--max-time '9999") and line.endswith("is not a positive duration like 90s, 30m or 2h")
