@@ -94,6 +94,8 @@ def open_regular(path: str | Path, what: str, advice: str = "") -> Any:
         raise _not_found(what, advice) from None
     except OSError as e:
         raise BadFile(f"{what} cannot be read ({e.strerror}){tail}") from None
+    except ValueError as e:  # a NUL byte in the name
+        raise BadFile(f"{what} cannot be read ({e}){tail}") from None
     mode = os.fstat(fd).st_mode
     if not stat.S_ISREG(mode):
         os.close(fd)
@@ -182,6 +184,37 @@ def _depth_exceeded(value: Any) -> bool:
     return False
 
 
+_ESCAPE = re.compile(r"\\[uU]")
+
+
+def _lone_surrogate(value: Any) -> str | None:
+    """A string (or key) in `value` that is not text (a lone surrogate from an escape like \\ud800), or None."""
+    stack = [value]
+    while stack:
+        v = stack.pop()
+        items = [*v.keys(), *v.values()] if isinstance(v, dict) else v if isinstance(v, list) else [v]
+        for item in items:
+            if isinstance(item, str):
+                try:
+                    item.encode("utf-8")
+                except UnicodeEncodeError:
+                    return item
+            elif isinstance(item, (dict, list)):
+                stack.append(item)
+    return None
+
+
+def _check_text(value: Any, text: str, what: str, tail: str, shift: int = 0) -> None:
+    if _ESCAPE.search(text) is None:  # no escape, no surrogate: the text itself decoded as UTF-8
+        return
+    bad = _lone_surrogate(value)
+    if bad is not None:
+        lone = next(c for c in bad if 0xD800 <= ord(c) <= 0xDFFF)
+        m = re.search(re.escape(f"\\u{ord(lone):04x}"), text, re.I)
+        raise _limit(what, m and _line_at(text, m.start()) + shift, f"the string {short(bad)} holds a lone surrogate "
+                     "escape, which is not text", tail)
+
+
 def _limit(what: str, line: int | None, problem: str, tail: str) -> BadFile:
     return BadFile(f"{what}{f' line {line}' if line else ''}: {problem}{tail}")
 
@@ -203,6 +236,7 @@ def parse_json(text: str, what: str, advice: str = "", first_line: int = 1) -> A
     if too_deep:
         line = _too_deep_line(text)
         raise _limit(what, line and line + shift, f"lists or mappings nested deeper than {MAX_DEPTH} levels", tail)
+    _check_text(value, text, what, tail, shift)
     return value
 
 
@@ -303,8 +337,8 @@ def _check_yaml(root: Any, what: str, tail: str) -> None:
             for child in children:
                 n += size(child, depth + 1)
                 if n > MAX_YAML_NODES:
-                    raise _limit(what, line, f"its aliases expand to more than {MAX_YAML_NODES:,} values (an "
-                                 "alias bomb?)", tail)
+                    raise _limit(what, line, f"more than {MAX_YAML_NODES:,} values once its aliases are expanded",
+                                 tail)
             open_.discard(key)
         sizes[key] = n
         return n
@@ -326,7 +360,9 @@ def parse_yaml(text: str, what: str, advice: str = "") -> Any:
         if node is None:
             return None
         _check_yaml(node, what, tail)
-        return loader.construct_document(node)
+        value = loader.construct_document(node)
+        _check_text(value, text, what, tail)
+        return value
     except yaml.YAMLError as e:
         mark = getattr(e, "problem_mark", None)
         at = f"line {mark.line + 1}, column {mark.column + 1}: " if mark is not None else ""
