@@ -18,9 +18,10 @@ The pieces, each with only its own concern:
     budget.py    for a --max-time/--max-tokens budget: --model-size auto and the tokens per step
     muon.py      --optimizer muon: Muon for the blocks' matrices, AdamW for the rest, one optimizer
     loss.py      the LM head's cross-entropy in chunks, without full logits
-    runs.py      run directories: unique names, status, what --resume continues, checkpoint checks, -latest
+    plan.py      make_plan: every setting of the run resolved once (budget choices, resume, length, cadence)
     trainer.py   what the Hugging Face Trainer gets on top: health checks, signals, atomic checkpoints, metrics
-    run.py       train(cfg): plan, build, train, publish
+    run.py       train(cfg): plan -> build -> fit -> publish
+(run records and the model card: gpt2_dutch.runs)
 """
 
 from __future__ import annotations

@@ -7,9 +7,10 @@ from dataclasses import dataclass, field
 from typing import ClassVar
 
 from gpt2_dutch.core.errors import check, check_number, check_seed
-from gpt2_dutch.core.options import option
+from gpt2_dutch.core.options import option, parse_duration
 from gpt2_dutch.model.presets import MODEL_PRESETS, preset
 from gpt2_dutch.push import check_repo_id
+from gpt2_dutch.runs.records import RECORD_FORMAT
 
 # --embedding-lr-scale's default: the embedding tables train at 8x AdamW's rate, screened against x1 to x16 with
 # both an own and a tied LM head (docs/experiments/optimizer.md).
@@ -32,7 +33,7 @@ MUON_ADAMW_WEIGHT_DECAY = 0.0
 class TrainConfig:
     # run_config.json says it is a run's record with this "format": `train --config RUN/run_config.json` then
     # takes its settings and ignores what the run recorded about itself (status, total_steps, ...)
-    RECORD_FORMAT: ClassVar[str] = "gpt2-dutch/run"
+    RECORD_FORMAT: ClassVar[str] = RECORD_FORMAT
     # a replay is a new run with the same settings: it never continues (or overwrites) the recorded one
     NOT_REPLAYED: ClassVar[tuple[str, ...]] = ("resume", "push_to_hub")  # nor overwrites what that run published
 
@@ -172,10 +173,3 @@ class TrainConfig:
         if self.use_wandb:
             self.report_to = "wandb"
 
-
-def parse_duration(text: str) -> float:
-    m = re.fullmatch(r"\s*(\d+(?:\.\d+)?)\s*(s|m|h|)\s*", text)
-    check(m is not None and float(m.group(1)) > 0, f"--max-time '{text}' is not a positive duration like 90s, "
-          "30m or 2h")
-    assert m is not None
-    return float(m.group(1)) * {"": 1, "s": 1, "m": 60, "h": 3600}[m.group(2)]

@@ -32,32 +32,33 @@ from transformers.trainer_callback import PrinterCallback, ProgressCallback
 from gpt2_dutch.core.devices import is_main_process
 from gpt2_dutch.core.files import replace_dir, write_bytes_atomic
 from gpt2_dutch.runs.records import read_run_config, update_run_config
-from gpt2_dutch.train.config import TrainConfig
+from gpt2_dutch.train.plan import TrainPlan
 from gpt2_dutch.train.schedule import Schedule, warmup_steps_for
 
 
-def build_training_arguments(cfg: TrainConfig, run_dir: Path, precision: str, lr: float, total_steps: int,
-                             eval_every: int, save_every: int, log_every: int) -> TrainingArguments:
+def build_training_arguments(plan: TrainPlan, run_dir: Path) -> TrainingArguments:
+    """The Trainer's arguments: the plan's settings in its terms."""
+    cfg = plan.cfg
     cuda = torch.cuda.is_available()
     return TrainingArguments(
         output_dir=str(run_dir / "checkpoints"),
         per_device_train_batch_size=cfg.batch_size,
         per_device_eval_batch_size=cfg.batch_size,
         gradient_accumulation_steps=cfg.gradient_accumulation_steps,
-        learning_rate=lr,
+        learning_rate=cfg.learning_rate,
         weight_decay=cfg.weight_decay,  # the Trainer exempts biases and LayerNorm weights: matrices only
-        adam_beta1=cfg.adam_beta1,  # filled in by run.py: ADAM_BETAS for a new run, a resumed run's own
+        adam_beta1=cfg.adam_beta1,  # the plan's: ADAM_BETAS for a new run, a resumed run's own
         adam_beta2=cfg.adam_beta2,
         max_grad_norm=1.0,
-        max_steps=total_steps,
-        logging_steps=log_every,
+        max_steps=plan.total_steps,
+        logging_steps=plan.log_every,
         logging_first_step=True,
         eval_strategy="steps",
-        eval_steps=eval_every,
+        eval_steps=plan.eval_every,
         save_strategy="steps",
-        save_steps=save_every,
-        bf16=precision == "bf16",
-        fp16=precision == "fp16",
+        save_steps=plan.save_every,
+        bf16=plan.precision == "bf16",
+        fp16=plan.precision == "fp16",
         use_cpu=not cuda,
         torch_compile=cfg.compile,
         activation_checkpointing=cfg.gradient_checkpointing,
@@ -245,20 +246,21 @@ def scale_embedding_lr(optimizer: torch.optim.Optimizer, model: Any, scale: floa
 
 
 class GPT2Trainer(Trainer):
-    def __init__(self, *args: Any, schedule: Schedule, keep_checkpoints: int, tokens_per_step: int,
-                 bytes_per_token: float, health: StepHealth | None = None, optimizer_kind: str = "adamw",
-                 loss_chunk_tokens: int = 0, eval_chunks: int = 0, embedding_lr_scale: float = 1.0,
-                 adamw_weight_decay: float | None = None,
+    """The Hugging Face Trainer, set up from the run's plan: our optimizer and schedule, the chunked loss,
+    bounded evaluations, bits per byte in the logs, atomic and rotated checkpoints."""
+
+    def __init__(self, *args: Any, plan: TrainPlan, schedule: Schedule, health: StepHealth | None = None,
                  **kwargs: Any):
         super().__init__(*args, **kwargs)
-        self.embedding_lr_scale = embedding_lr_scale  # the embedding tables' lr / the other AdamW params' lr
-        self.adamw_weight_decay = adamw_weight_decay  # Muon only: the decay of AdamW's matrices (None: args')
-        self.eval_chunks = eval_chunks  # test chunks per evaluation (0: all); a --max-time fit may change it
-        self.loss_chunk_tokens = loss_chunk_tokens  # 0: the model's own loss over full logits (see compute_loss)
-        self.schedule, self.keep_checkpoints = schedule, keep_checkpoints
-        self.tokens_per_step, self.bytes_per_token = tokens_per_step, bytes_per_token
+        cfg = plan.cfg
+        self.embedding_lr_scale = cfg.embedding_lr_scale  # the embedding tables' lr / the other AdamW params' lr
+        self.adamw_weight_decay = cfg.adamw_weight_decay  # Muon only: the decay of AdamW's matrices (None: args')
+        self.eval_chunks = plan.eval_chunks  # test chunks per evaluation (0: all); a --max-time fit may change it
+        self.loss_chunk_tokens = cfg.loss_chunk_tokens  # 0: the model's own loss over full logits (compute_loss)
+        self.schedule, self.keep_checkpoints = schedule, cfg.keep_checkpoints
+        self.tokens_per_step, self.bytes_per_token = plan.tokens_per_step, plan.bytes_per_token
         self.health = health
-        self.optimizer_kind = optimizer_kind  # "adamw" (the Trainer's own) or "muon" (muon.MuonAdamW)
+        self.optimizer_kind = plan.optimizer  # "adamw" (the Trainer's own) or "muon" (muon.MuonAdamW)
         self._last_log: tuple[float, int] | None = None
 
     def create_optimizer(self, model: Any = None) -> torch.optim.Optimizer:
@@ -661,14 +663,11 @@ class MaxTimeCallback(TrainerCallback):
             self.console.set_total(total)
 
 
-def metrics_callbacks(cfg: TrainConfig, run_dir: Path, run_info: dict[str, Any], manifest: dict[str, Any],
-                      schedule: Schedule, budget_s: float | None, auto_eval: bool,
-                      auto_save: bool) -> list[TrainerCallback]:
+def metrics_callbacks(plan: TrainPlan, run_dir: Path, schedule: Schedule) -> list[TrainerCallback]:
     callbacks: list[TrainerCallback] = [MetricsCallback(run_dir)]
-    if budget_s:
-        bound = cfg.max_steps or (math.ceil(cfg.max_tokens / run_info["tokens_per_step"]) if cfg.max_tokens
-                                  else run_info["total_steps"])
-        callbacks.append(MaxTimeCallback(budget_s, schedule, cfg.warmup, run_dir, bound, auto_eval, auto_save))
+    if plan.budget_s:
+        callbacks.append(MaxTimeCallback(plan.budget_s, schedule, plan.cfg.warmup, run_dir, plan.step_bound,
+                                         auto_eval=plan.cfg.eval_every is None, auto_save=plan.cfg.save_every is None))
     return callbacks
 
 
