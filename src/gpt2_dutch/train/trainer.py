@@ -31,7 +31,7 @@ from transformers.trainer_callback import PrinterCallback, ProgressCallback
 
 from gpt2_dutch.core.devices import is_main_process
 from gpt2_dutch.core.files import replace_dir, write_bytes_atomic
-from gpt2_dutch.runs.records import read_run_config, update_run_config
+from gpt2_dutch.runs.records import METRICS, read_metrics, read_run_config, update_run_config
 from gpt2_dutch.train.plan import TrainPlan
 from gpt2_dutch.train.schedule import Schedule, warmup_steps_for
 
@@ -261,7 +261,10 @@ class GPT2Trainer(Trainer):
         self.tokens_per_step, self.bytes_per_token = plan.tokens_per_step, plan.bytes_per_token
         self.health = health
         self.optimizer_kind = plan.optimizer  # "adamw" (the Trainer's own) or "muon" (muon.MuonAdamW)
+        self.chunks_per_step = plan.chunks_per_step
         self._last_log: tuple[float, int] | None = None
+        self.first_step = _FirstStep()
+        self.add_callback(self.first_step)
 
     def create_optimizer(self, model: Any = None) -> torch.optim.Optimizer:
         if self.optimizer is None and self.optimizer_kind == "muon":
@@ -361,6 +364,12 @@ class GPT2Trainer(Trainer):
                 logs["tokens_per_s"] = round((step - self._last_log[1]) * self.tokens_per_step
                                              / (now - self._last_log[0]), 1)
             self._last_log = (now, step)
+        if logs.get("train_runtime"):
+            # The Trainer counts the steps it planned at the start (a --max-time run's 10**9 bound, or a resumed
+            # run's whole length): the rates of what this call trained are the steps it did take.
+            took = step - self.first_step.step
+            logs["train_samples_per_second"] = round(took * self.chunks_per_step / logs["train_runtime"], 3)
+            logs["train_steps_per_second"] = round(took / logs["train_runtime"], 3)
         if "eval_loss" in logs:
             loss = logs["eval_loss"]
             logs["eval_ppl"] = math.exp(min(loss, 50.0))
@@ -415,6 +424,15 @@ class GPT2Trainer(Trainer):
                          if p != newest and p.name.split("-")[-1].isdigit()), key=lambda p: int(p.name.split("-")[-1]))
         for old in others[: max(0, len(others) - (self.keep_checkpoints - 1))]:
             shutil.rmtree(old, ignore_errors=True)
+
+
+class _FirstStep(TrainerCallback):
+    """The step a `train()` call starts from (0, or a resumed checkpoint's)."""
+
+    step = 0
+
+    def on_train_begin(self, args: Any, state: Any, control: Any, **kw: Any) -> None:
+        self.step = state.global_step
 
 
 def metrics_record(state: Any, logs: dict[str, Any]) -> dict[str, Any]:
@@ -691,13 +709,9 @@ def plot_losses(run_dir: Path) -> None:
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    path = run_dir / "metrics.jsonl"
-    if not path.is_file():
+    if not (run_dir / METRICS).is_file():
         return
-    records = []
-    for line in path.read_text().splitlines():
-        with contextlib.suppress(json.JSONDecodeError):  # a line cut short by a kill: skip it
-            records.append(json.loads(line))
+    records = read_metrics(run_dir)
     train = [(r["tokens"], r["loss"]) for r in records if r.get("loss") is not None]
     evals = [(r["tokens"], r["eval_loss"]) for r in records if r.get("eval_loss") is not None]
     fig, ax = plt.subplots(figsize=(7, 4.5), dpi=110)
