@@ -1,43 +1,31 @@
-"""Shared fixtures: a small Dutch corpus written for these tests, tokenizers, and a CLI runner."""
+"""Shared fixtures: a small Dutch corpus written for these tests, tokenizers, a CLI runner, and the trained runs and
+models that several files use, built once per session. Plain helpers live in helpers.py."""
 
 from __future__ import annotations
 
+import gzip
 import json
 import os
 from pathlib import Path
 
 import pytest
 
-from gpt2_dutch.__main__ import main
-
 # One torch thread in this process and in every child (set before torch is imported): the tests' models are tiny,
 # so a thread pool's wake-ups cost more than the matmuls, and on a busy CI machine far more (see test_muon's
 # _one_thread). A value set by whoever runs the tests wins.
 os.environ.setdefault("OMP_NUM_THREADS", "1")
 
-SHARED = Path(__file__).resolve().parents[2] / "shared" / "data"
-GPT2_DIR = SHARED / "gpt2-tokenizer"
-DUTCH_CORPUS = SHARED / "dutch" / "train.jsonl.gz"
-
-DOCS = [
-    "De trein naar Utrecht vertrekt om kwart over negen van spoor vijf.",
-    "Het regent al de hele week in Groningen, maar morgen wordt het droog en zonnig.",
-    "Oma bakt elke zondag appeltaart met kaneel en rozijnen voor de kleinkinderen.",
-    "De gemeenteraad heeft besloten om een nieuwe fietsbrug over de rivier te bouwen.",
-    "Zet de oven op tweehonderd graden en laat het deeg een halfuur rusten.",
-    "\u201cWaar is mijn fiets?\u201d vroeg Sanne. \u201cIk weet het niet,\u201d zei haar broer.",
-    "In de zeventiende eeuw was Amsterdam een van de rijkste steden van Europa.",
-    "De bibliotheek is op maandag gesloten en op zaterdag open tot vijf uur.",
-    "Kinderen leren op school lezen, schrijven en rekenen, en later ook Engels.",
-    "Na de storm lagen er overal takken op straat en was de stroom uitgevallen.",
-    "Het museum toont schilderijen van Vermeer, Rembrandt en Van Gogh.",
-    "Wie een huis wil kopen, moet eerst een hypotheek aanvragen bij de bank.",
-]
-
-
-def write_jsonl(path: Path, docs: list[str], column: str = "text") -> Path:
-    path.write_text("".join(json.dumps({column: d}, ensure_ascii=False) + "\n" for d in docs), encoding="utf-8")
-    return path
+# The names tests used to import from this file, for tests written before helpers.py (new tests: `from helpers`)
+from helpers import (  # noqa: F401
+    CLI,
+    DOCS,
+    DUTCH_CORPUS,
+    GPT2_DIR,
+    SHARED,
+    assert_one_line_error,
+    poison_training_step,
+    write_jsonl,
+)
 
 
 @pytest.fixture(autouse=True)
@@ -77,15 +65,6 @@ def small_tokenizer(tmp_path_factory: pytest.TempPathFactory) -> Path:
     return out
 
 
-def assert_one_line_error(rc: int, err: str, message: str, code: int = 2) -> None:
-    """Exit `code` (2: the user's input; 1: the machine, e.g. a full disk), the message on one final `error:`
-    line (progress bars may precede it), no traceback."""
-    assert rc == code, err
-    lines = [line for line in err.replace("\r", "\n").splitlines() if line.strip()]
-    assert lines and "error: " in lines[-1] and message in lines[-1], err
-    assert sum("error" in line for line in lines) == 1 and "Traceback" not in err, err
-
-
 @pytest.fixture(scope="session")
 def tiny_dataset(tmp_path_factory: pytest.TempPathFactory, small_tokenizer: Path) -> Path:
     """A processed dataset of the test documents: 300-token BPE, 32-token chunks (~50 train chunks)."""
@@ -97,46 +76,100 @@ def tiny_dataset(tmp_path_factory: pytest.TempPathFactory, small_tokenizer: Path
                                        output_dir=str(root / "out"), name="tiny"))
 
 
-class CLI:
-    def __init__(self, capsys: pytest.CaptureFixture[str]):
-        self.capsys = capsys
-
-    def __call__(self, *args: str | Path) -> tuple[int, str, str]:
-        self.capsys.readouterr()
-        try:
-            rc = main([str(a) for a in args])
-        except SystemExit as e:  # argparse exits by itself on a bad flag
-            rc = e.code if isinstance(e.code, int) else 1
-        out, err = self.capsys.readouterr()
-        return rc, out, err
-
-
 @pytest.fixture
 def cli(capsys: pytest.CaptureFixture[str]) -> CLI:
     return CLI(capsys)
 
 
-def poison_training_step(monkeypatch: pytest.MonkeyPatch, step: int) -> None:
-    """Make the `step`-th training forward's loss NaN (the health guard must skip that update).
+@pytest.fixture
+def mixed_files(tmp_path: Path) -> list[Path]:
+    """The corpus spread over every kind of input: .jsonl, .jsonl.gz, .txt by paragraph, .parquet, .json."""
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+    from helpers import CORPUS
 
-    With the chunked loss (--loss-chunk-tokens) the loss is computed from the hidden states, so those are poisoned.
-    """
-    import functools
+    d = tmp_path / "in"
+    d.mkdir()
+    a = write_jsonl(d / "a.jsonl", CORPUS[:80])
+    b = d / "b.jsonl.gz"
+    b.write_bytes(gzip.compress(write_jsonl(d / "tmp.jsonl", CORPUS[80:140]).read_bytes()))
+    (d / "tmp.jsonl").unlink()
+    c = d / "c.txt"
+    c.write_text("\n\n".join(CORPUS[140:190]) + "\n")
+    e = d / "e.parquet"
+    pq.write_table(pa.table({"text": CORPUS[190:220]}), e)
+    f = d / "f.json"
+    f.write_text(json.dumps([{"text": t} for t in CORPUS[220:]], ensure_ascii=False))
+    return [a, b, c, e, f]
 
-    from transformers import GPT2LMHeadModel
 
-    forward, calls = GPT2LMHeadModel.forward, {"n": 0}
+# ------------------------------------------------------------------------------- trained models, once per session
 
-    @functools.wraps(forward)  # the Trainer reads the signature: with `labels` in it, it evaluates the loss
-    def poisoned(self, *args, **kwargs):
-        out = forward(self, *args, **kwargs)
-        if self.training:
-            calls["n"] += 1
-            if calls["n"] == step:
-                if out.loss is not None:
-                    out.loss = out.loss * float("nan")
-                else:
-                    out.hidden_states = tuple(h * float("nan") for h in out.hidden_states)
-        return out
+@pytest.fixture(scope="session")
+def tiny_run(tiny_dataset: Path, tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """A tiny GPT-2 trained for 300 steps until it knows the test documents by heart (continuations are asserted)."""
+    from gpt2_dutch.train import TrainConfig, train
 
-    monkeypatch.setattr(GPT2LMHeadModel, "forward", poisoned)
+    out = tmp_path_factory.mktemp("runs")
+    return train(TrainConfig(dataset_path=str(tiny_dataset), model_size="tiny", batch_size=4, precision="fp32",
+                             output_dir=str(out), max_steps=300, learning_rate=3e-3, eval_every=300,
+                             save_every=300))
+
+
+@pytest.fixture(scope="session")
+def loaded(tiny_run: Path):  # noqa: ANN201 - (model, tokenizer, model_dir)
+    from gpt2_dutch.model.loading import load_model
+
+    return load_model(tiny_run, device="cpu", dtype="fp32")
+
+
+@pytest.fixture(scope="session")
+def long_context_model(tmp_path_factory: pytest.TempPathFactory, tiny_run: Path) -> Path:
+    """An untrained tiny GPT-2 with a 4096-token context that never samples <|endoftext|>: generations long enough
+    to interrupt (an untrained model ends a text after ~300 tokens on average, sometimes before Ctrl-C arrives)."""
+    from transformers import AutoModelForCausalLM, AutoTokenizer, GenerationConfig
+
+    from gpt2_dutch.model.presets import gpt2_config
+
+    tok = AutoTokenizer.from_pretrained(tiny_run / "final_model")
+    out = tmp_path_factory.mktemp("long") / "final_model"
+    AutoModelForCausalLM.from_config(gpt2_config("nano", len(tok), 4096, tok.eos_token_id)).save_pretrained(out)
+    GenerationConfig(eos_token_id=tok.eos_token_id, suppress_tokens=[tok.eos_token_id]).save_pretrained(out)
+    tok.save_pretrained(out)
+    return out
+
+
+@pytest.fixture(scope="session")
+def served_run(tiny_dataset: Path, tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """A tiny GPT-2 trained for 40 steps (evaluated at 20 and 40): a real run directory for serve."""
+    from gpt2_dutch.train import TrainConfig, train
+
+    out = tmp_path_factory.mktemp("serve_runs")
+    return train(TrainConfig(dataset_path=str(tiny_dataset), model_size="tiny", batch_size=4, precision="fp32",
+                             output_dir=str(out), max_steps=40, learning_rate=3e-3, eval_every=20, save_every=40,
+                             quiet=True))
+
+
+@pytest.fixture(scope="session")
+def served_loaded(served_run: Path):  # noqa: ANN201 - (model, tokenizer, model_dir)
+    """`served_run` loaded as `generate` loads it."""
+    from gpt2_dutch.model.loading import load_model
+
+    return load_model(served_run, device="cpu", dtype="fp32")
+
+
+@pytest.fixture(scope="session")
+def long_model(served_run: Path, tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """An untrained tiny GPT-2 with a 2048-token context that never ends a text by itself: long requests."""
+    import torch
+    from transformers import AutoModelForCausalLM, AutoTokenizer, GenerationConfig
+
+    from gpt2_dutch.model.presets import gpt2_config
+
+    tok = AutoTokenizer.from_pretrained(served_run / "final_model")
+    out = tmp_path_factory.mktemp("long") / "final_model"
+    torch.manual_seed(0)
+    AutoModelForCausalLM.from_config(gpt2_config("tiny", len(tok), 2048, tok.eos_token_id)).save_pretrained(out)
+    GenerationConfig(eos_token_id=tok.eos_token_id).save_pretrained(out)
+    tok.save_pretrained(out)
+    return out

@@ -33,7 +33,7 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
 import torch
-from conftest import DOCS, assert_one_line_error, poison_training_step, write_jsonl
+from helpers import DOCS, assert_one_line_error, poison_training_step, write_jsonl
 from safetensors.torch import load_file
 
 from gpt2_dutch.runs.records import create_run_dir, run_status
@@ -42,6 +42,7 @@ from gpt2_dutch.train import TrainConfig, train
 # ====================================================================================================
 # preprocess
 # ====================================================================================================
+
 
 CACHE = "hf_datasets_cache"  # conftest's per-test `datasets` cache: not the user's, not ours
 
@@ -67,6 +68,7 @@ def dead_pid() -> int:
 
 
 # ------------------------------------------------------------------------------------------------- setups
+
 
 def foreign_dir(tmp: Path) -> None:
     (tmp / "out" / "x").mkdir(parents=True)
@@ -145,7 +147,11 @@ def parquet_bytes(texts: list[str]) -> bytes:
 
 
 BIG_DOCS = [f"Document {i}: " + " ".join(DOCS) * 3 for i in range(300)]  # enough that the damage is mid-stream
+
+
 JSONL_BYTES = "".join(json.dumps({"text": d}) + "\n" for d in BIG_DOCS).encode()
+
+
 BAD_UTF8 = "Café in België".encode("latin-1")
 
 
@@ -173,7 +179,7 @@ def invalid_utf8(name: str) -> Callable[[Path], None]:
 
 def damaged_dataset(how: str) -> Callable[[Path], None]:
     def setup(tmp: Path) -> None:
-        from conftest import DOCS as docs
+        from helpers import DOCS as docs
 
         from gpt2_dutch.preprocess import PreprocessConfig, preprocess
 
@@ -200,6 +206,7 @@ def damaged_dataset(how: str) -> Callable[[Path], None]:
 
 
 # ------------------------------------------------------------------------------------------------- checks
+
 
 def manifest_of(tmp: Path) -> dict:
     return json.loads((tmp / "out" / "x" / "manifest.json").read_text())
@@ -279,6 +286,8 @@ def first_seed_with(held_out: bool) -> int:
 
 BASE = ["--data-files", "{tmp}/corpus.jsonl", "--tokenizer", "{tok}", "--output-dir", "{out}", "--name", "x",
         "--chunk-size", "16"]
+
+
 NO_TOK = ["--data-files", "{tmp}/corpus.jsonl", "--output-dir", "{out}", "--name", "x", "--chunk-size", "16"]
 
 
@@ -289,6 +298,7 @@ def on(file: str, *extra: str) -> list[str]:
 
 TRAIN_ON_DS = ["--dataset-path", "{tmp}/ds", "--model-size", "tiny", "--max-steps", "1", "--output-dir",
                "{tmp}/runs"]
+
 
 PREPROCESS_CASES = [
     # --overwrite replaces only a dataset of ours
@@ -478,6 +488,7 @@ def test_preprocess_fault(case: Case, tmp_path, cli, small_tokenizer, monkeypatc
 # train
 # ====================================================================================================
 
+
 TINY = ["--model-size", "tiny", "--batch-size", "4", "--precision", "fp32"]
 
 
@@ -511,6 +522,7 @@ def run_copy(finished_run: Path, tmp_path: Path) -> Path:
 
 
 # ----------------------------------------------------------------------------- the table of one-line failures
+
 
 def _corrupt_newest_checkpoint(run: Path) -> str:
     (run / "checkpoints" / "checkpoint-4" / "model.safetensors").write_bytes(b"\x00" * 100)
@@ -592,6 +604,7 @@ def test_init_from_a_model_of_another_shape_is_refused(tiny_dataset, run_copy, c
 
 # ----------------------------------------------------------------------------- finished runs and extension
 
+
 def test_a_finished_run_grows_only_with_a_larger_max_steps_and_says_so(tiny_dataset, run_copy):
     old_final = (run_copy / "final_model" / "model.safetensors").read_bytes()
     run = train(tiny_cfg(tiny_dataset, run_copy.parent, resume=str(run_copy), max_steps=6, save_every=2))
@@ -625,6 +638,7 @@ def test_init_from_starts_a_new_run_from_the_weights(tiny_dataset, run_copy, tmp
 
 # ----------------------------------------------------------------------------- health checks
 
+
 @pytest.mark.slow
 def test_a_diverged_run_is_not_published_and_exits_nonzero(tiny_dataset, tmp_path, cli):
     rc, _, err = cli("train", "--dataset-path", tiny_dataset, *TINY, "--output-dir", tmp_path, "--max-steps", "12",
@@ -652,6 +666,7 @@ def test_a_single_nonfinite_step_is_skipped_and_the_run_goes_on(tiny_dataset, tm
 
 
 # ----------------------------------------------------------------------------- run names, disk full
+
 
 def test_runs_started_in_the_same_second_get_their_own_directories(tmp_path):
     now = datetime(2026, 1, 2, 3, 4, 5)
@@ -682,6 +697,7 @@ def test_a_full_disk_while_checkpointing_is_one_line_and_leaves_nothing_half_wri
 
 
 # ----------------------------------------------------------------------------- preemption
+
 
 def _train_cmd(dataset: Path, out: Path, *extra: str) -> list[str]:
     return [sys.executable, "-m", "gpt2_dutch", "train", "--dataset-path", str(dataset), *TINY,
@@ -755,8 +771,13 @@ def test_a_damaged_newest_checkpoint_is_skipped_for_the_previous_one(tiny_datase
 # generate and evaluate
 # ====================================================================================================
 
+
 CONTEXT = 32
+
+
 HUGE = str(10**30)  # far beyond any int64: Python ints parse it, the code must bound or cap it
+
+
 LONG_PROMPT = " ".join(DOCS[:3])  # 140 tokens of the 300-token test BPE: more than the context
 
 
@@ -864,6 +885,8 @@ def _bad_crc(data: bytes) -> bytes:
 
 
 OK = 0
+
+
 ERR = 2
 
 

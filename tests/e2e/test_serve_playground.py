@@ -1,6 +1,6 @@
 """The playground at / in a real headless browser: Debian's chromium driven by Playwright (no browser download).
 
-    pytest tests/test_serve_playground.py          # needs `apt-get install chromium` (.ci/run installs it)
+    pytest tests/e2e/test_serve_playground.py         # needs `apt-get install chromium` (.ci/run installs it)
 
 Types a prompt, presses Generate and watches the text stream in; reads the model card and its loss curve; stops a
 long generation with the Stop button. Skips with the reason where Playwright or chromium is missing.
@@ -14,11 +14,7 @@ import time
 from pathlib import Path
 
 import pytest
-import test_serve
-from test_serve import greedy_generate, live_server
-
-# the fixtures of the API tests: a tiny trained run, the model loaded for `generate`, an untrained long-context one
-served_run, loaded, long_model = test_serve.served_run, test_serve.loaded, test_serve.long_model
+from helpers import greedy_generate, live_server
 
 pytestmark = pytest.mark.slow
 
@@ -42,7 +38,7 @@ def browser():
         b.close()
 
 
-def test_type_a_prompt_press_generate_and_watch_the_text_stream_in(browser, served_run: Path, loaded):
+def test_type_a_prompt_press_generate_and_watch_the_text_stream_in(browser, served_run: Path, served_loaded):
     prompt = "De trein naar Utrecht"
     with live_server(served_run) as live:
         page = browser.new_page()
@@ -66,7 +62,7 @@ def test_type_a_prompt_press_generate_and_watch_the_text_stream_in(browser, serv
         page.eval_on_selector("#max_tokens", "e => { e.value = 10; e.dispatchEvent(new Event('input')); }")
         page.click("#generate")
         page.wait_for_function("document.getElementById('status').textContent.includes('tokens/s,')")
-        expected = greedy_generate(loaded, [prompt], 10)[0]
+        expected = greedy_generate(served_loaded, [prompt], 10)[0]
         assert page.inner_text("#generated") == expected
         assert page.inner_text("#output .prompt") == prompt
         distinct = [t for i, t in enumerate(seen) if i == 0 or t != seen[i - 1]]

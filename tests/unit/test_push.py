@@ -14,7 +14,7 @@ from types import SimpleNamespace
 
 import pytest
 import yaml
-from conftest import assert_one_line_error
+from helpers import assert_one_line_error
 
 from gpt2_dutch.core.options import load_config
 from gpt2_dutch.push import PushConfig, files_to_upload
@@ -23,6 +23,8 @@ from gpt2_dutch.train import TrainConfig
 
 UPLOADED = ["README.md", "config.json", "generation_config.json", "loss.png", "model.safetensors", "tokenizer.json",
             "tokenizer_config.json"]
+
+
 PNG = b"\x89PNG\r\n\x1a\n" + b"\0" * 16
 
 
@@ -287,6 +289,7 @@ def test_push_config_in_python():
 
 
 # ---------------------------------------------------------------------------------------- train --push-to-hub
+
 
 def test_train_without_a_token_stops_before_training(tiny_dataset, tmp_path, cli, monkeypatch):
     monkeypatch.delenv("HF_TOKEN")

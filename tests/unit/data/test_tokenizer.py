@@ -1,16 +1,39 @@
-"""The batch encoder: tiktoken gives exactly the ids of `tokenizers`, or it is not used."""
+"""data/tokenizer.py: the fast encoder gives the ids of `tokenizers`, long texts in pieces, BPE training, and the
+light tokenizer equals the transformers one."""
 
 from __future__ import annotations
 
 import gzip
 import json
+import random
+import re
 from types import SimpleNamespace
 
 import pytest
-from conftest import DOCS, DUTCH_CORPUS
+from helpers import DOCS, DUTCH_CORPUS
 from tokenizers import Tokenizer, decoders, models, normalizers, pre_tokenizers
 
 from gpt2_dutch.data.tokenizer import EOS_TOKEN, BatchEncoder, load_tokenizer, train_bpe
+
+
+def test_the_light_tokenizer_is_the_transformers_one(tmp_path, gpt2_dir, small_tokenizer):
+    from transformers import AutoTokenizer
+
+    from gpt2_dutch.data.tokenizer import load_tokenizer, load_tokenizer_files
+
+    for source in (gpt2_dir, small_tokenizer):
+        light, full = load_tokenizer_files(str(source)), load_tokenizer(str(source))
+        assert light.hf is None, "read with tokenizers alone"
+        assert json.loads(light.backend.to_str()) == json.loads(full.backend_tokenizer.to_str())
+        assert (len(light), light.eos_token, light.eos_token_id) == (len(full), full.eos_token, full.eos_token_id)
+        saved = tmp_path / source.name
+        saved.mkdir()
+        light.save(saved, 64)
+        again = AutoTokenizer.from_pretrained(str(saved))
+        text = "Het Nederlandse taalgebied<|endoftext|> telt ruim 25 miljoen sprekers."
+        assert again(text)["input_ids"] == full(text)["input_ids"]
+        assert again.eos_token == again.bos_token == "<|endoftext|>" and again.model_max_length == 64
+
 
 # Texts that stress the pre-tokenizer and the byte-level alphabet, written for this test.
 HARD_TEXTS = [
@@ -140,6 +163,7 @@ def test_fast_encoder_matches_tokenizers_on_the_whole_real_corpus(which, gpt2_di
 
 # ------------------------------------------------------------------------------- long documents in pieces
 
+
 # Unicode's White_Space property (PropList.txt): what \s means to the Rust regex engines of tokenizers and tiktoken.
 UNICODE_WHITE_SPACE = [*range(0x09, 0x0E), 0x20, 0x85, 0xA0, 0x1680, *range(0x2000, 0x200B), 0x2028, 0x2029, 0x202F,
                        0x205F, 0x3000]
@@ -147,7 +171,6 @@ UNICODE_WHITE_SPACE = [*range(0x09, 0x0E), 0x20, 0x85, 0xA0, 0x1680, *range(0x20
 
 def test_every_unicode_white_space_is_python_whitespace():
     """split_long_text decides "non-space" with Python's \\S: safe only if it is never wider than Rust's \\S."""
-    import re
 
     assert all(re.fullmatch(r"\s", chr(c)) for c in UNICODE_WHITE_SPACE)
 
@@ -163,7 +186,6 @@ def random_text(rng, n: int) -> str:
 
 @pytest.mark.parametrize("tokenizer", ["dutch bpe", "english gpt2"])
 def test_pieces_of_a_long_text_encode_to_the_ids_of_the_whole(tokenizer, small_tokenizer, request):
-    import random
 
     from gpt2_dutch.data.tokenizer import split_long_text
 
@@ -186,7 +208,6 @@ def test_pieces_of_a_long_text_encode_to_the_ids_of_the_whole(tokenizer, small_t
 
 @pytest.mark.parametrize("engine", ["auto", "tokenizers"])
 def test_batch_encoder_encodes_long_documents_in_pieces_with_the_same_ids(small_tokenizer, engine, monkeypatch):
-    import random
 
     from gpt2_dutch.data import tokenizer as tokenizer_module
 
@@ -203,7 +224,6 @@ def test_batch_encoder_encodes_long_documents_in_pieces_with_the_same_ids(small_
 
 
 def test_a_bpe_trained_on_the_pieces_is_the_bpe_trained_on_the_whole():
-    import random
 
     from gpt2_dutch.data.tokenizer import split_long_text
 

@@ -1,77 +1,33 @@
-"""preprocess at scale: any --num-workers and --part-mb give the same chunks, a run killed with SIGKILL continues to
-the same output, shards merged equal one run, the Hub stream retries with backoff, the output layout is datasets'."""
+"""preprocess/parts.py at scale: any --num-workers and --part-mb give the same chunks, a bad line in a later part is
+named and the rerun continues, the work directory, the Hub stream retries with backoff."""
 
 from __future__ import annotations
 
 import errno
-import gzip
 import json
-import os
 import random
 import re
-import signal
-import subprocess
-import sys
-from pathlib import Path
 
-import numpy as np
-import pyarrow as pa
-import pyarrow.parquet as pq
 import pytest
-from conftest import DOCS, assert_one_line_error, write_jsonl
-from datasets import load_from_disk
+from helpers import (
+    CORPUS,
+    DOCS,
+    TINY_PART_MB,
+    assert_one_line_error,
+    assert_same_dataset,
+    chunks,
+    make_hub_like,
+    run,
+    write_jsonl,
+)
 
 from gpt2_dutch.core.errors import UsageError
 from gpt2_dutch.data.sources import iter_file_texts
 from gpt2_dutch.preprocess import PreprocessConfig, preprocess
-from gpt2_dutch.preprocess.parts import KILL_HOOK, is_transient, read_blocks, retrying
-
-TINY_PART_MB = 0.001  # 1 KB parts: the test corpora become dozens of parts
-
-# Distinct documents of varied length: a mix-up of two documents or parts would show in the ids.
-CORPUS = [f"Document {i}. " + " ".join(random.Random(i).choices(DOCS, k=1 + i % 4)) for i in range(240)]
-
-
-def chunks(path: Path) -> dict[str, np.ndarray]:
-    return {split: np.asarray(load_from_disk(str(path / split))["input_ids"]) for split in ("train", "test")}
-
-
-def splits(path: Path) -> dict:
-    return json.loads((path / "manifest.json").read_text())["splits"]
-
-
-def assert_same_dataset(a: Path, b: Path) -> None:
-    ca, cb = chunks(a), chunks(b)
-    for split in ("train", "test"):
-        assert ca[split].shape == cb[split].shape and np.array_equal(ca[split], cb[split]), split
-    assert splits(a) == splits(b)
-    assert (a / "tokenizer.json").read_bytes() == (b / "tokenizer.json").read_bytes()
-
-
-def run(out: Path, files: list[Path], tok: Path, name: str = "d", **kw) -> Path:
-    return preprocess(PreprocessConfig(data_files=[str(f) for f in files], tokenizer=str(tok), chunk_size=16,
-                                       output_dir=str(out), name=name, **kw))
-
-
-@pytest.fixture
-def mixed_files(tmp_path: Path) -> list[Path]:
-    """The corpus spread over every kind of input: .jsonl, .jsonl.gz, .txt by paragraph, .parquet, .json."""
-    d = tmp_path / "in"
-    d.mkdir()
-    a = write_jsonl(d / "a.jsonl", CORPUS[:80])
-    b = d / "b.jsonl.gz"
-    b.write_bytes(gzip.compress(write_jsonl(d / "tmp.jsonl", CORPUS[80:140]).read_bytes()))
-    (d / "tmp.jsonl").unlink()
-    c = d / "c.txt"
-    c.write_text("\n\n".join(CORPUS[140:190]) + "\n")
-    e = d / "e.parquet"
-    pq.write_table(pa.table({"text": CORPUS[190:220]}), e)
-    f = d / "f.json"
-    f.write_text(json.dumps([{"text": t} for t in CORPUS[220:]], ensure_ascii=False))
-    return [a, b, c, e, f]
-
+from gpt2_dutch.preprocess.parts import is_transient, read_blocks, retrying
 
 # ----------------------------------------------------------------------------------------- any number of workers
+
 
 @pytest.mark.parametrize(("workers", "part_mb", "threads"), [
     (2, TINY_PART_MB, None), (3, 0.003, None), (1, TINY_PART_MB, None),
@@ -99,8 +55,6 @@ def test_any_number_of_workers_and_part_size_gives_the_same_chunks(tmp_path, mix
 
 
 def test_the_test_split_is_the_sources_own_across_parts(tmp_path, small_tokenizer):
-    from test_preprocess import make_hub_like
-
     hub = make_hub_like(tmp_path / "hub", DOCS * 2)
     outs = [preprocess(PreprocessConfig(dataset_name=str(hub), dataset_size="10k", tokenizer=str(small_tokenizer),
                                         chunk_size=16, streaming=streaming, num_workers=2, part_mb=part_mb,
@@ -155,6 +109,7 @@ def test_blocks_are_whole_lines_or_paragraphs_and_give_the_files_documents(tmp_p
 
 # --------------------------------------------------------------------------------- failures keep finished parts
 
+
 def test_a_bad_line_in_a_later_part_names_the_line_keeps_finished_parts_and_the_rerun_continues(tmp_path, cli,
                                                                                               small_tokenizer):
     lines = [json.dumps({"text": t}) for t in CORPUS]
@@ -178,44 +133,6 @@ def test_a_bad_line_in_a_later_part_names_the_line_keeps_finished_parts_and_the_
     assert len(kept) - 1 <= reused <= len(kept) and reused >= 5
     assert_same_dataset(tmp_path / "out" / "d", run(tmp_path / "ref", [tmp_path / "a.jsonl"], small_tokenizer))
     assert not work.exists()
-
-
-def _cmd(files: list[Path], tok: Path, out: Path, *extra: str) -> list[str]:
-    return [sys.executable, "-m", "gpt2_dutch", "preprocess", *[a for f in files for a in ("--data-files", str(f))],
-            "--tokenizer",
-            str(tok), "--output-dir", str(out), "--name", "d", "--chunk-size", "16", "--part-mb", str(TINY_PART_MB),
-            *extra]
-
-
-def _run_cmd(cmd: list[str], **env: str) -> subprocess.CompletedProcess:
-    return subprocess.run(cmd, capture_output=True, text=True, start_new_session=True,
-                          env={**os.environ, "TQDM_DISABLE": "1", **env})
-
-
-@pytest.mark.parametrize("what", ["worker", "run"])
-def test_a_run_killed_with_sigkill_continues_to_the_same_output(tmp_path, mixed_files, small_tokenizer, what):
-    reference = run(tmp_path / "ref", mixed_files, small_tokenizer)
-    out = tmp_path / "out"
-    cmd = _cmd(mixed_files, small_tokenizer, out, "--num-workers", "2")
-    killed = _run_cmd(cmd, **{KILL_HOOK: "f00000-b000009" + (":run" if what == "run" else "")})
-    if what == "worker":  # the run sees its worker die: one line, exit 1
-        assert_one_line_error(killed.returncode, killed.stderr, "a preprocess worker died", code=1)
-    else:  # the whole run is gone at once, as with kill -9 of the job
-        assert killed.returncode == -signal.SIGKILL
-    work = out / ".d.work"
-    assert not (out / "d").exists(), "nothing that looks finished"
-    parts = sorted((work / "parts" / "train").glob("*.npz"))
-    assert parts and "f00000-b000009.npz" not in [p.name for p in parts]
-    for p in parts:  # every part file there is whole
-        with np.load(p) as z:
-            assert len(z["tokens"]) == int(z["doc_tokens"].sum())
-    before = {p.name: p.stat().st_mtime_ns for p in parts}
-    again = _run_cmd(cmd)
-    assert again.returncode == 0, again.stderr
-    assert_same_dataset(reference, out / "d")
-    assert not work.exists()
-    # the parts done before the kill were not encoded again
-    assert json.loads((out / "d" / "manifest.json").read_text())["parts"]["train"] > len(before)
 
 
 def test_a_run_started_with_other_settings_discards_the_old_work(tmp_path, mixed_files, small_tokenizer, capsys):
@@ -253,29 +170,9 @@ def test_what_is_in_the_work_directorys_place(tmp_path, mixed_files, small_token
 
 # ----------------------------------------------------------------------------------------------------- shards
 
-@pytest.mark.parametrize("layout", ["files", "blocks"])
-def test_three_shards_merged_equal_one_run(tmp_path, mixed_files, small_tokenizer, layout, capsys):
-    files = mixed_files if layout == "files" else mixed_files[:1]  # 5 files: whole files; 1 file: its blocks
-    reference = run(tmp_path / "ref", files, small_tokenizer)
-    out = tmp_path / "out"
-    kw = {"part_mb": TINY_PART_MB, "num_shards": 3}
-    for index in (2, 0, 1):  # the order the scheduler runs them in does not matter
-        path = run(out, files, small_tokenizer, shard_index=index, **kw)
-        assert path == out / ".d.work" and not (out / "d").exists()
-        assert f"shard {index} of 3 done" in capsys.readouterr().err
-    merged = run(out, files, small_tokenizer, merge=True, part_mb=TINY_PART_MB)
-    assert_same_dataset(reference, merged)
-    assert json.loads((merged / "manifest.json").read_text())["shards"] == 3
-    assert sorted(p.name for p in out.iterdir()) == ["d"]
-
-
-def test_a_shard_with_other_settings_is_refused(tmp_path, mixed_files, small_tokenizer):
-    run(tmp_path, mixed_files, small_tokenizer, shard_index=0, num_shards=2)
-    with pytest.raises(UsageError, match="holds the work of a preprocess with other settings"):
-        run(tmp_path, mixed_files, small_tokenizer, shard_index=1, num_shards=2, part_mb=1.0)
-
 
 # ---------------------------------------------------------------------------------------- Hub: retry, backoff
+
 
 class FlakyStream:
     """open_at(skip) -> items skip.. of range(n), failing with `error` once at each position in `fail_at`."""
@@ -339,45 +236,3 @@ def test_which_errors_are_retried(error, transient):
 
 
 # ------------------------------------------------------------------------------------------- layout, tokenizer
-
-def test_the_arrow_files_and_metadata_are_what_datasets_writes(tmp_path):
-    from dataclasses import asdict
-
-    from datasets import DatasetInfo, Features, List, Value
-
-    from gpt2_dutch.data.chunks import arrow_schema, dataset_info
-
-    for dtype in (np.dtype(np.uint16), np.dtype(np.uint32)):
-        features = Features({"input_ids": List(Value(dtype.name), length=7)})
-        assert features.arrow_schema.equals(arrow_schema(dtype, 7), check_metadata=True)
-        assert json.loads(json.dumps(asdict(DatasetInfo(features=features)))) == dataset_info(dtype, 7)
-
-
-def test_the_light_tokenizer_is_the_transformers_one(tmp_path, gpt2_dir, small_tokenizer):
-    from transformers import AutoTokenizer
-
-    from gpt2_dutch.data.tokenizer import load_tokenizer, load_tokenizer_files
-
-    for source in (gpt2_dir, small_tokenizer):
-        light, full = load_tokenizer_files(str(source)), load_tokenizer(str(source))
-        assert light.hf is None, "read with tokenizers alone"
-        assert json.loads(light.backend.to_str()) == json.loads(full.backend_tokenizer.to_str())
-        assert (len(light), light.eos_token, light.eos_token_id) == (len(full), full.eos_token, full.eos_token_id)
-        saved = tmp_path / source.name
-        saved.mkdir()
-        light.save(saved, 64)
-        again = AutoTokenizer.from_pretrained(str(saved))
-        text = "Het Nederlandse taalgebied<|endoftext|> telt ruim 25 miljoen sprekers."
-        assert again(text)["input_ids"] == full(text)["input_ids"]
-        assert again.eos_token == again.bos_token == "<|endoftext|>" and again.model_max_length == 64
-
-
-def test_a_json_block_reads_like_the_file(tmp_path):
-    lines = b'{"text": "een"}\n\n{"text": "twee \\ud83c"}\n'
-    (tmp_path / "a.jsonl").write_bytes(lines)
-    from gpt2_dutch.data.sources import iter_block_texts
-
-    assert list(iter_block_texts(tmp_path / "a.jsonl", "jsonl", lines, 1, "text", "paragraph")) == list(
-        iter_file_texts(tmp_path / "a.jsonl"))
-    with pytest.raises(UsageError, match=r"a.jsonl:12: not UTF-8 text"):
-        list(iter_block_texts(tmp_path / "a.jsonl", "jsonl", b'{"text": "x"}\n\xff\n', 11, "text", "line"))

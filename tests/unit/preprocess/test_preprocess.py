@@ -13,24 +13,12 @@ import numpy as np
 import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
-from conftest import DOCS, DUTCH_CORPUS, assert_one_line_error, write_jsonl
 from datasets import load_from_disk
+from helpers import DOCS, DUTCH_CORPUS, all_ids, assert_one_line_error, make_hub_like, run_preprocess, write_jsonl
 from transformers import AutoTokenizer
 
-from gpt2_dutch.data.chunks import token_dtype
 from gpt2_dutch.data.tokenizer import load_tokenizer
 from gpt2_dutch.preprocess import PreprocessConfig, preprocess
-
-
-def run_preprocess(tmp_path: Path, files: list[Path] | Path, tokenizer: Path | None, **kw) -> Path:
-    files = files if isinstance(files, list) else [files]
-    cfg = PreprocessConfig(data_files=[str(f) for f in files], output_dir=str(tmp_path / "out"),
-                           tokenizer=str(tokenizer) if tokenizer else None, **kw)
-    return preprocess(cfg)
-
-
-def all_ids(path: Path, split: str) -> np.ndarray:
-    return np.asarray(load_from_disk(str(path / split))["input_ids"])
 
 
 def expected_stream(tokenizer_dir: Path, docs: list[str]) -> list[int]:
@@ -139,27 +127,6 @@ def test_txt_sample_by_line_and_document(tmp_path, small_tokenizer):
     assert list(iter_file_texts(txt, sample_by="document")) == ["Eerste regel.\nTweede regel.\n\nDerde regel."]
 
 
-def test_uint16_or_uint32_by_vocab_size(tmp_path):
-    assert token_dtype(50257) == np.uint16 and token_dtype(65536) == np.uint16
-    assert token_dtype(65537) == np.uint32
-    # a GPT-2-style tokenizer with 70,000 entries: ids above 65535 must survive storage
-    from tokenizers.pre_tokenizers import ByteLevel
-
-    vocab = {"<|endoftext|>": 0, **{c: i + 1 for i, c in enumerate(sorted(ByteLevel.alphabet()))}}
-    vocab.update({f"<unused{i}>": len(vocab) + i for i in range(70_000 - 1 - len(vocab))})
-    vocab["en"] = 69_999  # the one merge; Dutch text is full of it
-    big = tmp_path / "big"
-    big.mkdir()
-    (big / "vocab.json").write_text(json.dumps(vocab))
-    (big / "merges.txt").write_text("#version: 0.2\ne n\n")
-    path = run_preprocess(tmp_path, write_jsonl(tmp_path / "a.jsonl", DOCS * 3), big, chunk_size=8)
-    m = json.loads((path / "manifest.json").read_text())
-    assert m["dtype"] == "uint32" and m["vocab_size"] == 70_000
-    ids = all_ids(path, "train")
-    assert ids.max() > 65535
-    assert load_from_disk(str(path / "train")).features["input_ids"].feature.dtype == "uint32"
-
-
 def test_offline_gpt2_tokenizer_gives_gpt2_ids(gpt2_dir):
     tok = load_tokenizer(str(gpt2_dir))
     assert tok("Hello world")["input_ids"] == [15496, 995]
@@ -173,18 +140,6 @@ def test_reuse_tokenizer_of_a_dataset(tmp_path, corpus):
     assert json.loads((second / "manifest.json").read_text())["tokenizer"]["origin"] == str(first)
 
 
-def test_a_lone_surrogate_escape_in_json_is_read_as_the_replacement_character(tmp_path):
-    from gpt2_dutch.data.sources import iter_local_texts
-
-    broken = 'Een half emoji-paar \\ud83c hier, een heel paar \\ud83c\\udf89 daar.'
-    lines = '{"text": "' + broken + '"}\n{"text": "Gewoon."}\n'
-    (tmp_path / "s.jsonl").write_text(lines, encoding="utf-8")
-    (tmp_path / "s.json").write_text("[" + ", ".join(lines.strip().splitlines()) + "]", encoding="utf-8")
-    for name in ("s.jsonl", "s.json"):
-        texts = list(iter_local_texts([tmp_path / name], "text", "paragraph"))
-        assert texts == ["Een half emoji-paar \ufffd hier, een heel paar \U0001f389 daar.", "Gewoon."]
-
-
 def test_both_encoders_write_identical_chunks(tmp_path, corpus, small_tokenizer):
     fast = run_preprocess(tmp_path / "a", corpus, small_tokenizer, chunk_size=16)
     plain = run_preprocess(tmp_path / "b", corpus, small_tokenizer, chunk_size=16, encoder="tokenizers")
@@ -192,17 +147,6 @@ def test_both_encoders_write_identical_chunks(tmp_path, corpus, small_tokenizer)
         assert np.array_equal(all_ids(fast, split), all_ids(plain, split))
     assert [json.loads((p / "manifest.json").read_text())["tokenizer"]["encoded_with"] for p in (fast, plain)] == [
         "tiktoken", "tokenizers"]
-
-
-def make_hub_like(root: Path, test_docs: list[str]) -> Path:
-    """A local dataset laid out like the Hub's (configs in README.md) so `datasets.load_dataset` reads it."""
-    (root / "10k").mkdir(parents=True)
-    write_jsonl(root / "10k" / "train.jsonl", DOCS * 6)
-    write_jsonl(root / "10k" / "test.jsonl", test_docs)
-    (root / "README.md").write_text(
-        "---\nconfigs:\n- config_name: 10k\n  data_files:\n  - split: train\n    path: 10k/train.jsonl\n"
-        "  - split: test\n    path: 10k/test.jsonl\n---\n")
-    return root
 
 
 @pytest.mark.parametrize("own_test_is_big", [True, False])

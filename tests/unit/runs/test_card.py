@@ -8,8 +8,7 @@ import math
 from pathlib import Path
 
 import pytest
-import yaml
-from conftest import assert_one_line_error
+from helpers import assert_one_line_error, front
 
 from gpt2_dutch.runs.card import (
     _duration,
@@ -21,13 +20,6 @@ from gpt2_dutch.runs.card import (
     write_card,
 )
 from gpt2_dutch.train import TrainConfig, train
-
-
-def front(card: str) -> dict:
-    """The YAML between the card's two `---` lines."""
-    assert card.startswith("---\n")
-    head, _, _ = card[4:].partition("\n---\n")
-    return yaml.safe_load(head)
 
 
 @pytest.fixture(scope="module")
@@ -139,6 +131,7 @@ def test_parameters_from_config_alone_match_the_model(card_run):
 
 # ------------------------------------------------------------------------------------ synthetic runs (pure)
 
+
 def fake_run(root: Path, source: dict, *, test_split: str = "own", evals: bool = True, **run_config) -> Path:
     """A run directory with the files the card reads (no weights: card_facts never opens them)."""
     dataset = root / "data" / "chunked_10k"
@@ -187,10 +180,10 @@ def test_a_hub_dataset_is_named_in_the_metadata(tmp_path):
     assert "104,857,600 (104.9M)" in card and "110,418,432 (110.4M)" in card
 
 
-
 def test_durations_are_said_in_seconds_minutes_or_hours():
     assert [_duration(s) for s in (None, 0.4, 1.2, 119.4, 120, 5400, 7200)] == [
         "not recorded", "0 s", "1 s", "119 s", "2.0 min", "90.0 min", "2.0 h"]
+
 
 def test_local_files_are_named_without_their_paths(tmp_path):
     home = "/home/someone/secret-project"
@@ -259,19 +252,3 @@ def test_a_bad_license_is_one_line(value, tiny_dataset, tmp_path, cli):
     rc, _, err = cli("train", "--dataset-path", tiny_dataset, "--output-dir", tmp_path, f"--license={value}")
     assert_one_line_error(rc, err, "is not a license identifier")
     assert not (tmp_path / "gpt2-dutch-small-latest").exists() and not list(tmp_path.glob("gpt2-dutch-*"))
-
-
-@pytest.mark.slow
-def test_demo_ends_with_the_serve_command(tmp_path, capsys):
-    from gpt2_dutch.demo import DemoConfig, demo
-
-    result = demo(DemoConfig(quick=True, output_dir=str(tmp_path)))
-    out = capsys.readouterr().out.strip().splitlines()
-    run = Path(result["run"])
-    assert out[-1].split("#")[0].strip() == f"gpt2-dutch serve --model-path {run}"
-    meta = front((run / "final_model" / "README.md").read_text())
-    assert meta["model-index"][0]["results"][0]["metrics"][2]["value"] == round(
-        [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines()
-         if "eval_bpb" in line][-1]["eval_bpb"], 4)
-    assert "the Dutch sample shipped with gpt2-dutch (dutch_sample.jsonl)" in (run / "final_model" / "README.md"
-                                                                                  ).read_text()

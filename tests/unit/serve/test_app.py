@@ -1,17 +1,11 @@
-"""`gpt2-dutch serve` against a live server on a free loopback port, over real HTTP and with OpenAI's own client.
-
-    pytest tests/test_serve.py -m "not slow"      # the API (~30 s on one core)
-    pytest tests/test_serve.py                    # and the CLI process, the playground in headless Chromium
+"""serve/app.py against a live server on a free loopback port, over real HTTP and with OpenAI's own client.
 
 The servers run uvicorn in a thread of the test process on a tiny GPT-2 trained for a few steps (its run dir has
 real run_config.json and metrics.jsonl), or on an untrained tiny GPT-2 with a long context for requests that must
-last a while (queue, disconnects).
-"""
+last a while (queue, disconnects)."""
 
 from __future__ import annotations
 
-import contextlib
-import http.client
 import json
 import math
 import re
@@ -23,112 +17,9 @@ from pathlib import Path
 from typing import Any
 
 import pytest
-from conftest import assert_one_line_error
-
-from gpt2_dutch.serve import ServeConfig, build_server, is_loopback
-
-PROMPTS = ["De trein naar Utrecht", "Het regent al de hele week", "Oma bakt elke zondag"]
-
+from helpers import PROMPTS, Live, greedy_generate, live_server
 
 # ------------------------------------------------------------------------------------------------- fixtures
-
-@pytest.fixture(scope="module")
-def served_run(tiny_dataset: Path, tmp_path_factory: pytest.TempPathFactory) -> Path:
-    """A tiny GPT-2 trained for 40 steps (evaluated at 20 and 40): a real run directory."""
-    from gpt2_dutch.train import TrainConfig, train
-
-    out = tmp_path_factory.mktemp("serve_runs")
-    return train(TrainConfig(dataset_path=str(tiny_dataset), model_size="tiny", batch_size=4, precision="fp32",
-                             output_dir=str(out), max_steps=40, learning_rate=3e-3, eval_every=20, save_every=40,
-                             quiet=True))
-
-
-@pytest.fixture(scope="module")
-def long_model(served_run: Path, tmp_path_factory: pytest.TempPathFactory) -> Path:
-    """An untrained tiny GPT-2 with a 2048-token context that never ends a text by itself: long requests."""
-    import torch
-    from transformers import AutoModelForCausalLM, AutoTokenizer, GenerationConfig
-
-    from gpt2_dutch.model.presets import gpt2_config
-
-    tok = AutoTokenizer.from_pretrained(served_run / "final_model")
-    out = tmp_path_factory.mktemp("long") / "final_model"
-    torch.manual_seed(0)
-    AutoModelForCausalLM.from_config(gpt2_config("tiny", len(tok), 2048, tok.eos_token_id)).save_pretrained(out)
-    GenerationConfig(eos_token_id=tok.eos_token_id).save_pretrained(out)
-    tok.save_pretrained(out)
-    return out
-
-
-class Live:
-    """A running server: its base URL, port and the Server object (model, tokenizer, engine)."""
-
-    def __init__(self, server: Any, port: int):
-        self.server, self.port = server, port
-        self.url = f"http://127.0.0.1:{port}"
-
-    def request(self, method: str, path: str, body: Any = None, headers: dict[str, str] | None = None,
-                raw: bytes | None = None) -> tuple[int, dict[str, str], Any]:
-        conn = http.client.HTTPConnection("127.0.0.1", self.port, timeout=60)
-        data = raw if raw is not None else (None if body is None else json.dumps(body).encode())
-        conn.request(method, path, data, {"Content-Type": "application/json", **(headers or {})})
-        resp = conn.getresponse()
-        payload = resp.read()
-        conn.close()
-        try:
-            parsed = json.loads(payload)
-        except ValueError:
-            parsed = payload.decode("utf-8", "replace")
-        return resp.status, dict(resp.getheaders()), parsed
-
-    def complete(self, **body: Any) -> dict[str, Any]:
-        status, _, answer = self.request("POST", "/v1/completions", body)
-        assert status == 200, answer
-        return answer
-
-    def stream(self, **body: Any) -> list[Any]:
-        """The parsed server-sent events of a streamed completion, '[DONE]' included."""
-        conn = http.client.HTTPConnection("127.0.0.1", self.port, timeout=60)
-        conn.request("POST", "/v1/completions", json.dumps({**body, "stream": True}),
-                     {"Content-Type": "application/json"})
-        resp = conn.getresponse()
-        assert resp.status == 200, resp.read()
-        assert resp.getheader("content-type").startswith("text/event-stream")
-        events = [line[6:] for line in resp.read().decode("utf-8").split("\n\n") if line.startswith("data: ")]
-        conn.close()
-        return [e if e == "[DONE]" else json.loads(e) for e in events]
-
-    def health(self) -> dict[str, Any]:
-        return self.request("GET", "/health")[2]
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
-@contextlib.contextmanager
-def live_server(model_path: Path, **kwargs: Any) -> Iterator[Live]:
-    """uvicorn on a free loopback port in a thread of this process, stopped on exit."""
-    import uvicorn
-
-    from gpt2_dutch.serve.app import create_app
-
-    server = build_server(str(model_path), device="cpu", precision="fp32", **kwargs)
-    port = free_port()
-    uv = uvicorn.Server(uvicorn.Config(create_app(server), host="127.0.0.1", port=port, log_level="warning"))
-    thread = threading.Thread(target=uv.run, daemon=True)
-    thread.start()
-    deadline = time.monotonic() + 60
-    while not uv.started:
-        assert thread.is_alive() and time.monotonic() < deadline, "the server did not start"
-        time.sleep(0.02)
-    try:
-        yield Live(server, port)
-    finally:
-        uv.should_exit = True
-        thread.join(timeout=30)
 
 
 @pytest.fixture(scope="module")
@@ -137,26 +28,11 @@ def live(served_run: Path) -> Iterator[Live]:
         yield s
 
 
-@pytest.fixture(scope="module")
-def loaded(served_run: Path):
-    from gpt2_dutch.model.loading import load_model
-
-    return load_model(served_run, device="cpu", dtype="fp32")
-
-
-def greedy_generate(loaded: Any, prompts: list[str], max_tokens: int) -> list[str]:
-    from gpt2_dutch.generate import GenerateConfig
-    from gpt2_dutch.generate.sampling import generate_texts
-
-    model, tok, _ = loaded
-    cfg = GenerateConfig(model_path="-", max_new_tokens=max_tokens, greedy=True)
-    return [c[0] for c in generate_texts(model, tok, prompts, cfg)]
-
-
 # ------------------------------------------------------------------------------------------- what it answers
 
-def test_greedy_text_equals_generate(live: Live, loaded: Any):
-    expected = greedy_generate(loaded, PROMPTS, 12)
+
+def test_greedy_text_equals_generate(live: Live, served_loaded: Any):
+    expected = greedy_generate(served_loaded, PROMPTS, 12)
     for prompt, text in zip(PROMPTS, expected, strict=True):
         answer = live.complete(prompt=prompt, max_tokens=12, temperature=0)
         assert answer["choices"][0]["text"] == text
@@ -167,8 +43,8 @@ def test_greedy_text_equals_generate(live: Live, loaded: Any):
     assert [c["index"] for c in answer["choices"]] == [0, 1, 2]
 
 
-def test_usage_counts_the_prompt_and_the_generated_tokens(live: Live, loaded: Any):
-    tok = loaded[1]
+def test_usage_counts_the_prompt_and_the_generated_tokens(live: Live, served_loaded: Any):
+    tok = served_loaded[1]
     answer = live.complete(prompt=PROMPTS[:2], max_tokens=5, temperature=0, n=2)
     prompt_tokens = sum(len(tok(p)["input_ids"]) for p in PROMPTS[:2])
     generated = answer["usage"]["completion_tokens"]
@@ -218,10 +94,10 @@ def test_stop_strings_cut_the_text_streamed_or_not(live: Live):
     assert events[-2]["choices"][0]["finish_reason"] == "stop"
 
 
-def test_concurrent_requests_share_the_batch_and_get_their_own_answers(live: Live, loaded: Any):
+def test_concurrent_requests_share_the_batch_and_get_their_own_answers(live: Live, served_loaded: Any):
     """Eight clients at once: each gets the text it gets alone, and the engine ran them in shared steps."""
     prompts = [f"{p} {i}" for i in range(3) for p in PROMPTS][:8]
-    expected = greedy_generate(loaded, prompts, 12)
+    expected = greedy_generate(served_loaded, prompts, 12)
     before = dict(live.server.engine.__dict__)
     answers: dict[int, str] = {}
 
@@ -290,11 +166,11 @@ def test_no_local_path_reaches_the_api_card_or_the_readme(live: Live, served_run
     assert _absolute_paths(iter(words), roots) == []
 
 
-def test_the_openai_client_works_unchanged(live: Live, loaded: Any):
+def test_the_openai_client_works_unchanged(live: Live, served_loaded: Any):
     openai = pytest.importorskip("openai")
     client = openai.OpenAI(base_url=f"{live.url}/v1", api_key="unused", max_retries=0)
     assert [m.id for m in client.models.list()] == [live.server.name]
-    expected = greedy_generate(loaded, [PROMPTS[0]], 10)[0]
+    expected = greedy_generate(served_loaded, [PROMPTS[0]], 10)[0]
     answer = client.completions.create(model=live.server.name, prompt=PROMPTS[0], max_tokens=10, temperature=0)
     assert answer.choices[0].text == expected and answer.usage.completion_tokens > 0
     chunks = list(client.completions.create(model=live.server.name, prompt=PROMPTS[0], max_tokens=10, temperature=0,
@@ -307,6 +183,7 @@ def test_the_openai_client_works_unchanged(live: Live, loaded: Any):
 
 
 # ------------------------------------------------------------------------------------------------- bad input
+
 
 BAD_REQUESTS = [  # (id, body as raw bytes or a JSON object, the bad field (param), words of the message)
     ("malformed JSON", b'{"prompt": "Hallo", ', None, "not valid JSON"),
@@ -366,9 +243,9 @@ def test_bad_requests_are_400_with_an_openai_error_body(live: Live, body: Any, p
         assert "Traceback" not in error["message"]
 
 
-def test_bad_requests_leave_the_others_alone(live: Live, loaded: Any):
+def test_bad_requests_leave_the_others_alone(live: Live, served_loaded: Any):
     """Bad requests sent while good ones decode: every good one gets exactly its answer, the server stays up."""
-    expected = greedy_generate(loaded, PROMPTS, 12)
+    expected = greedy_generate(served_loaded, PROMPTS, 12)
     answers: dict[int, str] = {}
 
     def good(i: int) -> None:
@@ -394,6 +271,7 @@ def test_unknown_routes_and_methods_answer_in_the_same_error_format(live: Live):
 
 
 # ------------------------------------------------------------------------------------ queue, disconnects, auth
+
 
 def _open_stream(port: int, body: dict[str, Any]) -> tuple[socket.socket, Any]:
     """A streamed request on a raw socket: (socket, its reader), the response headers read."""
@@ -437,26 +315,6 @@ def test_a_full_queue_answers_503_and_a_disconnect_frees_its_slot_at_once(long_m
         steps = live.server.engine.steps
         time.sleep(0.3)
         assert live.server.engine.steps == steps  # nothing decodes for the client that left
-
-
-def test_max_queue_bounds_only_the_requests_that_must_wait():
-    import types
-
-    from gpt2_dutch.serve.engine import Engine, QueueFull, Sampling, Sequence
-
-    def request(n: int) -> list[Sequence]:
-        return [Sequence([1, 2], 4, Sampling(), lambda token, reason: None) for _ in range(n)]
-
-    engine = Engine(types.SimpleNamespace(device="cpu"), eos_token_id=0, max_batch=4, max_queue=0)  # not started
-    engine.submit(request(3))  # free slots: it starts at the next step, --max-queue 0 or not
-    engine.submit(request(1))
-    with pytest.raises(QueueFull):  # the batch is full: this one would wait, and no one may
-        engine.submit(request(1))
-    engine.max_queue = 3  # (the engine is not started: the first two requests still count as queued)
-    engine.submit(request(2))  # waits
-    with pytest.raises(QueueFull):
-        engine.submit(request(1))
-    assert engine.stats()["waiting"] == 3
 
 
 def test_a_non_streaming_client_that_leaves_frees_its_slot(long_model: Path):
@@ -518,98 +376,14 @@ def test_an_api_key_guards_every_route_but_health(served_run: Path):
 
 # ------------------------------------------------------------------------------------------ the command line
 
-def test_bad_serve_flags_are_one_line(cli, tmp_path: Path, served_run: Path):
-    rc, _, err = cli("serve", "--port", "70000")
-    assert_one_line_error(rc, err, "--port must be between 0 and 65535")
-    rc, _, err = cli("serve", "--batch-size", "0")
-    assert_one_line_error(rc, err, "--batch-size must be between 1")
-    rc, _, err = cli("serve", "--model-path", str(tmp_path / "missing"), "--port", "0")
-    assert_one_line_error(rc, err, "does not exist")
-    with socket.socket() as taken:
-        taken.bind(("127.0.0.1", 0))
-        taken.listen(1)
-        rc, _, err = cli("serve", "--model-path", str(served_run), "--port", str(taken.getsockname()[1]))
-    assert_one_line_error(rc, err, "cannot listen on 127.0.0.1")
-
-
-def test_loopback_and_the_warning_for_other_addresses(served_run: Path, monkeypatch, capsys):
-    assert all(is_loopback(h) for h in ("127.0.0.1", "127.0.0.5", "localhost", "::1", "[::1]"))
-    assert not any(is_loopback(h) for h in ("0.0.0.0", "192.168.1.10", "::", "example.org"))
-    import uvicorn
-
-    import gpt2_dutch.serve as serve_module
-
-    # bound to loopback whatever --host says, and uvicorn not run: only what serve() says is checked
-    monkeypatch.setattr(serve_module, "bind", lambda host, port: socket.create_server(("127.0.0.1", 0)))
-    monkeypatch.setattr(uvicorn.Server, "run", lambda self, sockets=None: None)
-    serve_module.serve(ServeConfig(model_path=str(served_run), host="0.0.0.0", device="cpu", precision="fp32"))
-    err = capsys.readouterr().err
-    assert "warning: listening on 0.0.0.0, not loopback" in err and "--api-key" in err
-    serve_module.serve(ServeConfig(model_path=str(served_run), host="127.0.0.1", device="cpu", precision="fp32"))
-    assert "warning" not in capsys.readouterr().err
-
-
-@pytest.mark.slow
-def test_the_serve_command_runs_a_server_the_openai_client_streams_from(served_run: Path, loaded: Any):
-    """`python -m gpt2_dutch serve` as a user starts it, through the -latest link, stopped with SIGINT."""
-    import signal
-    import subprocess
-    import sys
-
-    openai = pytest.importorskip("openai")
-    port = free_port()
-    latest = served_run.parent / "gpt2-dutch-tiny-latest"
-    proc = subprocess.Popen([sys.executable, "-m", "gpt2_dutch", "serve", "--model-path", str(latest), "--port",
-                             str(port), "--precision", "fp32", "--device", "cpu"],
-                            stderr=subprocess.PIPE, text=True)
-    try:
-        from gpt2_dutch.bench.serve_speed import wait_healthy
-
-        wait_healthy(port, proc, timeout=120)
-        client = openai.OpenAI(base_url=f"http://127.0.0.1:{port}/v1", api_key="-", max_retries=0)
-        chunks = list(client.completions.create(model="m", prompt=PROMPTS[1], max_tokens=8, temperature=0,
-                                                stream=True))
-        assert "".join(c.choices[0].text for c in chunks) == greedy_generate(loaded, [PROMPTS[1]], 8)[0]
-        assert chunks[0].model == served_run.name  # the run the -latest link points at
-    finally:
-        proc.send_signal(signal.SIGINT)
-        _, err = proc.communicate(timeout=30)
-    assert proc.returncode == 0, err
-    assert f"on http://127.0.0.1:{port}/" in err and "Traceback" not in err
-
 
 # ------------------------------------------------------------------------------------- sampling, the bench part
 
-def test_per_row_sampling_settings():
-    import torch
 
-    from gpt2_dutch.serve.engine import Sampling, new_generator, sample
-
-    logits = torch.tensor([[0.0, 3.0, 1.0, 2.0]] * 4)
-    rows = [Sampling(temperature=0), Sampling(temperature=1.0, top_k=1), Sampling(temperature=1.0, top_p=0.01),
-            Sampling(temperature=1e-30)]  # a tiny temperature is greedy, never NaN
-    assert sample(logits, rows, [new_generator(i) for i in range(4)]) == [1, 1, 1, 1]
-    # top_k=2 keeps tokens 1 and 3 only; their frequencies follow softmax([3, 2]) = 0.73 / 0.27
-    draws = sample(logits[:1].expand(4000, -1).clone(), [Sampling(1.0, top_k=2)] * 4000,
-                   [new_generator(i) for i in range(4000)])
-    assert set(draws) == {1, 3} and abs(draws.count(1) / 4000 - 0.731) < 0.03
-    # top_p=0.7 keeps the smallest set holding 70%: tokens 1 and 3 (0.64 + 0.24); temperature 2 flattens first
-    draws = sample(logits[:1].expand(2000, -1).clone(), [Sampling(1.0, top_p=0.7)] * 2000,
-                   [new_generator(i) for i in range(2000)])
-    assert set(draws) == {1, 3}
-    draws = sample(logits[:1].expand(2000, -1).clone(), [Sampling(2.0)] * 2000, [new_generator(i) for i in range(2000)])
-    assert set(draws) == {0, 1, 2, 3}
-    # a seeded row draws the same whatever shares its batch
-    one = sample(logits[:1], [Sampling(1.0)], [new_generator(5)])
-    mixed = sample(logits, [Sampling(0), Sampling(1.0), Sampling(1.0, top_k=2), Sampling(0.5)],
-                   [None, new_generator(5), new_generator(6), new_generator(7)])
-    assert mixed[1] == one[0]
-
-
-def test_text_deltas_wait_for_whole_characters_and_hold_back_a_stop_string(loaded: Any):
+def test_text_deltas_wait_for_whole_characters_and_hold_back_a_stop_string(served_loaded: Any):
     from gpt2_dutch.serve.app import TextStream
 
-    tok = loaded[1]
+    tok = served_loaded[1]
     text = "\u201cWaar is mijn fiets?\u201d vroeg \u00e9\u00e9n caf\u00e9-eigenaar \U0001F6B2 in Utrecht."
     ids = tok(text)["input_ids"]
     assert len(ids) > len(text) / 2  # the 300-token BPE splits the accented letters and the emoji into bytes
@@ -626,24 +400,3 @@ def test_text_deltas_wait_for_whole_characters_and_hold_back_a_stop_string(loade
             break
     assert stream.stopped and "".join(deltas) + stream.finish() == "\u201cWaar is mijn "
     assert not any("fi" in d for d in deltas)
-
-
-@pytest.mark.slow
-def test_bench_serve_quick_measures_every_server(cli, tmp_path: Path, monkeypatch):
-    monkeypatch.chdir(tmp_path)
-    rc, _, err = cli("bench", "serve", "--quick", "--json-out", "b.json", "--markdown-out", "b.md",
-                     "--plot-out", "b.png")
-    assert rc == 0, err
-    s = json.loads((tmp_path / "b.json").read_text())["serve"]
-    assert s["model_size"] == "tiny" and s["clients"] == [1, 4, 16]
-    assert set(s["servers"]) == {"ours", "one_at_a_time", "transformers_serve", "transformers_serve_cb"}
-    for name, runs in s["servers"].items():
-        if "error" in runs:  # a baseline that cannot run here says why; ours always runs
-            assert name != "ours" and runs["error"]
-            continue
-        for clients, r in runs.items():
-            assert r["clients"] == int(clients) and r["tokens"] > 0 and r["tokens_per_s"] > 0
-            assert 0 < r["ttft_p50_ms"] <= r["ttft_p95_ms"] and 0 < r["latency_p50_s"] <= r["latency_p95_s"]
-    ours = s["servers"]["ours"]
-    assert all(r["tokens"] == r["requests"] * s["max_tokens"] for r in ours.values())  # ignore_eos: all of them
-    assert math.isclose(s["ours_16_over_1"], ours["16"]["tokens_per_s"] / ours["1"]["tokens_per_s"])

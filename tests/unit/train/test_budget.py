@@ -149,31 +149,6 @@ def test_explicit_flags_win(tiny_dataset, tmp_path):
     assert rc["learning_rate"] == 1e-3 and "chosen_for_budget" not in rc
 
 
-@pytest.mark.slow
-def test_two_ranks_train_with_rank_zeros_choices(tiny_dataset, tmp_path):
-    """Each rank measures its own speed; rank 0's choice is broadcast, so both build the same model and batch,
-    and both fit the same --max-time length."""
-    import os
-    import subprocess
-    import sys
-
-    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2", "-m",
-           "gpt2_dutch", "train", "--dataset-path", str(tiny_dataset), "--model-size", "auto", "--max-time", "3s",
-           "--precision", "fp32", "--output-dir", str(tmp_path)]
-    r = subprocess.run(cmd, capture_output=True, text=True, env={**os.environ, "OMP_NUM_THREADS": "1"})
-    assert r.returncode == 0, r.stderr[-3000:]
-    (run,) = [p for p in tmp_path.glob("gpt2-dutch-*-2*") if p.is_dir()]
-    rc = json.loads((run / "run_config.json").read_text())
-    assert rc["world_size"] == 2 and rc["model_size"] == rc["chosen_for_budget"]["model_size"]["chosen"]
-    assert rc["tokens_per_step"] == rc["batch_size"] * rc["gradient_accumulation_steps"] * 2 * rc["context"]
-    assert r.stderr.count("--model-size auto:") == 1  # printed once, by rank 0
-    # the --max-time (re)fits agree across ranks (each all-reduces its clock): both stop at the fitted length
-    # (a rank stepping once more would wait in its all-reduce forever), which the final evaluation shows
-    records = [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines()]
-    assert rc["length_set_by"] == "max_time" and [r["step"] for r in records if "eval_loss" in r][-1] == rc[
-        "total_steps"]
-
-
 def test_the_learning_rate_is_chosen_for_the_tokens_the_run_will_train(tiny_dataset, tmp_path):
     """A --max-steps that ends the run before its budget does sizes the learning rate's compute."""
     run = train(TrainConfig(dataset_path=str(tiny_dataset), model_size="nano", batch_size=2, max_steps=3,

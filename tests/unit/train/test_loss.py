@@ -12,7 +12,7 @@ from pathlib import Path
 
 import pytest
 import torch
-from conftest import assert_one_line_error
+from helpers import REPO, assert_one_line_error
 from safetensors.torch import load_file
 
 from gpt2_dutch.train import train
@@ -268,7 +268,7 @@ def test_the_trainer_runs_the_head_in_the_runs_mixed_precision(precision, dtype,
 DDP_SCRIPT = textwrap.dedent("""
     import os, sys
     import torch, torch.distributed as dist
-    sys.path.insert(0, sys.argv[1])
+    sys.path[:0] = sys.argv[1:3]  # this file's folder, and tests/ for the helpers it imports
     from test_loss import batch, chunked_mean, tiny_model
     rank = int(os.environ["RANK"])
     dist.init_process_group("gloo")
@@ -298,7 +298,7 @@ def test_two_process_ddp_synchronises_the_head_gradient(tmp_path):
     script = tmp_path / "ddp_loss.py"
     script.write_text(DDP_SCRIPT)
     cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2", str(script),
-           str(Path(__file__).parent)]
+           str(Path(__file__).parent), str(REPO / "tests")]
     r = subprocess.run(cmd, capture_output=True, text=True, env={**os.environ, "OMP_NUM_THREADS": "1"},
                        timeout=300)
     assert r.returncode == 0, r.stderr[-3000:]

@@ -5,21 +5,17 @@ from __future__ import annotations
 
 import io
 import json
-import os
 import shutil
-import subprocess
-import sys
 from pathlib import Path
 
 import pytest
 import torch
-from conftest import assert_one_line_error, poison_training_step
+from helpers import TINY, assert_one_line_error, metrics, poison_training_step
 from safetensors.torch import load_file
 
 from gpt2_dutch.train import TrainConfig, train
 from gpt2_dutch.train.muon import MUON_LR, MuonAdamW, newton_schulz, param_groups, resolve_optimizer
 
-TINY = ["--model-size", "tiny", "--batch-size", "4", "--precision", "fp32"]
 BAND = (0.6, 1.3)  # the quintic's 5 steps leave singular values in ~[0.7, 1.2], not exactly 1
 
 
@@ -38,10 +34,6 @@ def tiny_cfg(dataset: Path, out: Path, **kw) -> TrainConfig:
                 optimizer="muon")
     base.update(kw)
     return TrainConfig(**base)
-
-
-def metrics(run: Path) -> list[dict]:
-    return [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines()]
 
 
 def conditioned(rows: int, cols: int, seed: int) -> torch.Tensor:
@@ -221,19 +213,3 @@ def test_exact_resume_with_muon_and_a_changed_optimizer_is_refused(tiny_dataset,
     assert a.keys() == b.keys()
     for k in a:
         assert torch.equal(a[k], b[k]), k
-
-
-@pytest.mark.slow
-def test_muon_under_two_process_ddp_on_cpu(tiny_dataset, tmp_path):
-    """DDP all-reduces the gradients before the step: every rank orthogonalizes the same momentum."""
-    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2", "-m",
-           "gpt2_dutch", "train", "--dataset-path", str(tiny_dataset), *TINY, "--output-dir", str(tmp_path),
-           "--max-steps", "6", "--eval-every", "3", "--save-every", "3", "--optimizer", "muon"]
-    r = subprocess.run(cmd, capture_output=True, text=True, env={**os.environ, "OMP_NUM_THREADS": "1"})
-    assert r.returncode == 0, r.stderr[-3000:]
-    (run,) = tmp_path.glob("gpt2-dutch-tiny-2*")
-    saved = json.loads((run / "run_config.json").read_text())
-    assert saved["world_size"] == 2 and saved["optimizer"] == "muon"
-    losses = [r["loss"] for r in metrics(run) if r.get("loss") is not None]
-    assert losses[-1] < losses[0]
-    assert (run / "final_model" / "model.safetensors").is_file()

@@ -1,48 +1,27 @@
-"""train: schedule, memorisation, golden loss, output layout, exact resume after SIGKILL, DDP, bad input."""
+"""train/run.py: memorisation, golden loss, output layout, compile, embedding groups, resume choices, max-time, bad
+input."""
 
 from __future__ import annotations
 
 import importlib.util
 import json
 import math
-import os
-import signal
-import subprocess
 import sys
-import time
 from pathlib import Path
 
 import pytest
 import torch
-from conftest import assert_one_line_error
+from helpers import TINY, assert_one_line_error, metrics
 from safetensors.torch import load_file
 
 from gpt2_dutch.train import TrainConfig, train
-from gpt2_dutch.train.run import EVAL_CHUNKS_MAX, EVAL_CHUNKS_MIN, auto_eval_chunks
-from gpt2_dutch.train.schedule import WarmupCosine
-
-TINY = ["--model-size", "tiny", "--batch-size", "4", "--precision", "fp32"]
+from gpt2_dutch.train.plan import EVAL_CHUNKS_MAX, EVAL_CHUNKS_MIN, auto_eval_chunks
 
 
 def tiny_cfg(dataset: Path, out: Path, **kw) -> TrainConfig:
     base = dict(dataset_path=str(dataset), model_size="tiny", batch_size=4, precision="fp32", output_dir=str(out))
     base.update(kw)
     return TrainConfig(**base)
-
-
-def metrics(run: Path) -> list[dict]:
-    return [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines()]
-
-
-def test_schedule_warmup_then_cosine_to_ten_percent():
-    s = WarmupCosine(total_steps=100, warmup_steps=10)
-    lrs = [s(i) for i in range(101)]
-    assert lrs[0] == pytest.approx(1 / 11) and lrs[9] == pytest.approx(10 / 11)
-    assert all(a < b for a, b in zip(lrs[:10], lrs[1:11], strict=True))  # linear rise
-    assert lrs[10] == pytest.approx(1.0)
-    assert all(a >= b for a, b in zip(lrs[10:], lrs[11:], strict=False))  # then only down
-    assert lrs[55] == pytest.approx(0.1 + 0.9 * 0.5)  # half-way through the decay: the cosine's midpoint
-    assert lrs[100] == pytest.approx(0.1) and s(500) == pytest.approx(0.1)
 
 
 @pytest.mark.slow
@@ -205,7 +184,6 @@ def test_training_records_the_embedding_scale_and_a_resume_keeps_it_or_refuses_a
     assert json.loads((default / "run_config.json").read_text())["embedding_lr_scale"] == 8.0
 
 
-
 # the optimizer's state (optimizer.pt's param groups) carries these, and loading it restores them
 @pytest.mark.slow
 @pytest.mark.parametrize(("field", "value", "other"), [("adam_beta2", 0.98, "0.95"), ("adamw_weight_decay", 0.05, "0")])
@@ -226,10 +204,10 @@ def test_a_resume_keeps_the_runs_adamw_setting_or_refuses_another(field, value, 
 @pytest.mark.parametrize("optimizer", ["muon", "adamw"])
 def test_a_run_recorded_before_the_adamw_options_resumes_as_it_trained(optimizer, tiny_dataset, tmp_path):
     """Runs from before --adam-beta1/2 and --adamw-weight-decay trained with (0.9, 0.95) and --weight-decay."""
-    from gpt2_dutch.train.run import _choices_of_resumed_run
+    from gpt2_dutch.train.plan import choices_of_resumed_run
 
     old = {"optimizer": optimizer, "weight_decay": 0.02}
-    resumed = _choices_of_resumed_run(tiny_cfg(tiny_dataset, tmp_path, max_steps=4, optimizer=optimizer), old)
+    resumed = choices_of_resumed_run(tiny_cfg(tiny_dataset, tmp_path, max_steps=4, optimizer=optimizer), old)
     assert (resumed.adam_beta1, resumed.adam_beta2) == (0.9, 0.95)
     assert resumed.adamw_weight_decay == (0.02 if optimizer == "muon" else None)
 
@@ -249,50 +227,6 @@ def test_adams_betas_default_by_optimizer_and_reach_the_optimizer(optimizer, bet
     explicit = train(tiny_cfg(tiny_dataset, tmp_path / "e", max_steps=1, optimizer=optimizer, adam_beta1=0.5))
     record = json.loads((explicit / "run_config.json").read_text())
     assert (record["adam_beta1"], record["adam_beta2"]) == (0.5, betas[1])  # an explicit flag wins alone
-
-
-def _train_cmd(dataset: Path, out: Path, *extra: str) -> list[str]:
-    return [sys.executable, "-m", "gpt2_dutch", "train", "--dataset-path", str(dataset), *TINY,
-            "--output-dir", str(out), "--max-steps", "16", "--save-every", "4", "--eval-every", "8",
-            "--keep-checkpoints", "10", *extra]
-
-
-@pytest.mark.slow
-def test_resume_after_sigkill_ends_with_the_same_weights(tiny_dataset, tmp_path):
-    subprocess.run(_train_cmd(tiny_dataset, tmp_path / "a"), check=True, capture_output=True)
-    proc = subprocess.Popen(_train_cmd(tiny_dataset, tmp_path / "b"), stdout=subprocess.DEVNULL,
-                            stderr=subprocess.DEVNULL)
-    deadline = time.time() + 120
-    while not list((tmp_path / "b").glob("*/checkpoints/checkpoint-8")) and time.time() < deadline:
-        if proc.poll() is not None:
-            pytest.fail("the run ended before it could be killed")
-        time.sleep(0.02)
-    os.kill(proc.pid, signal.SIGKILL)
-    proc.wait()
-    run_b = next((tmp_path / "b").glob("gpt2-dutch-tiny-2*"))
-    assert not (run_b / "final_model").exists()
-    subprocess.run(_train_cmd(tiny_dataset, tmp_path / "b", "--resume", str(run_b)), check=True,
-                   capture_output=True)
-    a = load_file(next((tmp_path / "a").glob("gpt2-dutch-tiny-2*")) / "final_model" / "model.safetensors")
-    b = load_file(run_b / "final_model" / "model.safetensors")
-    assert a.keys() == b.keys()
-    for k in a:
-        assert torch.allclose(a[k], b[k], atol=1e-5), k
-
-
-@pytest.mark.slow
-def test_two_process_ddp_on_cpu(tiny_dataset, tmp_path):
-    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2", "-m",
-           "gpt2_dutch", "train", "--dataset-path", str(tiny_dataset), *TINY, "--output-dir", str(tmp_path),
-           "--max-steps", "6", "--eval-every", "3", "--save-every", "3"]
-    r = subprocess.run(cmd, capture_output=True, text=True, env={**os.environ, "OMP_NUM_THREADS": "1"})
-    assert r.returncode == 0, r.stderr[-3000:]
-    runs = list(tmp_path.glob("gpt2-dutch-tiny-2*"))
-    assert len(runs) == 1  # both ranks agreed on one run directory; only rank 0 wrote
-    m = metrics(runs[0])
-    assert json.loads((runs[0] / "run_config.json").read_text())["world_size"] == 2
-    assert [r["tokens"] for r in m if "loss" in r][-1] == 6 * 2 * 4 * 32  # two ranks' batches per step
-    assert (runs[0] / "final_model" / "model.safetensors").is_file()
 
 
 BAD_INPUTS = [  # "{tmp}" is the test's tmp_path, "{data}" the tiny dataset
@@ -430,18 +364,6 @@ def test_several_gpus_relaunch_the_same_command_under_torchrun(monkeypatch, argv
     monkeypatch.setattr(train_module.torch.cuda, "device_count", lambda: 1)
     train_module.maybe_relaunch_on_all_gpus()
     assert len(calls) == 1
-
-
-def test_schedule_wsd_is_flat_then_linear_to_zero_at_the_end():
-    from gpt2_dutch.train.schedule import make_schedule
-
-    s = make_schedule("wsd", total_steps=100, warmup_steps=10, cooldown=0.2)
-    lrs = [s(i) for i in range(101)]
-    assert lrs[0] == pytest.approx(1 / 11) and lrs[10] == pytest.approx(1.0)
-    assert all(x == pytest.approx(1.0) for x in lrs[10:81])  # stable at the peak until the cooldown
-    assert lrs[90] == pytest.approx(0.5) and lrs[100] == 0.0  # linear to zero over the last 20 steps
-    s.total_steps = 200  # a --max-time run refits the length: the cooldown moves with it
-    assert s(100) == pytest.approx(1.0) and s(180) == pytest.approx(0.5)
 
 
 @pytest.mark.parametrize(("total_steps", "chunks_per_step", "expected"), [

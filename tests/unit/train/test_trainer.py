@@ -14,7 +14,7 @@ from pathlib import Path
 from types import SimpleNamespace
 
 import pytest
-from conftest import poison_training_step
+from helpers import poison_training_step
 
 from gpt2_dutch.runs.records import checkpoint_problem
 
@@ -35,6 +35,7 @@ def _run_dir(out: Path) -> Path:
 
 
 # ----------------------------------------------------------------------------- the console
+
 
 def _check_text_console(err: str, run: Path) -> None:
     assert not any(line.lstrip().startswith("{") for line in err.replace("\r", "\n").split("\n")), err
@@ -177,6 +178,7 @@ def test_quiet_prints_only_the_final_line(tiny_dataset, tmp_path, cli):
 
 
 # ----------------------------------------------------------------------------- checkpoints
+
 
 def test_a_checkpoint_is_written_beside_its_final_name_and_renamed_complete(tiny_dataset, tmp_path, monkeypatch):
     """At the last write of every save (the RNG state, after weights and optimizer), checkpoint-N does not exist

@@ -1,0 +1,102 @@
+"""train in several processes: SIGKILL then --resume ends with the same weights, and two-process DDP on CPU (AdamW,
+Muon, and --model-size auto with rank 0's choices)."""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+import torch
+from helpers import TINY, metrics
+from safetensors.torch import load_file
+
+
+@pytest.mark.slow
+def test_two_ranks_train_with_rank_zeros_choices(tiny_dataset, tmp_path):
+    """Each rank measures its own speed; rank 0's choice is broadcast, so both build the same model and batch,
+    and both fit the same --max-time length."""
+    import os
+    import subprocess
+    import sys
+
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2", "-m",
+           "gpt2_dutch", "train", "--dataset-path", str(tiny_dataset), "--model-size", "auto", "--max-time", "3s",
+           "--precision", "fp32", "--output-dir", str(tmp_path)]
+    r = subprocess.run(cmd, capture_output=True, text=True, env={**os.environ, "OMP_NUM_THREADS": "1"})
+    assert r.returncode == 0, r.stderr[-3000:]
+    (run,) = [p for p in tmp_path.glob("gpt2-dutch-*-2*") if p.is_dir()]
+    rc = json.loads((run / "run_config.json").read_text())
+    assert rc["world_size"] == 2 and rc["model_size"] == rc["chosen_for_budget"]["model_size"]["chosen"]
+    assert rc["tokens_per_step"] == rc["batch_size"] * rc["gradient_accumulation_steps"] * 2 * rc["context"]
+    assert r.stderr.count("--model-size auto:") == 1  # printed once, by rank 0
+    # the --max-time (re)fits agree across ranks (each all-reduces its clock): both stop at the fitted length
+    # (a rank stepping once more would wait in its all-reduce forever), which the final evaluation shows
+    records = [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines()]
+    assert rc["length_set_by"] == "max_time" and [r["step"] for r in records if "eval_loss" in r][-1] == rc[
+        "total_steps"]
+
+
+@pytest.mark.slow
+def test_muon_under_two_process_ddp_on_cpu(tiny_dataset, tmp_path):
+    """DDP all-reduces the gradients before the step: every rank orthogonalizes the same momentum."""
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2", "-m",
+           "gpt2_dutch", "train", "--dataset-path", str(tiny_dataset), *TINY, "--output-dir", str(tmp_path),
+           "--max-steps", "6", "--eval-every", "3", "--save-every", "3", "--optimizer", "muon"]
+    r = subprocess.run(cmd, capture_output=True, text=True, env={**os.environ, "OMP_NUM_THREADS": "1"})
+    assert r.returncode == 0, r.stderr[-3000:]
+    (run,) = tmp_path.glob("gpt2-dutch-tiny-2*")
+    saved = json.loads((run / "run_config.json").read_text())
+    assert saved["world_size"] == 2 and saved["optimizer"] == "muon"
+    losses = [r["loss"] for r in metrics(run) if r.get("loss") is not None]
+    assert losses[-1] < losses[0]
+    assert (run / "final_model" / "model.safetensors").is_file()
+
+
+def _train_cmd(dataset: Path, out: Path, *extra: str) -> list[str]:
+    return [sys.executable, "-m", "gpt2_dutch", "train", "--dataset-path", str(dataset), *TINY,
+            "--output-dir", str(out), "--max-steps", "16", "--save-every", "4", "--eval-every", "8",
+            "--keep-checkpoints", "10", *extra]
+
+
+@pytest.mark.slow
+def test_resume_after_sigkill_ends_with_the_same_weights(tiny_dataset, tmp_path):
+    subprocess.run(_train_cmd(tiny_dataset, tmp_path / "a"), check=True, capture_output=True)
+    proc = subprocess.Popen(_train_cmd(tiny_dataset, tmp_path / "b"), stdout=subprocess.DEVNULL,
+                            stderr=subprocess.DEVNULL)
+    deadline = time.time() + 120
+    while not list((tmp_path / "b").glob("*/checkpoints/checkpoint-8")) and time.time() < deadline:
+        if proc.poll() is not None:
+            pytest.fail("the run ended before it could be killed")
+        time.sleep(0.02)
+    os.kill(proc.pid, signal.SIGKILL)
+    proc.wait()
+    run_b = next((tmp_path / "b").glob("gpt2-dutch-tiny-2*"))
+    assert not (run_b / "final_model").exists()
+    subprocess.run(_train_cmd(tiny_dataset, tmp_path / "b", "--resume", str(run_b)), check=True,
+                   capture_output=True)
+    a = load_file(next((tmp_path / "a").glob("gpt2-dutch-tiny-2*")) / "final_model" / "model.safetensors")
+    b = load_file(run_b / "final_model" / "model.safetensors")
+    assert a.keys() == b.keys()
+    for k in a:
+        assert torch.allclose(a[k], b[k], atol=1e-5), k
+
+
+@pytest.mark.slow
+def test_two_process_ddp_on_cpu(tiny_dataset, tmp_path):
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2", "-m",
+           "gpt2_dutch", "train", "--dataset-path", str(tiny_dataset), *TINY, "--output-dir", str(tmp_path),
+           "--max-steps", "6", "--eval-every", "3", "--save-every", "3"]
+    r = subprocess.run(cmd, capture_output=True, text=True, env={**os.environ, "OMP_NUM_THREADS": "1"})
+    assert r.returncode == 0, r.stderr[-3000:]
+    runs = list(tmp_path.glob("gpt2-dutch-tiny-2*"))
+    assert len(runs) == 1  # both ranks agreed on one run directory; only rank 0 wrote
+    m = metrics(runs[0])
+    assert json.loads((runs[0] / "run_config.json").read_text())["world_size"] == 2
+    assert [r["tokens"] for r in m if "loss" in r][-1] == 6 * 2 * 4 * 32  # two ranks' batches per step
+    assert (runs[0] / "final_model" / "model.safetensors").is_file()
