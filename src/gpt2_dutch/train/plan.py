@@ -398,6 +398,26 @@ def check_resumable(checkpoint: Path, cfg: TrainConfig, manifest: dict[str, Any]
         problems.append(f"it was trained with --schedule {schedule} (pass --schedule {schedule})")
     if problems:
         raise UsageError(f"cannot resume from {checkpoint}: " + "; ".join(problems))
+    _check_unpicklable(checkpoint)
+
+
+def _check_unpicklable(checkpoint: Path) -> None:
+    """The optimizer's and scheduler's states load as the Trainer will load them (torch.load, weights_only), before
+    the run's record is touched: a file holding other objects is refused in one line. mmap: tensors are not read."""
+    import pickle
+
+    import torch
+
+    for name in ("optimizer.pt", "scheduler.pt"):
+        path = checkpoint / name
+        if path.is_file():
+            try:
+                torch.load(path, map_location="cpu", weights_only=True, mmap=True)
+            except (pickle.UnpicklingError, RuntimeError, ValueError) as e:
+                first = (str(e).strip().splitlines() or [type(e).__name__])[0][:160]
+                raise UsageError(f"cannot resume from {checkpoint}: {name} holds objects that are never unpickled "
+                                 f"or is damaged ({first}); pass an earlier checkpoint with --resume, or start a "
+                                 "new run") from None
 
 
 # ------------------------------------------------------------------------------------------ --init-from, trackers

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import contextlib
 import os
+import pickle
 import shutil
 import subprocess
 import sys
@@ -91,7 +92,11 @@ def _run(cfg: TrainConfig, manifest: dict[str, Any]) -> Path:
 
     dataset_path = Path(cfg.dataset_path)  # type: ignore[arg-type]
     train_ds, test_ds = load_split(dataset_path, "train"), load_split(dataset_path, "test")
-    tokenizer = AutoTokenizer.from_pretrained(str(dataset_path))
+    try:
+        tokenizer = AutoTokenizer.from_pretrained(str(dataset_path))
+    except (OSError, ValueError, TypeError, KeyError) as e:  # tokenizers' and transformers' ways to say "damaged"
+        raise UsageError(f"{dataset_path}: its tokenizer cannot be loaded ({_first_line(e)}); preprocess the data "
+                         "again") from None
     plan = make_plan(cfg, manifest, len(train_ds), tokenizer.eos_token_id)
     run_dir = plan.resume.run_dir if plan.resume is not None else new_run_dir(plan.cfg, Path(cfg.output_dir))
     with own_run(run_dir):
@@ -215,7 +220,13 @@ def fit(plan: TrainPlan, run: Run) -> None:
               f"{what} ({plan.tokens_per_step:,} tokens/step, {plan.precision}) -> {run_dir}", file=sys.stderr)
     with _disk_full_is_one_line(run_dir, trainer), stopper.installed():
         try:
-            trainer.train(resume_from_checkpoint=str(checkpoint) if checkpoint else None)
+            try:
+                trainer.train(resume_from_checkpoint=str(checkpoint) if checkpoint else None)
+            except pickle.UnpicklingError as e:  # torch.load(weights_only) refused a file plan.py did not check
+                _set_status(run_dir, "failed")
+                raise UsageError(f"cannot resume from {checkpoint}: a file there holds objects that are never "
+                                 f"unpickled ({_first_line(e)}); pass an earlier checkpoint with --resume, or start "
+                                 "a new run") from None
             if stopper.signal is None and not health.diverged:
                 evals = [r for r in trainer.state.log_history if "eval_loss" in r]
                 if not evals or evals[-1].get("step") != trainer.state.global_step:
@@ -307,6 +318,10 @@ def _disk_full_is_one_line(run_dir: Path, trainer: Any) -> Iterator[None]:
         raise MachineError(f"no space left on the device while writing {run_dir} (step "
                            f"{trainer.state.global_step}); its complete checkpoints are kept: free some space and "
                            f"continue with --resume {run_dir}") from None
+
+
+def _first_line(error: BaseException, limit: int = 160) -> str:
+    return (str(error).strip().splitlines() or [type(error).__name__])[0][:limit]
 
 
 def _set_status(run_dir: Path, status: str) -> None:
