@@ -103,6 +103,8 @@ def make_plan(cfg: TrainConfig, manifest: dict[str, Any], n_train_chunks: int, e
         cfg, choices = choose_for_budget(cfg, vocab_size, context, eos_token_id, precision)
         cfg = _new_run_defaults(cfg)
     optimizer, notice = resolve_optimizer(cfg.optimizer, cfg.fsdp)
+    if optimizer != cfg.optimizer:  # the record says what trained (AdamW under --fsdp), as the notice does
+        cfg = replace(cfg, optimizer=optimizer, adamw_weight_decay=None)
     chunks_per_step = cfg.batch_size * cfg.gradient_accumulation_steps * world_size()
     tokens_per_step = chunks_per_step * context
     total_steps, limit = plan_steps(cfg, n_train_chunks, tokens_per_step)

@@ -102,8 +102,7 @@ def _run(cfg: TrainConfig, manifest: dict[str, Any]) -> Path:
     with own_run(run_dir):
         run = build(plan, run_dir, train_ds, test_ds)
         fit(plan, run)
-        if is_main_process():
-            publish(plan, run, tokenizer)
+        publish(plan, run, tokenizer)
     return run_dir
 
 
@@ -257,9 +256,12 @@ def fit(plan: TrainPlan, run: Run) -> None:
 
 
 def publish(plan: TrainPlan, run: Run, tokenizer: Any) -> None:
-    """final_model (complete before it appears), the run marked finished, -latest, and --push-to-hub."""
+    """final_model (complete before it appears), the run marked finished, -latest, and --push-to-hub. Every rank
+    comes here: under FSDP the full weights are gathered from all of them; rank 0 alone writes."""
     with _disk_full_is_one_line(run.run_dir, run.trainer):
         _save_final_model(run.trainer, tokenizer, run.run_dir)
+    if not is_main_process():
+        return
     _set_status(run.run_dir, FINISHED)
     update_latest_link(run.run_dir, plan.cfg.model_size)
     print(f"final model: {run.run_dir / 'final_model'}  (loss curve: {run.run_dir / 'loss.png'})", file=sys.stderr)
@@ -330,12 +332,17 @@ def _set_status(run_dir: Path, status: str) -> None:
 
 
 def _save_final_model(trainer: Any, tokenizer: Any, run_dir: Path) -> None:
+    """Called on every rank (save_model gathers an FSDP model's shards collectively); rank 0 stages and writes."""
     from transformers import GenerationConfig
 
+    main = is_main_process()
     final, tmp = run_dir / "final_model", temp_name(run_dir / "final_model")
-    shutil.rmtree(tmp, ignore_errors=True)
+    if main:
+        shutil.rmtree(tmp, ignore_errors=True)
     try:
-        trainer.save_model(str(tmp))
+        trainer.save_model(str(tmp))  # writes on rank 0 only (args.should_save)
+        if not main:
+            return
         (tmp / "training_args.bin").unlink(missing_ok=True)  # a pickle; the run's settings are in run_config.json
         tokenizer.save_pretrained(str(tmp))
         eos = tokenizer.eos_token_id
@@ -344,4 +351,5 @@ def _save_final_model(trainer: Any, tokenizer: Any, run_dir: Path) -> None:
         write_card(tmp, run_dir, hardware=describe_hardware())  # README.md and loss.png, inside the staging dir
         replace_dir(tmp, final)  # an extended run's previous final_model stays until the new one is complete
     finally:
-        shutil.rmtree(tmp, ignore_errors=True)
+        if main:
+            shutil.rmtree(tmp, ignore_errors=True)

@@ -72,8 +72,11 @@ def build_training_arguments(plan: TrainPlan, run_dir: Path) -> TrainingArgument
         prediction_loss_only=True,  # evaluation averages the loss; logits are never accumulated
         ddp_find_unused_parameters=False,
         optim="adamw_torch_fused" if cuda else "adamw_torch",
-        fsdp="full_shard auto_wrap" if cfg.fsdp else "",
-        fsdp_config={"transformer_layer_cls_to_wrap": ["GPT2Block"]} if cfg.fsdp else None,
+        # FSDP2, each GPT2Block its own unit, parameters resharded after the forward (ZeRO-3): the public form
+        # (fsdp=True + fsdp_config) of what the deprecated string "full_shard auto_wrap" said
+        fsdp=True if cfg.fsdp else None,
+        fsdp_config={"transformer_layer_cls_to_wrap": ["GPT2Block"], "reshard_after_forward": True} if cfg.fsdp
+        else None,
         disable_tqdm=True,  # the bar is ConsoleCallback's (install_console removes the Trainer's printing)
     )
 
