@@ -12,7 +12,8 @@ what the run recorded about itself (status, total_steps, ...), which is ignored,
 dataclass's `NOT_REPLAYED` (train's `resume`), which a replay must not take: it is a new run.
 
 The file is read through gpt2_dutch.core.reading: a regular file within CONFIG_BYTES, bounded in depth, number
-length and YAML alias expansion; a wrong value is one line naming the file, the key's line and the key, the value cut short.
+length and YAML alias expansion; a wrong value is one line naming the file, the key's line and the key, the value
+cut short.
 
 One name per idea: an old spelling of a flag stays accepted for one release as `option(aliases=[...])`,
 hidden from --help and announced on stderr when used (in a config file too, as its key `old_name`).
