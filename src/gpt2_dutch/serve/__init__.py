@@ -16,6 +16,9 @@ share each forward pass (see serve/engine.py). Past --max-queue waiting requests
 Retry-After; a client that disconnects frees its slot at once; a bad request is a 400 with an OpenAI-style error
 body. Weights load from safetensors only; remote code never runs. Binding to anything but loopback prints a
 warning: use --api-key (or GPT2_DUTCH_API_KEY) so that every route but /health needs `Authorization: Bearer KEY`.
+Only requests whose Host header names localhost, 127.0.0.1, [::1], --host or one of --allowed-hosts are answered,
+and a POST body must be sent as application/json: what a web page cannot do to a server on this machine, and the
+bounds on what one request may cost, are in docs/serve.md ("Exposure").
 """
 
 # This package is a stage: it imports the foundations (config, errors, model_loading, ...), and only __main__ and
@@ -33,6 +36,7 @@ from __future__ import annotations
 import contextlib
 import ipaddress
 import os
+import re
 import socket
 import sys
 from dataclasses import dataclass
@@ -43,6 +47,7 @@ from gpt2_dutch.core.options import option
 
 API_KEY_ENV = "GPT2_DUTCH_API_KEY"
 MAX_BATCH = 1024
+LOOPBACK_HOSTS = ("localhost", "127.0.0.1", "[::1]")  # the Host names answered by default
 
 
 @dataclass
@@ -53,6 +58,9 @@ class ServeConfig:
     port: int = option(8000, "port to listen on (0: any free port, printed at start)")
     api_key: str | None = option(None, "require 'Authorization: Bearer KEY' on every route but /health (default: "
                                  f"${API_KEY_ENV} when set; unset: no key)")
+    allowed_hosts: str | None = option(None, "more names the Host header may carry, comma-separated "
+                                       "(gpu-box,gpu-box.lan,10.0.0.5; *.lan for a domain; * for any): by default "
+                                       "only localhost, 127.0.0.1, [::1] and --host are answered")
     batch_size: int = option(32, "sequences decoded together in one forward pass (a request takes prompts x n)",
                              aliases=["--max-batch"])
     max_queue: int = option(64, "requests that may wait for a slot; past that the answer is 503 with Retry-After")
@@ -72,6 +80,38 @@ class ServeConfig:
         check(self.api_key is None or (bool(self.api_key.strip()) and self.api_key.isprintable()),
               "--api-key must be printable text, not empty")
         check(self.model_name is None or bool(self.model_name.strip()), "--model-name must not be empty")
+        host_allowlist(self.host, self.allowed_hosts)  # checked here: a bad name is one line before anything
+
+
+_HOST_NAME = re.compile(r"(\*\.)?[a-z0-9_]([a-z0-9_-]*[a-z0-9_])?(\.[a-z0-9_]([a-z0-9_-]*[a-z0-9_])?)*\.?")
+
+
+def _host_pattern(name: str, flag: str) -> str:
+    """A name as the Host header carries it, lowercased (an IPv6 address in brackets); one line for anything
+    that is not a host name, an IP address, '*.domain' or '*'."""
+    name = name.strip().lower()
+    if name == "*":
+        return name
+    try:
+        address = ipaddress.ip_address(name.strip("[]"))
+    except ValueError:
+        check(len(name) <= 253 and _HOST_NAME.fullmatch(name) is not None,
+              f"{flag}: '{name[:80]}' is not a host name, an IP address, '*.domain' or '*' (give names without "
+              "a port or scheme)")
+        return name
+    return f"[{address}]" if address.version == 6 else str(address)
+
+
+def host_allowlist(host: str, extra: str | None = None) -> list[str]:
+    """The Host names the server answers to: the loopback names, the address it is bound to, and `extra`
+    (--allowed-hosts, comma-separated). Anything else may be a page on another site that resolves its own name
+    to this machine (DNS rebinding)."""
+    names = list(LOOPBACK_HOSTS)
+    for i, name in enumerate([host, *(extra.split(",") if extra else [])]):
+        pattern = _host_pattern(name, "--allowed-hosts" if i else "--host")
+        if pattern not in names:
+            names.append(pattern)
+    return names
 
 
 def is_loopback(host: str) -> bool:
@@ -119,11 +159,14 @@ def build_server(model_path: str, *, device: str = "auto", precision: str = "aut
 
 
 def serve(cfg: ServeConfig) -> None:
+    hosts = host_allowlist(cfg.host, cfg.allowed_hosts)
     sock = bind(cfg.host, cfg.port)
     try:
         if not is_loopback(cfg.host):
             print(f"gpt2-dutch serve: warning: listening on {cfg.host}, not loopback: anyone who can reach this "
-                  "machine can use the model" + ("" if cfg.api_key else "; set --api-key to require a key"),
+                  "machine can use the model" + ("" if cfg.api_key else "; set --api-key to require a key") +
+                  ("" if "*" in hosts else f". Only requests that name {', '.join(hosts)} in their Host header are "
+                   "answered: add this machine's name or address with --allowed-hosts"),
                   file=sys.stderr, flush=True)
         server = build_server(cfg.model_path, device=cfg.device, precision=cfg.precision, max_batch=cfg.batch_size,
                               max_queue=cfg.max_queue, api_key=cfg.api_key, name=cfg.model_name)
@@ -136,7 +179,7 @@ def serve(cfg: ServeConfig) -> None:
         print(f"gpt2-dutch serve: {server.name} on http://{shown}:{port}/ (playground), API at "
               f"http://{shown}:{port}/v1 (batch {cfg.batch_size}, queue {cfg.max_queue}"
               f"{', API key required' if cfg.api_key else ''}); Ctrl-C stops", file=sys.stderr, flush=True)
-        config = uvicorn.Config(create_app(server), log_level="warning", timeout_graceful_shutdown=5)
+        config = uvicorn.Config(create_app(server, hosts), log_level="warning", timeout_graceful_shutdown=5)
         # uvicorn shuts down gracefully on Ctrl-C, then re-raises it: here the normal way to stop, not an error
         with contextlib.suppress(KeyboardInterrupt):
             uvicorn.Server(config).run(sockets=[sock])

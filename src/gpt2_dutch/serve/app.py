@@ -6,6 +6,9 @@
     GET  /v1/model_card    size, training tokens, eval loss, bits per byte, loss curve (for the playground)
     GET  /health           liveness and the engine's load; never needs the API key
     GET  /                 the playground (a static page; it asks for the key where one is set)
+
+Every route answers only the Host names it is given (`HostCheck`); POST needs the JSON content type; a body is
+parsed and its prompts tokenized in a worker thread, not on the event loop that streams everyone's tokens.
 """
 
 # No `from __future__ import annotations` here: FastAPI reads the routes' annotations (Request, imported inside
@@ -14,6 +17,7 @@ import asyncio
 import contextlib
 import hmac
 import json
+import re
 import threading
 import time
 import uuid
@@ -21,8 +25,57 @@ from importlib import resources
 from pathlib import Path
 from typing import Any
 
+from gpt2_dutch.serve import LOOPBACK_HOSTS
 from gpt2_dutch.serve.engine import Engine, QueueFull, Sampling, Sequence, new_generator
-from gpt2_dutch.serve.protocol import ApiError, CompletionRequest, error_body, parse_body, parse_completion
+from gpt2_dutch.serve.protocol import ApiError, CompletionRequest, error_body, parse_body, parse_completion, read_body
+
+SHOWN_CHARS = 80  # of a client's value echoed in an error
+
+
+class StopMatcher:
+    """The first place where one of a few stop strings occurs in a text fed piece by piece, in time linear in the
+    text: one Knuth-Morris-Pratt automaton per stop string, each fed every character once, never a rescan of what
+    came before. `partial()` is the longest start of a stop string the text now ends with (to be held back)."""
+
+    def __init__(self, stops: list[str]):
+        self.stops = stops
+        self.fail = [_failure(s) for s in stops]
+        self.state = [0] * len(stops)  # per stop: how many of its first characters the text now ends with
+        self.fed = 0
+
+    def feed(self, text: str) -> int | None:
+        """Where (in all the text fed) the first stop string to complete starts; None while none has."""
+        for ch in text:
+            self.fed += 1
+            start = None
+            for i, stop in enumerate(self.stops):
+                k, fail = self.state[i], self.fail[i]
+                while k and stop[k] != ch:
+                    k = fail[k - 1]
+                if stop[k] == ch:
+                    k += 1
+                if k == len(stop):
+                    start = min(start, self.fed - k) if start is not None else self.fed - k
+                    k = fail[k - 1]
+                self.state[i] = k
+            if start is not None:
+                return start
+        return None
+
+    def partial(self) -> int:
+        return max(self.state, default=0)
+
+
+def _failure(s: str) -> list[int]:
+    """KMP's failure function: fail[i] is the longest proper prefix of s[:i+1] that is also its suffix."""
+    fail, k = [0] * len(s), 0
+    for i in range(1, len(s)):
+        while k and s[i] != s[k]:
+            k = fail[k - 1]
+        if s[i] == s[k]:
+            k += 1
+        fail[i] = k
+    return fail
 
 
 class TextStream:
@@ -31,22 +84,31 @@ class TextStream:
     a non-streamed answer come from this one path, so they always agree."""
 
     def __init__(self, tokenizer: Any, stops: list[str]):
-        self.tokenizer, self.stops = tokenizer, stops
+        self.tokenizer = tokenizer
+        self.matcher = StopMatcher(stops) if stops else None
         self.ids: list[int] = []
         self.prefix = self.read = 0  # decode ids[prefix:] and keep what ids[prefix:read] did not already give
         self.text = ""  # the text decoded so far
         self.sent = 0  # how much of it was released
+        self.cut: int | None = None  # where the first stop string starts, once one has been seen
         self.stopped = False
 
     def _decode(self, ids: list[int]) -> str:
         return self.tokenizer.decode(ids, skip_special_tokens=True)
 
+    def _append(self, new: str) -> None:
+        self.text += new
+        if self.matcher is not None and self.cut is None:
+            self.cut = self.matcher.feed(new)
+
     def add(self, token: int) -> str:
+        if self.stopped:  # tokens made before the engine saw the cancel: not part of the answer
+            return ""
         self.ids.append(token)
         before = self._decode(self.ids[self.prefix:self.read])
         now = self._decode(self.ids[self.prefix:])
         if len(now) > len(before) and not now.endswith("\ufffd"):  # a character still incomplete: wait
-            self.text += now[len(before):]
+            self._append(now[len(before):])
             self.prefix, self.read = self.read, len(self.ids)
         return self._release(final=False)
 
@@ -54,20 +116,18 @@ class TextStream:
         """The rest of the text once no token follows (an incomplete character decodes as U+FFFD)."""
         if not self.stopped:
             before = self._decode(self.ids[self.prefix:self.read])
-            self.text += self._decode(self.ids[self.prefix:])[len(before):]
+            self._append(self._decode(self.ids[self.prefix:])[len(before):])
             self.prefix = self.read = len(self.ids)
         return self._release(final=True)
 
     def _release(self, final: bool) -> str:
         if self.stopped:
             return ""
-        hits = [i for i in (self.text.find(s, self.sent) for s in self.stops) if i >= 0]
-        if hits:
-            cut = min(hits)
+        if self.cut is not None:
+            cut = self.cut
             delta, self.text, self.sent, self.stopped = self.text[self.sent:cut], self.text[:cut], cut, True
             return delta
-        hold = 0 if final else max((k for s in self.stops for k in range(1, len(s))
-                                    if self.text.endswith(s[:k])), default=0)
+        hold = 0 if final or self.matcher is None else self.matcher.partial()
         end = max(self.sent, len(self.text) - hold)
         delta, self.sent = self.text[self.sent:end], end
         return delta
@@ -117,24 +177,37 @@ class Server:
                              after_step=self.outbox.flush)
         self.card = model_card(model_dir, parameter_count(model), name)
         self.created = int(model_dir.stat().st_mtime)
+        # No token stands for more characters than its vocabulary entry has (a byte-level BPE entry has one
+        # character per byte): a prompt longer than context x the longest entry cannot fit, and is refused
+        # without being tokenized.
+        longest = max(map(len, tokenizer.get_vocab()), default=0)
+        self.max_prompt_chars = self.context * longest if self.context and longest else None
 
     # ------------------------------------------------------------------------------------------- requests
 
     def plan(self, req: CompletionRequest) -> list[list[int]]:
-        """Each prompt's token ids; ApiError where a prompt and its max_tokens do not fit the context."""
+        """Each prompt's token ids; ApiError where the request cannot fit the batch, or a prompt and its
+        max_tokens the context. Checked in the order of their cost: the batch, the prompts' characters, and only
+        then tokens (run it in a worker thread: tokenizing is the costly part)."""
+        rows = len(req.prompts) * req.n
+        if rows > self.engine.max_batch:
+            raise ApiError(f"{len(req.prompts)} prompts x n={req.n} asks for {rows} sequences; this server decodes at "
+                           f"most {self.engine.max_batch} at once (--batch-size)", "n")
+        label = "the prompt" if len(req.prompts) == 1 else "prompt {}"
+        if self.max_prompt_chars:
+            for i, p in enumerate(req.prompts):
+                if len(p) > self.max_prompt_chars:  # certainly more tokens than the context holds
+                    raise ApiError(f"{label.format(i)} has {len(p)} characters; this model's context is "
+                                   f"{self.context} tokens, which no text over {self.max_prompt_chars} characters "
+                                   "fits; shorten the prompt", "prompt", code="context_length_exceeded")
         ids = self.tokenizer(req.prompts, verbose=False)["input_ids"]
         for i, p in enumerate(ids):
-            label = "the prompt" if len(ids) == 1 else f"prompt {i}"
             if not p:
-                raise ApiError(f"{label} has no tokens", "prompt")
+                raise ApiError(f"{label.format(i)} has no tokens", "prompt")
             if self.context and len(p) + req.max_tokens > self.context:
-                raise ApiError(f"this model's context is {self.context} tokens, but {label} has {len(p)} tokens and "
-                               f"max_tokens is {req.max_tokens}; shorten the prompt or lower max_tokens",
+                raise ApiError(f"this model's context is {self.context} tokens, but {label.format(i)} has {len(p)} "
+                               f"tokens and max_tokens is {req.max_tokens}; shorten the prompt or lower max_tokens",
                                "max_tokens" if len(p) < self.context else "prompt", code="context_length_exceeded")
-        rows = len(ids) * req.n
-        if rows > self.engine.max_batch:
-            raise ApiError(f"{len(ids)} prompts x n={req.n} asks for {rows} sequences; this server decodes at most "
-                           f"{self.engine.max_batch} at once (--batch-size)", "n")
         return ids
 
     def start(self, req: CompletionRequest, ids: list[list[int]], ignore_eos: bool
@@ -162,11 +235,69 @@ class Server:
         return seqs, events
 
 
-def create_app(server: Server) -> Any:
+class HostCheck:
+    """ASGI middleware: only requests whose Host header names one of `allowed` reach the app ('*': any), so that
+    a web page on another name that resolves to this machine (DNS rebinding) gets nothing from it. Starlette's
+    TrustedHostMiddleware decides; its plain-text refusal is replaced by our one-line error body that names the
+    flag to pass."""
+
+    def __init__(self, app: Any, allowed: list[str]):
+        self.app, self.allowed = app, allowed
+
+    async def __call__(self, scope: Any, receive: Any, send: Any) -> None:
+        from starlette.middleware.trustedhost import TrustedHostMiddleware
+
+        if scope["type"] != "http":
+            await self.app(scope, receive, send)
+            return
+        passed = False
+
+        async def allowed(scope: Any, receive: Any, send: Any) -> None:
+            nonlocal passed
+            passed = True
+
+        async def swallow(message: Any) -> None:  # the middleware's own refusal: replaced below
+            pass
+
+        await TrustedHostMiddleware(allowed, allowed_hosts=self.allowed, www_redirect=False)(scope, receive, swallow)
+        if passed:
+            await self.app(scope, receive, send)
+            return
+        from starlette.datastructures import Headers
+        from starlette.responses import JSONResponse
+
+        host = Headers(scope=scope).get("host")
+        shown = "no Host header" if host is None else f"Host '{_short(host)}'"
+        names = ", ".join(self.allowed)
+        await JSONResponse(error_body(f"{shown} is not a name this server answers to ({names}); to reach it by "
+                                      "another name, start it with --allowed-hosts NAME", code="host_not_allowed"),
+                           status_code=400)(scope, receive, send)
+
+
+def _short(text: str) -> str:
+    return text if len(text) <= SHOWN_CHARS else text[:SHOWN_CHARS] + "..."
+
+
+# an absolute path inside a message (a library's error text): /x/y, ~/x, C:\x; a URL's // and "a / b" are not
+_PATH = re.compile(r"(?<![\w.:/\\~])(?:~|[A-Za-z]:)?[/\\][\w.~-][^\s'\"(),;\[\]]*")
+
+
+def public(message: str) -> str:
+    """A message fit for a client: no local path (a library's error may name its own files or ours)."""
+    return _PATH.sub("<path>", message)
+
+
+def is_json(content_type: str) -> bool:
+    return content_type.partition(";")[0].strip().lower() == "application/json"
+
+
+def create_app(server: Server, allowed_hosts: list[str] | tuple[str, ...] = LOOPBACK_HOSTS) -> Any:
+    """The FastAPI app; `allowed_hosts` are the Host names it answers to ('*': any)."""
     from contextlib import asynccontextmanager
 
     from fastapi import Depends, FastAPI, Request
     from fastapi.responses import HTMLResponse, JSONResponse, StreamingResponse
+    from starlette.concurrency import run_in_threadpool
     from starlette.exceptions import HTTPException
 
     @asynccontextmanager
@@ -178,6 +309,7 @@ def create_app(server: Server) -> Any:
             server.engine.stop()
 
     app = FastAPI(title="gpt2-dutch", lifespan=lifespan, docs_url=None, redoc_url=None, openapi_url=None)
+    app.add_middleware(HostCheck, allowed=list(allowed_hosts))
 
     def authorized(request: Request) -> None:
         if server.api_key is None:
@@ -217,14 +349,26 @@ def create_app(server: Server) -> Any:
     async def card() -> dict[str, Any]:
         return server.card
 
-    @app.post("/v1/completions", dependencies=[Depends(authorized)])
-    async def completions(request: Request) -> Any:
-        body = parse_body(await request.body())
+    def prepare(raw: bytes) -> tuple[CompletionRequest, list[list[int]], bool]:
+        body = parse_body(raw)
         req = parse_completion(body)
         ignore_eos = body.get("ignore_eos", False)
         if not isinstance(ignore_eos, bool):
             raise ApiError("'ignore_eos' must be true or false", "ignore_eos")
-        ids = server.plan(req)
+        return req, server.plan(req), ignore_eos
+
+    @app.post("/v1/completions", dependencies=[Depends(authorized)])
+    async def completions(request: Request) -> Any:
+        # A body a web page can send to any address without asking first (a CORS "simple request": text/plain,
+        # a form, no type) never runs a completion: the JSON content type needs a preflight, which we never grant.
+        content_type = request.headers.get("content-type", "")
+        if not is_json(content_type):
+            got = f"'{_short(content_type)}'" if content_type else "none"
+            raise ApiError(f"the request body must be JSON sent with 'Content-Type: application/json' (got {got})",
+                           status=415, code="unsupported_media_type")
+        raw = await read_body(request)
+        # parsing and tokenizing cost up to the body's size: in a worker thread, the event loop goes on streaming
+        req, ids, ignore_eos = await run_in_threadpool(prepare, raw)
         seqs, events = server.start(req, ids, ignore_eos)
         meta = {"id": f"cmpl-{uuid.uuid4().hex}", "object": "text_completion", "created": int(time.time()),
                 "model": server.name}
@@ -240,7 +384,7 @@ def create_app(server: Server) -> Any:
             watcher.cancel()
             server.engine.cancel(seqs)
         if error:
-            raise ApiError(f"generation failed ({error}); the request can be retried", status=500,
+            raise ApiError(f"generation failed ({public(error)}); the request can be retried", status=500,
                            kind="server_error")
         return {**meta, "choices": choices, "usage": _usage(prompt_tokens, completion_tokens)}
 
@@ -312,7 +456,8 @@ async def _stream(server: Server, req: CompletionRequest, seqs: list[Sequence], 
     try:
         async for index, delta, reason in _events(server, req, seqs, events):
             if reason is not None and reason.startswith("error"):
-                body = error_body(f"generation failed ({reason}); the request can be retried", "server_error")
+                body = error_body(f"generation failed ({public(reason)}); the request can be retried",
+                                  "server_error")
                 yield f"data: {json.dumps(body)}\n\n"
                 continue
             tokens += reason is None

@@ -1,7 +1,9 @@
 """The OpenAI completions request, checked field by field, and the error body the OpenAI API uses.
 
 Every problem with a request is an `ApiError` (HTTP 400 unless said otherwise) whose body is
-`{"error": {"message", "type", "param", "code"}}`, as the OpenAI API answers and its clients read. Fields the
+`{"error": {"message", "type", "param", "code"}}`, as the OpenAI API answers and its clients read. The body is
+read bounded (`read_body`: at most MAX_BODY_BYTES, counted while it arrives, chunked or not) and parsed bounded
+(`parse_body`: nesting, number literals, lone surrogates), so that no body, however malformed, is a 500. Fields the
 API defines but this server does not implement (echo, logprobs, penalties, ...) are refused when set to
 anything but their neutral value, never silently ignored; fields the API does not define are ignored, as
 clients send extras (`extra_body`).
@@ -11,11 +13,16 @@ from __future__ import annotations
 
 import json
 import math
+import re
 from dataclasses import dataclass
 from typing import Any
 
 MAX_BODY_BYTES = 1 << 20  # a prompt longer than any context is refused long before; this bounds tokenizing
+MAX_DEPTH = 32  # nesting of lists and objects in a body; a completions request uses 3
+MAX_NUMBER_CHARS = 100  # characters of one number literal (a float's repr is at most 24)
+MAX_INT = 2**63 - 1  # any integer field beyond this is out of range (and not echoed whole)
 MAX_STOP = 4  # as in the OpenAI API
+MAX_STOP_CHARS = 1000  # of one stop string: the text held back while a stop may be starting is at most this
 MAX_SEED = 2**63 - 1  # torch.Generator takes 64 bits; JSON clients handle 63 safely
 MAX_TEMPERATURE = 2.0  # the OpenAI API's range
 
@@ -51,16 +58,86 @@ class CompletionRequest:
     model: str | None
 
 
+def too_large(size: int | None = None) -> ApiError:
+    got = f"is {size} bytes" if size is not None else f"goes on past {MAX_BODY_BYTES} bytes"
+    # Connection: close, or the HTTP server would go on reading (and dropping) the rest of the body
+    return ApiError(f"the request body {got}; at most {MAX_BODY_BYTES} bytes are accepted", status=413,
+                    code="request_too_large", headers={"Connection": "close"})
+
+
+async def read_body(request: Any) -> bytes:
+    """The body of a Starlette request, read at most MAX_BODY_BYTES far: a declared Content-Length beyond that is
+    refused before a byte is read, and a chunked body as soon as it passes the limit, not once it has all come."""
+    declared = request.headers.get("content-length", "")
+    if declared.isascii() and declared.isdigit() and (len(declared) > 18 or int(declared) > MAX_BODY_BYTES):
+        raise too_large(int(declared) if len(declared) <= 18 else None)
+    chunks, size = [], 0
+    async for chunk in request.stream():
+        size += len(chunk)
+        if size > MAX_BODY_BYTES:
+            raise too_large()
+        chunks.append(chunk)
+    return b"".join(chunks)
+
+
+class _LongNumber(ValueError):
+    pass
+
+
+def _bounded(convert: Any) -> Any:
+    def parse(literal: str) -> Any:
+        if len(literal) > MAX_NUMBER_CHARS:
+            raise _LongNumber(len(literal))
+        return convert(literal)
+
+    return parse
+
+
+_parse_int, _parse_float = _bounded(int), _bounded(float)
+# an escape that may leave half a surrogate pair unpaired (a raw surrogate in the bytes already failed to decode)
+_SURROGATE_ESCAPE = re.compile(r"\\u[dD][89abcdefABCDEF]")
+
+
+def _too_deep(value: Any) -> bool:
+    """Whether lists and objects nest deeper than MAX_DEPTH (iterative: no recursion to exhaust)."""
+    stack = [(value, 1)] if isinstance(value, (dict, list)) else []
+    while stack:
+        v, depth = stack.pop()
+        if depth > MAX_DEPTH:
+            return True
+        stack.extend((c, depth + 1) for c in (v.values() if isinstance(v, dict) else v) if isinstance(c, (dict, list)))
+    return False
+
+
 def parse_body(raw: bytes) -> dict[str, Any]:
+    """The JSON object of a request body; ApiError (400) for anything else, however malformed: not UTF-8, not
+    JSON, nested deeper than MAX_DEPTH, a number literal longer than MAX_NUMBER_CHARS, a lone surrogate."""
     if len(raw) > MAX_BODY_BYTES:
-        raise ApiError(f"the request body is {len(raw)} bytes; at most {MAX_BODY_BYTES} are accepted")
+        raise too_large(len(raw))
     try:
-        body = json.loads(raw.decode("utf-8"))
+        text = raw.decode("utf-8")
     except UnicodeDecodeError:
         raise ApiError("the request body is not UTF-8 text") from None
+    try:
+        body = json.loads(text, parse_int=_parse_int, parse_float=_parse_float)
+        too_deep = _too_deep(body)
     except json.JSONDecodeError as e:
         raise ApiError(f"the request body is not valid JSON ({e.msg} at line {e.lineno}, column {e.colno})") \
             from None
+    except _LongNumber as e:
+        raise ApiError(f"the request body holds a number of {e.args[0]} characters; at most {MAX_NUMBER_CHARS} "
+                       "are read") from None
+    except RecursionError:  # the decoder recurses once per level: far deeper than MAX_DEPTH
+        too_deep = True
+    if too_deep:
+        raise ApiError(f"the request body nests lists or objects deeper than {MAX_DEPTH} levels")
+    if _SURROGATE_ESCAPE.search(text):
+        try:  # json.loads pairs the halves of a real pair: what stays unpaired cannot be encoded
+            json.dumps(body, ensure_ascii=False).encode("utf-8")
+        except UnicodeEncodeError:
+            raise ApiError("the request body holds a lone UTF-16 surrogate escape (\\ud800-\\udfff), which is no "
+                           "character; send text as UTF-8 or escape a character outside the BMP as a pair") \
+                from None
     if not isinstance(body, dict):
         raise ApiError(f"the request body must be a JSON object, not {_kind(body)}")
     return body
@@ -112,8 +189,9 @@ def parse_completion(body: dict[str, Any]) -> CompletionRequest:
         stops = list(stop)
     else:
         raise ApiError(f"'stop' must be a string or a list of strings, not {_kind(stop)}", "stop")
-    if len(stops) > MAX_STOP or any(not s for s in stops):
-        raise ApiError(f"'stop' takes at most {MAX_STOP} non-empty strings", "stop")
+    if len(stops) > MAX_STOP or any(not 0 < len(s) <= MAX_STOP_CHARS for s in stops):
+        raise ApiError(f"'stop' takes at most {MAX_STOP} non-empty strings of at most {MAX_STOP_CHARS} characters "
+                       f"each (got {len(stops)}, the longest of {max(map(len, stops), default=0)})", "stop")
     stream = body.get("stream", False)
     if stream is None:
         stream = False
@@ -157,6 +235,8 @@ def _integer(body: dict[str, Any], name: str, default: int) -> int:
         return int(value)  # JSON writers that only have doubles send 16.0
     if not isinstance(value, int) or isinstance(value, bool):
         raise ApiError(f"'{name}' must be an integer, not {_kind(value)}", name)
+    if abs(value) > MAX_INT:
+        raise ApiError(f"'{name}' is out of range: an integer of {len(str(abs(value)))} digits", name)
     return value
 
 
