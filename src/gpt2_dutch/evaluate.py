@@ -164,7 +164,6 @@ def check_dataset_tokenizer(dataset_path: str, manifest: dict[str, Any], tokeniz
 
 def evaluate_dataset(model: Any, cfg: EvaluateConfig, tokenizer: Any = None, model_dir: Any = None) -> dict[str, Any]:
     """Score the chunks of a processed dataset; with `tokenizer`, first check it is the dataset's."""
-    import numpy as np
     import torch
     from tqdm.auto import tqdm
 
@@ -180,16 +179,39 @@ def evaluate_dataset(model: Any, cfg: EvaluateConfig, tokenizer: Any = None, mod
           "evaluate raw text with --data-files instead")
     check(cfg.split in manifest["splits"], f"dataset has no '{cfg.split}' split")
     ds = load_split(cfg.dataset_path, cfg.split)  # type: ignore[arg-type]
+    where = f"{Path(cfg.dataset_path) / cfg.split}"  # type: ignore[arg-type]
+    check("input_ids" in ds.column_names, f"{where} has no input_ids column; preprocess the data again")
     n = min(len(ds), cfg.eval_chunks or len(ds))
     totals = Totals()
     for start in tqdm(range(0, n, cfg.batch_size), desc="evaluate", unit="batch"):
-        ids = torch.from_numpy(np.asarray(ds[start:min(n, start + cfg.batch_size)]["input_ids"]).astype(np.int64))
+        rows = _chunk_rows(ds[start:min(n, start + cfg.batch_size)]["input_ids"], model.config.vocab_size, context,
+                           f"{where} (chunks {start}-{min(n, start + cfg.batch_size) - 1})")
+        ids = torch.from_numpy(rows)
         _score(model, ids, ids, totals)
     split = manifest["splits"][cfg.split]
     # bytes per token of the split as a whole: the scored chunks are a uniform slice of it
     bytes_scored = totals.tokens * split["bytes"] / split["tokens"]
     return _result(totals, bytes_scored, split["words"] / split["tokens"], split["documents"] if n == len(ds)
                    else None, source=str(cfg.dataset_path))
+
+
+def _chunk_rows(rows: Any, vocab: int, context: int, where: str) -> Any:
+    """A batch of chunks as an int64 [rows, tokens] array, checked against the model: token ids it has no embedding
+    for would fail inside the forward pass (on a GPU as a device-side assert)."""
+    import numpy as np
+
+    try:
+        batch = np.asarray(rows)
+    except ValueError:  # rows of different lengths
+        batch = np.asarray([], dtype=object)
+    if batch.ndim != 2 or not np.issubdtype(batch.dtype, np.integer) or not 0 < batch.shape[1] <= context:
+        raise UsageError(f"{where}: the chunks are not rows of at most {context} token ids; preprocess the data "
+                         "again")
+    low, high = int(batch.min()), int(batch.max())
+    if low < 0 or high >= vocab:
+        raise UsageError(f"{where} holds token id {low if low < 0 else high}, outside the model's vocabulary of "
+                         f"{vocab:,}; the dataset was made for another model (score raw text with --data-files)")
+    return batch.astype(np.int64)
 
 
 def _windows(ids: list[int], ctx: int) -> Iterator[tuple[list[int], int]]:

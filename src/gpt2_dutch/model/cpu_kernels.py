@@ -1,6 +1,6 @@
 """CPU inference kernels for GPT-2 decoding, each checked against PyTorch's plain path before it is used.
 
-`model_loading.load_model` applies them on CPU only (generate, evaluate, serve, bench); training never sees them.
+`model.loading.load_model` applies them on CPU only (generate, evaluate, serve, bench); training never sees them.
 """
 
 from __future__ import annotations
