@@ -173,17 +173,19 @@ def expected_tensors(config: dict[str, Any]) -> dict[str, tuple[int, ...]]:
     return shapes
 
 
-def check_weights(config: dict[str, Any], tensors: dict[str, tuple[tuple[int, ...], str]], model_dir: Path) -> int:
+def check_weights(config: dict[str, Any], tensors: dict[str, tuple[tuple[int, ...], str]], model_dir: Path,
+                  config_name: str = "config.json", fix: str = SAVE_HINT) -> int:
     """The parameter count of the weights, after checking that they are exactly what `config` describes: one line
-    naming the first mismatch otherwise."""
+    naming the first mismatch otherwise. `config_name` and `fix` word it for a caller whose config is not the
+    directory's config.json (train's --init-from: the config it will build)."""
     def name(key: str) -> str:
         return key.removeprefix("transformer.")
 
     found = {name(k): v for k, v in tensors.items() if not k.endswith(IGNORED)}
-    what = f"{model_dir}: config.json does not match the weights"
+    what = f"{model_dir}: {config_name} does not match the weights"
 
     def refuse(problem: str) -> UsageError:
-        return UsageError(f"{what}: {problem}; {SAVE_HINT}")
+        return UsageError(f"{what}: {problem}; {fix}")
 
     layers = {int(k.split(".")[1]) for k in found if k.startswith("h.") and k.split(".")[1].isdigit()}
     n = config["n_layer"]
@@ -262,6 +264,7 @@ NEUTRAL = {"transformers_version": None, "_from_model_config": None, "num_beams"
            "length_penalty": 1.0, "early_stopping": False, "no_repeat_ngram_size": 0, "min_length": 0,
            "typical_p": 1.0, "diversity_penalty": 0.0, "remove_invalid_values": False, "renormalize_logits": False}
 MAX_EOS_IDS = 16
+SAMPLING_ONLY = ("temperature", "top_k", "top_p")
 MAX_NEW_TOKENS = 100_000  # longer than any GPT-2 context; beyond it a number can only be a mistake
 
 
@@ -306,10 +309,13 @@ def read_generation_config(model_dir: Path, config: dict[str, Any]) -> tuple[Any
     if not isinstance(raw, dict):
         raise UsageError(f"{path} must be a mapping (got {short(raw)}); delete it or save it again with "
                          "GenerationConfig.save_pretrained")
-    kept = {k: v for k, v in raw.items() if _honoured(k, v, config)}
+    honoured = {k: v for k, v in raw.items() if _honoured(k, v, config)}
     left_out = [f"{k}={short(v, 30)}" for k, v in raw.items()
-                if k not in kept and v is not None and NEUTRAL.get(k, object()) != v
+                if k not in honoured and v is not None and NEUTRAL.get(k, object()) != v
                 and k not in ("transformers_version", "_from_model_config")]
+    # greedy defaults: transformers would ignore these anyway (with a warning), so they go without a note
+    kept = honoured if honoured.get("do_sample") is True else \
+        {k: v for k, v in honoured.items() if k not in SAMPLING_ONLY}
     note = None
     if left_out:
         more = f" and {len(left_out) - 5} more" if len(left_out) > 5 else ""

@@ -225,6 +225,7 @@ def test_a_model_that_does_not_check_out_is_one_line_before_anything_is_allocate
     rc, _, err = cli("generate", "--model-path", model_dir, "--prompt", "De trein", "--max-new-tokens", "2",
                      "--precision", "fp32")
     assert_one_line_error(rc, err, message)
+    assert len(err.strip().splitlines()) == 1, err  # nothing of the libraries' before it
 
 
 def test_a_tied_config_needs_no_head_and_an_untied_one_does(tmp_path, small_tokenizer, cli, monkeypatch):
@@ -288,7 +289,9 @@ GENERATION = [  # file contents, the keys kept (with their values), what the not
     pytest.param({"max_new_tokens": 100}, {"max_new_tokens": 100}, None, id="max-new-tokens-past-context"),
     pytest.param({"max_new_tokens": 0}, {}, "max_new_tokens=0", id="max-new-tokens-0"),
     pytest.param({"top_k": -1}, {}, "top_k=-1", id="top-k-negative"),
-    pytest.param({"top_k": 40}, {"top_k": 40}, None, id="top-k-kept"),
+    pytest.param({"top_k": 40, "do_sample": True}, {"top_k": 40}, None, id="top-k-kept"),
+    pytest.param({"top_k": 40, "temperature": 0.7, "do_sample": False}, {"do_sample": False}, None,
+                 id="sampling-defaults-of-a-greedy-file-are-no-change"),
     pytest.param({"top_p": 1.5}, {}, "top_p=1.5", id="top-p-above-1"),
     pytest.param({"temperature": 0}, {}, "temperature=0", id="temperature-0"),
     pytest.param({"temperature": "hot"}, {}, "temperature='hot'", id="temperature-string"),
@@ -306,9 +309,10 @@ GENERATION = [  # file contents, the keys kept (with their values), what the not
 
 
 @pytest.mark.parametrize(("content", "kept", "noted"), GENERATION)
-def test_only_known_bounded_generation_keys_are_honoured(tmp_path, content, kept, noted):
+def test_only_known_bounded_generation_keys_are_honoured(tmp_path, content, kept, noted, capfd):
     (tmp_path / "generation_config.json").write_text(json.dumps(content))
     config, note = read_generation_config(tmp_path, CONFIG)
+    assert capfd.readouterr().err == ""  # no warning of transformers' about the settings kept
     for key, value in kept.items():
         assert getattr(config, key) == value
     for key in content:
