@@ -65,11 +65,12 @@ def resolve_optimizer(name: str, fsdp: bool) -> tuple[str, str | None]:
     return name, None
 
 
-def newton_schulz(g: torch.Tensor, steps: int = NS_STEPS, eps: float = 1e-7) -> torch.Tensor:
+def newton_schulz(g: torch.Tensor, steps: int = NS_STEPS, eps: float = 1e-7,
+                  dtype: torch.dtype | None = None) -> torch.Tensor:
     """~U V^T of each matrix in `g` (..., rows, cols), where U S V^T is its SVD: the quintic iteration of
-    Keller Jordan's Muon. bf16 on GPUs, as there (tensor cores; the iteration tolerates it), fp32 elsewhere
-    (a CPU without bf16 matmul units would emulate it)."""
-    x = g.to(torch.bfloat16 if g.is_cuda else torch.float32)
+    Keller Jordan's Muon, in `dtype` (default: bf16 on GPUs, as there: tensor cores, and the iteration
+    tolerates it; fp32 elsewhere). MuonAdamW passes bf16 for a bf16 run on a CPU with bf16 matmul units too."""
+    x = g.to(dtype or (torch.bfloat16 if g.is_cuda else torch.float32))
     tall = x.size(-2) > x.size(-1)
     if tall:  # iterate on the wide orientation: the Gram matrix x x^T is then the smaller one
         x = x.mT
@@ -81,14 +82,18 @@ def newton_schulz(g: torch.Tensor, steps: int = NS_STEPS, eps: float = 1e-7) -> 
     return x.mT if tall else x
 
 
-def orthogonal_update(momentum: torch.Tensor, conv1d: bool, blocks: int) -> torch.Tensor:
+def orthogonal_update(momentum: torch.Tensor, conv1d: bool, blocks: int,
+                      dtype: torch.dtype | None = None) -> torch.Tensor:
     """Muon's update for one weight, in its stored layout, before the learning rate: each of the `blocks` output
     blocks orthogonalized on its own in nn.Linear orientation (out x in; a Conv1D weight is in x out) and
-    scaled by max(1, out/in)**0.5 of that block."""
+    scaled by max(1, out/in)**0.5 of that block; the iteration in `dtype` (see newton_schulz).
+
+    One weight at a time: stacking the same layer of every block into one batched iteration was no faster on a
+    CPU, whose matmuls of GPT-2's sizes are already large (docs/experiments/optimizer.md)."""
     w = momentum.mT if conv1d else momentum
     rows, cols = w.shape
     per_block = rows // blocks
-    update = newton_schulz(w.reshape(blocks, per_block, cols)).to(momentum.dtype)
+    update = newton_schulz(w.reshape(blocks, per_block, cols), dtype=dtype).to(momentum.dtype)
     update = (update * max(1.0, per_block / cols) ** 0.5).reshape(rows, cols)
     return update.mT if conv1d else update
 
@@ -136,13 +141,15 @@ class MuonAdamW(torch.optim.Optimizer):
     One state_dict, so the Trainer's checkpoints and exact resume work unchanged; the schedule's LambdaLR scales
     every group's lr."""
 
-    def __init__(self, groups: list[dict[str, Any]]):
+    def __init__(self, groups: list[dict[str, Any]], ns_dtype: torch.dtype | None = None):
+        """`ns_dtype`: the Newton-Schulz iteration's dtype (None: newton_schulz's default)."""
         for g in groups:
             if g.get("use_muon"):
                 bad = [tuple(p.shape) for p in g["params"] if p.ndim != 2]
                 if bad:
                     raise ValueError(f"Muon takes 2-D weights only, got {bad}")
         super().__init__(groups, {"use_muon": False, "weight_decay": 0.0})
+        self.ns_dtype = ns_dtype
 
     @torch.no_grad()
     def step(self, closure: Any = None) -> Any:
@@ -169,7 +176,7 @@ class MuonAdamW(torch.optim.Optimizer):
             buf.lerp_(p.grad, 1 - momentum)
             update = p.grad.lerp(buf, momentum) if group["nesterov"] else buf
             p.mul_(1 - lr * group["weight_decay"])
-            p.add_(orthogonal_update(update, conv1d, group["blocks"]), alpha=-lr)
+            p.add_(orthogonal_update(update, conv1d, group["blocks"], self.ns_dtype), alpha=-lr)
 
     def _adamw(self, group: dict[str, Any]) -> None:
         params, grads, exp_avgs, exp_avg_sqs, steps = [], [], [], [], []

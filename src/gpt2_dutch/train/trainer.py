@@ -278,7 +278,9 @@ class GPT2Trainer(Trainer):
             self.optimizer = MuonAdamW(param_groups(
                 opt_model, self.args.learning_rate, self.args.weight_decay,
                 betas=(self.args.adam_beta1, self.args.adam_beta2), eps=self.args.adam_epsilon,
-                decay_names=self.get_decay_parameter_names(opt_model), adamw_weight_decay=self.adamw_weight_decay))
+                decay_names=self.get_decay_parameter_names(opt_model), adamw_weight_decay=self.adamw_weight_decay),
+                # a bf16 run's Newton-Schulz in bf16 on a CPU too (docs/experiments/optimizer.md); else its default
+                ns_dtype=torch.bfloat16 if self.args.bf16 else None)
         optimizer = super().create_optimizer(model)
         if not getattr(optimizer, "_gpt2_dutch_embedding_lr", False):  # once, before any step
             if (not scale_embedding_lr(optimizer, self.model if model is None else model, self.embedding_lr_scale)
