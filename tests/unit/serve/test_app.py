@@ -17,7 +17,7 @@ from pathlib import Path
 from typing import Any
 
 import pytest
-from helpers import PROMPTS, Live, greedy_generate, live_server
+from helpers import PROMPTS, SERVED_STEPS, Live, greedy_generate, live_server
 
 # ------------------------------------------------------------------------------------------------- fixtures
 
@@ -125,10 +125,10 @@ def test_models_health_card_and_page(live: Live, served_run: Path):
     evals = [r for r in records if "eval_loss" in r]
     assert card["layers"] == 4 and card["width"] == 256 and card["context"] == 32
     assert card["parameters"] == json.loads((served_run / "run_config.json").read_text())["parameters"]
-    assert card["training_tokens"] == max(r["tokens"] for r in records if "tokens" in r) == 40 * 4 * 32
-    assert card["eval"]["step"] == 40 and math.isclose(card["eval"]["loss"], evals[-1]["eval_loss"])
+    assert card["training_tokens"] == max(r["tokens"] for r in records if "tokens" in r) == SERVED_STEPS * 4 * 32
+    assert card["eval"]["step"] == SERVED_STEPS and math.isclose(card["eval"]["loss"], evals[-1]["eval_loss"])
     assert math.isclose(card["eval"]["bits_per_byte"], evals[-1]["eval_bpb"])
-    assert [p[0] for p in card["loss_curve"]["eval"]] == [20, 40]
+    assert [p[0] for p in card["loss_curve"]["eval"]] == [SERVED_STEPS // 2, SERVED_STEPS]
     assert len(card["loss_curve"]["train"]) == sum("loss" in r for r in records)
     status, headers, page = live.request("GET", "/")
     assert status == 200 and headers["content-type"].startswith("text/html")
@@ -277,7 +277,7 @@ def _open_stream(port: int, body: dict[str, Any]) -> tuple[socket.socket, Any]:
     """A streamed request on a raw socket: (socket, its reader), the response headers read."""
     sock = socket.create_connection(("127.0.0.1", port), timeout=30)
     payload = json.dumps({**body, "stream": True}).encode()
-    sock.sendall(b"POST /v1/completions HTTP/1.1\r\nHost: x\r\nContent-Type: application/json\r\n"
+    sock.sendall(b"POST /v1/completions HTTP/1.1\r\nHost: 127.0.0.1\r\nContent-Type: application/json\r\n"
                  b"Content-Length: %d\r\n\r\n%s" % (len(payload), payload))
     reader = sock.makefile("rb")
     assert reader.readline().startswith(b"HTTP/1.1 200")
@@ -322,13 +322,14 @@ def test_a_non_streaming_client_that_leaves_frees_its_slot(long_model: Path):
         sock = socket.create_connection(("127.0.0.1", live.port), timeout=30)
         payload = json.dumps({"prompt": "De trein", "max_tokens": 2000, "temperature": 0,
                               "ignore_eos": True}).encode()
-        sock.sendall(b"POST /v1/completions HTTP/1.1\r\nHost: x\r\nContent-Type: application/json\r\n"
+        sock.sendall(b"POST /v1/completions HTTP/1.1\r\nHost: 127.0.0.1\r\nContent-Type: application/json\r\n"
                      b"Content-Length: %d\r\n\r\n%s" % (len(payload), payload))
         _wait_for(lambda: live.health()["running"] == 1)
         sock.close()
         _wait_for(lambda: live.health()["running"] == 0, timeout=2)
 
 
+@pytest.mark.slow
 def test_a_request_that_fails_in_prefill_fails_alone(long_model: Path, monkeypatch):
     """A fault while a new request is prefilled (say, out of memory for its prompt): that request gets a 500 with
     an OpenAI error body, the one already decoding goes on to its last token."""
