@@ -21,6 +21,7 @@ from helpers import (  # noqa: F401
     DOCS,
     DUTCH_CORPUS,
     GPT2_DIR,
+    SERVED_STEPS,
     SHARED,
     assert_one_line_error,
     poison_training_step,
@@ -107,13 +108,14 @@ def mixed_files(tmp_path: Path) -> list[Path]:
 
 @pytest.fixture(scope="session")
 def tiny_run(tiny_dataset: Path, tmp_path_factory: pytest.TempPathFactory) -> Path:
-    """A tiny GPT-2 trained for 300 steps until it knows the test documents by heart (continuations are asserted)."""
+    """A tiny GPT-2 trained for 300 steps until it knows the test documents by heart (continuations are asserted),
+    evaluated and saved every 100 steps; test_run.py checks its run directory. Read it, never change it."""
     from gpt2_dutch.train import TrainConfig, train
 
     out = tmp_path_factory.mktemp("runs")
     return train(TrainConfig(dataset_path=str(tiny_dataset), model_size="tiny", batch_size=4, precision="fp32",
-                             output_dir=str(out), max_steps=300, learning_rate=3e-3, eval_every=300,
-                             save_every=300))
+                             output_dir=str(out), max_steps=300, learning_rate=3e-3, eval_every=100,
+                             save_every=100))
 
 
 @pytest.fixture(scope="session")
@@ -141,13 +143,15 @@ def long_context_model(tmp_path_factory: pytest.TempPathFactory, tiny_run: Path)
 
 @pytest.fixture(scope="session")
 def served_run(tiny_dataset: Path, tmp_path_factory: pytest.TempPathFactory) -> Path:
-    """A tiny GPT-2 trained for 40 steps (evaluated at 20 and 40): a real run directory for serve."""
+    """A tiny GPT-2 trained for 4 steps at the default learning rate, logged every step, evaluated at 2 and 4, saved
+    at 4, --license mit: a real run directory for serve and for the model card's tests (serve's answers are compared
+    with `generate` on the same model, so it need not have learnt anything). Read it, never change it."""
     from gpt2_dutch.train import TrainConfig, train
 
     out = tmp_path_factory.mktemp("serve_runs")
     return train(TrainConfig(dataset_path=str(tiny_dataset), model_size="tiny", batch_size=4, precision="fp32",
-                             output_dir=str(out), max_steps=40, learning_rate=3e-3, eval_every=20, save_every=40,
-                             quiet=True))
+                             output_dir=str(out), max_steps=SERVED_STEPS, eval_every=SERVED_STEPS // 2,
+                             save_every=SERVED_STEPS, log_every=1, license="mit", quiet=True))
 
 
 @pytest.fixture(scope="session")

@@ -183,6 +183,7 @@ def front(card: str) -> dict:
 # ---------------------------------------------------------------------------------------------- serve
 
 PROMPTS = ["De trein naar Utrecht", "Het regent al de hele week", "Oma bakt elke zondag"]
+SERVED_STEPS = 4  # conftest's `served_run`: trained this many steps, evaluated half-way and at the end
 
 
 class Live:

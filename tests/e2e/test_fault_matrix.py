@@ -14,7 +14,6 @@ from __future__ import annotations
 
 import errno
 import gzip
-import hashlib
 import io
 import json
 import os
@@ -498,10 +497,10 @@ def tiny_cfg(dataset: Path, out: Path, **kw) -> TrainConfig:
     return TrainConfig(**base)
 
 
-def tree_digest(path: Path) -> dict[str, str]:
-    """Every file under `path` with the hash of its bytes: equal digests mean nothing was changed."""
-    return {str(p.relative_to(path)): hashlib.sha256(p.read_bytes()).hexdigest()
-            for p in sorted(path.rglob("*")) if p.is_file()}
+def tree_digest(path: Path) -> dict[str, bytes]:
+    """Every file under `path` with its bytes: equal digests mean nothing was changed (bytes, not a hash of them:
+    comparing them is as strict and far cheaper than hashing a run's checkpoints twice a row)."""
+    return {str(p.relative_to(path)): p.read_bytes() for p in sorted(path.rglob("*")) if p.is_file()}
 
 
 @pytest.fixture(scope="module")
@@ -605,6 +604,7 @@ def test_init_from_a_model_of_another_shape_is_refused(tiny_dataset, run_copy, c
 # ----------------------------------------------------------------------------- finished runs and extension
 
 
+@pytest.mark.slow
 def test_a_finished_run_grows_only_with_a_larger_max_steps_and_says_so(tiny_dataset, run_copy):
     old_final = (run_copy / "final_model" / "model.safetensors").read_bytes()
     run = train(tiny_cfg(tiny_dataset, run_copy.parent, resume=str(run_copy), max_steps=6, save_every=2))
@@ -625,6 +625,7 @@ def test_a_finished_run_grows_only_with_a_larger_max_steps_and_says_so(tiny_data
         assert lrs[step] == pytest.approx(expected, rel=1e-6), (step, lrs)
 
 
+@pytest.mark.slow
 def test_init_from_starts_a_new_run_from_the_weights(tiny_dataset, run_copy, tmp_path):
     # AdamW: --learning-rate sets its step (Muon's is its own 0.02)
     run = train(tiny_cfg(tiny_dataset, tmp_path / "o", init_from=str(run_copy), max_steps=1, learning_rate=1e-9,

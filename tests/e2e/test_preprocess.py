@@ -28,6 +28,7 @@ def _run_cmd(cmd: list[str], **env: str) -> subprocess.CompletedProcess:
                           env={**os.environ, "TQDM_DISABLE": "1", **env})
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("what", ["worker", "run"])
 def test_a_run_killed_with_sigkill_continues_to_the_same_output(tmp_path, mixed_files, small_tokenizer, what):
     reference = run(tmp_path / "ref", mixed_files, small_tokenizer)

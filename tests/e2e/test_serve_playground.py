@@ -55,7 +55,7 @@ def test_type_a_prompt_press_generate_and_watch_the_text_stream_in(browser, serv
         assert page.inner_text("dd[data-field='training tokens']") == "5120"
         assert page.inner_text("dd[data-field='bits per byte']") != "–"
         assert page.locator("#curve path.train-loss").count() == 1
-        assert page.locator("#curve circle").count() == 2  # the evaluations at steps 20 and 40
+        assert page.locator("#curve circle").count() == 2  # served_run's two evaluations (half-way and at the end)
 
         page.fill("#prompt", prompt)
         page.eval_on_selector("#temperature", "e => { e.value = 0; e.dispatchEvent(new Event('input')); }")

@@ -8,6 +8,7 @@ import os
 import signal
 import subprocess
 import sys
+import textwrap
 import time
 from pathlib import Path
 
@@ -16,23 +17,44 @@ import torch
 from helpers import TINY, metrics
 from safetensors.torch import load_file
 
+# `gpt2-dutch train` with each rank on its own fake clock and its own measured speeds, so what the test asserts
+# never depends on how fast the machine is: rank 0 steps in 0.2 s and measures speeds that give pico, rank 1 steps
+# in 0.3 s and measures speeds that would give nano
+TWO_RANKS = textwrap.dedent("""
+    import os, sys
+    import gpt2_dutch.train.budget as budget
+    from gpt2_dutch.__main__ import main
+    from gpt2_dutch.train.trainer import MaxTimeCallback
+
+    rank = int(os.environ["RANK"])
+    tick, clock = (0.1, 0.15)[rank], [0.0]  # two readings a step
+
+    def now(self):
+        clock[0] += tick
+        return clock[0]
+
+    speeds = ({"pico": 1e3, "nano": 5e2, "tiny": 2e2},
+              {"pico": 4e6, "nano": 2e6, "tiny": 1e6, "small": 2e5, "medium": 7e4})[rank]  # tokens/s
+    MaxTimeCallback.now = now
+    budget.measure_tokens_per_s = lambda size, *args, **kwargs: speeds[size]
+    sys.exit(main(sys.argv[1:]))
+""")
+
 
 @pytest.mark.slow
 def test_two_ranks_train_with_rank_zeros_choices(tiny_dataset, tmp_path):
     """Each rank measures its own speed; rank 0's choice is broadcast, so both build the same model and batch,
     and both fit the same --max-time length."""
-    import os
-    import subprocess
-    import sys
-
-    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2", "-m",
-           "gpt2_dutch", "train", "--dataset-path", str(tiny_dataset), "--model-size", "auto", "--max-time", "3s",
-           "--precision", "fp32", "--output-dir", str(tmp_path)]
+    script = tmp_path / "two_ranks.py"
+    script.write_text(TWO_RANKS)
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2", str(script),
+           "train", "--dataset-path", str(tiny_dataset), "--model-size", "auto", "--max-time", "3s",
+           "--precision", "fp32", "--output-dir", str(tmp_path / "out")]
     r = subprocess.run(cmd, capture_output=True, text=True, env={**os.environ, "OMP_NUM_THREADS": "1"})
     assert r.returncode == 0, r.stderr[-3000:]
-    (run,) = [p for p in tmp_path.glob("gpt2-dutch-*-2*") if p.is_dir()]
+    (run,) = [p for p in (tmp_path / "out").glob("gpt2-dutch-*-2*") if p.is_dir()]
     rc = json.loads((run / "run_config.json").read_text())
-    assert rc["world_size"] == 2 and rc["model_size"] == rc["chosen_for_budget"]["model_size"]["chosen"]
+    assert rc["world_size"] == 2 and rc["model_size"] == rc["chosen_for_budget"]["model_size"]["chosen"] == "pico"
     assert rc["tokens_per_step"] == rc["batch_size"] * rc["gradient_accumulation_steps"] * 2 * rc["context"]
     assert r.stderr.count("--model-size auto:") == 1  # printed once, by rank 0
     # the --max-time (re)fits agree across ranks (each all-reduces its clock): both stop at the fitted length

@@ -308,6 +308,7 @@ def test_train_refuses_a_bad_hub_id_before_anything(bad, tiny_dataset, tmp_path,
     assert not (tmp_path / "runs").exists() and RecordingHub.calls == []
 
 
+@pytest.mark.slow
 def test_train_pushes_the_final_model_after_the_run(tiny_dataset, tmp_path, cli):
     rc, _, err = cli("train", "--dataset-path", tiny_dataset, "--output-dir", tmp_path, "--model-size", "tiny",
                      "--batch-size", "4", "--max-steps", "2", "--precision", "fp32", "--push-to-hub",
@@ -325,6 +326,7 @@ def test_train_pushes_the_final_model_after_the_run(tiny_dataset, tmp_path, cli)
     assert load_config(TrainConfig, run / "run_config.json").push_to_hub is None
 
 
+@pytest.mark.slow
 def test_a_push_that_fails_after_training_keeps_the_run_and_says_how_to_push(tiny_dataset, tmp_path, cli):
     RecordingHub.fail_with = ConnectionRefusedError(111, "Connection refused")
     rc, _, err = cli("train", "--dataset-path", tiny_dataset, "--output-dir", tmp_path, "--model-size", "tiny",

@@ -5,12 +5,14 @@ from __future__ import annotations
 import json
 
 import numpy as np
+import pytest
 from datasets import load_from_disk
 from helpers import DOCS, all_ids, run_preprocess, write_jsonl
 
 from gpt2_dutch.data.chunks import token_dtype
 
 
+@pytest.mark.slow
 def test_uint16_or_uint32_by_vocab_size(tmp_path):
     assert token_dtype(50257) == np.uint16 and token_dtype(65536) == np.uint16
     assert token_dtype(65537) == np.uint32

@@ -16,6 +16,7 @@ from tokenizers import Tokenizer, decoders, models, normalizers, pre_tokenizers
 from gpt2_dutch.data.tokenizer import EOS_TOKEN, BatchEncoder, load_tokenizer, train_bpe
 
 
+@pytest.mark.slow
 def test_the_light_tokenizer_is_the_transformers_one(tmp_path, gpt2_dir, small_tokenizer):
     from transformers import AutoTokenizer
 

@@ -10,6 +10,7 @@ from helpers import TINY_PART_MB, assert_same_dataset, run
 from gpt2_dutch.core.errors import UsageError
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("layout", ["files", "blocks"])
 def test_three_shards_merged_equal_one_run(tmp_path, mixed_files, small_tokenizer, layout, capsys):
     files = mixed_files if layout == "files" else mixed_files[:1]  # 5 files: whole files; 1 file: its blocks

@@ -29,6 +29,7 @@ from gpt2_dutch.preprocess.parts import is_transient, read_blocks, retrying
 # ----------------------------------------------------------------------------------------- any number of workers
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize(("workers", "part_mb", "threads"), [
     (2, TINY_PART_MB, None), (3, 0.003, None), (1, TINY_PART_MB, None),
     (2, 0.003, 2),  # two encoder threads per worker: workers start from a fresh process (forkserver), not a fork
@@ -54,6 +55,7 @@ def test_any_number_of_workers_and_part_size_gives_the_same_chunks(tmp_path, mix
     assert train.flatten().tolist() == stream[: train.size]
 
 
+@pytest.mark.slow
 def test_the_test_split_is_the_sources_own_across_parts(tmp_path, small_tokenizer):
     hub = make_hub_like(tmp_path / "hub", DOCS * 2)
     outs = [preprocess(PreprocessConfig(dataset_name=str(hub), dataset_size="10k", tokenizer=str(small_tokenizer),
@@ -110,6 +112,7 @@ def test_blocks_are_whole_lines_or_paragraphs_and_give_the_files_documents(tmp_p
 # --------------------------------------------------------------------------------- failures keep finished parts
 
 
+@pytest.mark.slow
 def test_a_bad_line_in_a_later_part_names_the_line_keeps_finished_parts_and_the_rerun_continues(tmp_path, cli,
                                                                                               small_tokenizer):
     lines = [json.dumps({"text": t}) for t in CORPUS]
@@ -146,6 +149,7 @@ def test_a_run_started_with_other_settings_discards_the_old_work(tmp_path, mixed
     assert_same_dataset(path, run(tmp_path / "ref", mixed_files, small_tokenizer))
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize(("left", "adopted"), [
     ({"parts/train/": None, "lock-00000-of-00001": ""}, True),  # killed before it wrote plan.json
     ({"parts/train/.f00000-b000000.npz.tmp-host-1": "half"}, True),  # killed while writing a part

@@ -94,6 +94,7 @@ def test_manifest_counts_match_an_independent_count(tmp_path, small_tokenizer, c
     assert not list((tmp_path / "out").glob(".*")), "no temporary directories left behind"
 
 
+@pytest.mark.slow
 def test_every_file_format_gives_the_same_chunks(tmp_path, small_tokenizer):
     docs = DOCS * 4
     d = tmp_path / "in"
@@ -149,6 +150,7 @@ def test_both_encoders_write_identical_chunks(tmp_path, corpus, small_tokenizer)
         "tiktoken", "tokenizers"]
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("own_test_is_big", [True, False])
 def test_streaming_and_in_memory_give_identical_chunks(tmp_path, small_tokenizer, own_test_is_big, capsys):
     hub = make_hub_like(tmp_path / "hub", DOCS * 2 if own_test_is_big else DOCS[:1])
@@ -217,6 +219,7 @@ def test_bad_input_is_one_line_exit_2_nothing_written(tmp_path, cli, args, messa
     assert not out.exists() or not any(out.iterdir()), "nothing half-written"
 
 
+@pytest.mark.slow
 def test_hub_unreachable_is_a_clear_error(tmp_path):
     env = {**os.environ, "HF_HUB_OFFLINE": "1", "HF_DATASETS_OFFLINE": "1", "HF_HOME": str(tmp_path / "hf")}
     r = subprocess.run([sys.executable, "-m", "gpt2_dutch", "preprocess", "--dataset-size", "10k",

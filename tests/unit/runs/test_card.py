@@ -19,15 +19,12 @@ from gpt2_dutch.runs.card import (
     render_card,
     write_card,
 )
-from gpt2_dutch.train import TrainConfig, train
 
 
-@pytest.fixture(scope="module")
-def card_run(tiny_dataset: Path, tmp_path_factory: pytest.TempPathFactory) -> Path:
-    out = tmp_path_factory.mktemp("card_run")
-    return train(TrainConfig(dataset_path=str(tiny_dataset), model_size="tiny", batch_size=4, precision="fp32",
-                             output_dir=str(out), max_steps=4, eval_every=2, save_every=4, log_every=1,
-                             license="mit"))
+@pytest.fixture
+def card_run(served_run: Path) -> Path:
+    """conftest's `served_run`: 4 steps, evaluated at 2 and 4, --license mit (trained once for serve and these)."""
+    return served_run
 
 
 def test_train_writes_a_card_whose_metadata_are_the_runs_metrics(card_run, tiny_dataset):

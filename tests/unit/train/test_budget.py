@@ -137,18 +137,20 @@ def test_a_budgeted_run_records_its_choices_and_a_resume_keeps_them(tiny_dataset
     assert rc2["learning_rate"] == rc["learning_rate"]  # and its learning rate, not the size table's
 
 
+@pytest.mark.slow
 def test_explicit_flags_win(tiny_dataset, tmp_path):
-    run = train(TrainConfig(dataset_path=str(tiny_dataset), model_size="tiny", batch_size=3, max_tokens=2000,
+    run = train(TrainConfig(dataset_path=str(tiny_dataset), model_size="tiny", batch_size=3, max_tokens=400,
                             precision="fp32", output_dir=str(tmp_path)))
     rc = json.loads((run / "run_config.json").read_text())
     assert (rc["batch_size"], rc["gradient_accumulation_steps"]) == (3, 1)
     assert "chosen_for_budget" in rc and set(rc["chosen_for_budget"]) == {"learning_rate"}  # only what was open
-    run = train(TrainConfig(dataset_path=str(tiny_dataset), model_size="tiny", batch_size=3, max_tokens=2000,
+    run = train(TrainConfig(dataset_path=str(tiny_dataset), model_size="tiny", batch_size=3, max_tokens=400,
                             learning_rate=1e-3, precision="fp32", output_dir=str(tmp_path / "b")))
     rc = json.loads((run / "run_config.json").read_text())
     assert rc["learning_rate"] == 1e-3 and "chosen_for_budget" not in rc
 
 
+@pytest.mark.slow
 def test_the_learning_rate_is_chosen_for_the_tokens_the_run_will_train(tiny_dataset, tmp_path):
     """A --max-steps that ends the run before its budget does sizes the learning rate's compute."""
     run = train(TrainConfig(dataset_path=str(tiny_dataset), model_size="nano", batch_size=2, max_steps=3,

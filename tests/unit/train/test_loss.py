@@ -250,6 +250,7 @@ def test_training_with_chunks_equals_full_logits_and_saves_a_plain_model(tie, ti
         assert torch.allclose(model(ids).logits, ref(ids).logits, atol=1e-6)
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize(("precision", "dtype"), [("bf16", torch.bfloat16), ("fp32", None)])
 def test_the_trainer_runs_the_head_in_the_runs_mixed_precision(precision, dtype, tiny_dataset, tmp_path,
                                                                monkeypatch):

@@ -25,9 +25,9 @@ def tiny_cfg(dataset: Path, out: Path, **kw) -> TrainConfig:
 
 
 @pytest.mark.slow
-def test_tiny_model_memorises_tiny_dataset_and_writes_the_run_layout(tiny_dataset, tmp_path):
-    run = train(tiny_cfg(tiny_dataset, tmp_path, max_steps=300, learning_rate=3e-3, eval_every=100,
-                         save_every=100))
+def test_tiny_model_memorises_tiny_dataset_and_writes_the_run_layout(tiny_dataset, tiny_run):
+    """On conftest's `tiny_run`: 300 steps at 3e-3, evaluated and saved every 100 (generate's tests use it too)."""
+    run = tiny_run
     m = metrics(run)
     train_losses = [r["loss"] for r in m if "loss" in r]
     assert train_losses[0] > 5.0  # ~ln(300) at the start
@@ -50,7 +50,7 @@ def test_tiny_model_memorises_tiny_dataset_and_writes_the_run_layout(tiny_datase
     ckpt = run / "checkpoints" / "checkpoint-300"
     assert {"optimizer.pt", "scheduler.pt", "rng_state.pth", "trainer_state.json"} <= {p.name for p in ckpt.iterdir()}
     assert (run / "loss.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
-    latest = tmp_path / "gpt2-dutch-tiny-latest"
+    latest = run.parent / "gpt2-dutch-tiny-latest"
     assert latest.is_symlink() and latest.resolve() == run.resolve()
     rc = json.loads((run / "run_config.json").read_text())
     assert rc["total_steps"] == 300 and rc["model_size"] == "tiny" and rc["context"] == 32
@@ -69,6 +69,7 @@ def test_tiny_model_memorises_tiny_dataset_and_writes_the_run_layout(tiny_datase
     assert out[0]["generated_text"].startswith("De trein")
 
 
+@pytest.mark.slow
 def test_golden_loss_of_the_tiny_preset(tiny_dataset, tmp_path):
     """Guards against silent regressions in init, data order, schedule or loss (fp32, fixed seed)."""
     run = train(tiny_cfg(tiny_dataset, tmp_path, max_steps=10, eval_every=10, log_every=1))
@@ -212,6 +213,7 @@ def test_a_run_recorded_before_the_adamw_options_resumes_as_it_trained(optimizer
     assert resumed.adamw_weight_decay == (0.02 if optimizer == "muon" else None)
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize(("optimizer", "betas"), [("muon", (0.7, 0.99)), ("adamw", (0.9, 0.95))])
 def test_adams_betas_default_by_optimizer_and_reach_the_optimizer(optimizer, betas, tiny_dataset, tmp_path):
     run = train(tiny_cfg(tiny_dataset, tmp_path, max_steps=1, save_every=1, optimizer=optimizer))
@@ -276,6 +278,7 @@ def test_bad_inputs(args, message, tiny_dataset, tmp_path, cli):
     assert_one_line_error(rc, err, message)
 
 
+@pytest.mark.slow
 def test_resume_from_an_incompatible_checkpoint_is_refused(tiny_dataset, tmp_path, cli, small_tokenizer):
     run = train(tiny_cfg(tiny_dataset, tmp_path, max_steps=2, save_every=2))
     from gpt2_dutch.preprocess import PreprocessConfig, preprocess
@@ -327,6 +330,7 @@ def test_max_time_fits_the_step_count_so_the_schedule_ends(tiny_dataset, tmp_pat
     assert any("eval_loss" in r for r in m)
 
 
+@pytest.mark.slow
 def test_tensorboard_tracker_logs_into_the_run_directory(tiny_dataset, tmp_path):
     from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 
@@ -375,6 +379,7 @@ def test_evaluation_size_follows_the_run_length(total_steps, chunks_per_step, ex
     assert auto_eval_chunks(total_steps, chunks_per_step) == expected
 
 
+@pytest.mark.slow
 def test_each_evaluation_scores_eval_chunks_chunks(tiny_dataset, tmp_path, monkeypatch):
     from transformers import Trainer
 
@@ -392,6 +397,7 @@ def test_each_evaluation_scores_eval_chunks_chunks(tiny_dataset, tmp_path, monke
     assert all(r["eval_loss"] > 0 for r in metrics(run) if "eval_runtime" in r)
 
 
+@pytest.mark.slow
 def test_a_test_split_smaller_than_one_batch_is_still_evaluated(tiny_dataset, tmp_path):
     n_test = json.loads((tiny_dataset / "manifest.json").read_text())["splits"]["test"]["chunks"]
     run = train(tiny_cfg(tiny_dataset, tmp_path, max_steps=1, batch_size=n_test + 1))

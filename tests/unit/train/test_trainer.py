@@ -55,6 +55,7 @@ def _check_text_console(err: str, run: Path) -> None:
     assert _lines(err)[-1].startswith("final model: ")
 
 
+@pytest.mark.slow
 def test_text_console_is_a_bar_and_one_line_per_evaluation(tiny_dataset, tmp_path, cli, monkeypatch):
     poison_training_step(monkeypatch, 2)
     rc, _, err = cli("train", "--dataset-path", tiny_dataset, *TINY, "--output-dir", tmp_path, "--max-steps", "6",
@@ -154,6 +155,7 @@ def test_max_time_keeps_its_first_fit_when_a_refit_would_bend_the_schedule_or_is
     assert run["totals"][-1] == len(run["lrs"])  # it trained to the fit (over budget after a slowdown)
 
 
+@pytest.mark.slow
 def test_json_console_prints_the_records_of_metrics_jsonl(tiny_dataset, tmp_path, cli):
     rc, _, err = cli("train", "--dataset-path", tiny_dataset, *TINY, "--output-dir", tmp_path, "--max-steps", "4",
                      "--eval-every", "2", "--log-every", "1", "--log-format", "json")
@@ -167,6 +169,7 @@ def test_json_console_prints_the_records_of_metrics_jsonl(tiny_dataset, tmp_path
     assert [line.split(" ")[0] for line in others] == ["training", "final"], others
 
 
+@pytest.mark.slow
 def test_quiet_prints_only_the_final_line(tiny_dataset, tmp_path, cli):
     rc, out, err = cli("train", "--dataset-path", tiny_dataset, *TINY, "--output-dir", tmp_path, "--max-steps", "4",
                        "--eval-every", "2", "--log-every", "1", "--quiet")
@@ -180,6 +183,7 @@ def test_quiet_prints_only_the_final_line(tiny_dataset, tmp_path, cli):
 # ----------------------------------------------------------------------------- checkpoints
 
 
+@pytest.mark.slow
 def test_a_checkpoint_is_written_beside_its_final_name_and_renamed_complete(tiny_dataset, tmp_path, monkeypatch):
     """At the last write of every save (the RNG state, after weights and optimizer), checkpoint-N does not exist
     yet: a kill at any moment of the save leaves no checkpoint-N without its files."""
