@@ -20,7 +20,7 @@ import torch
 
 from gpt2_dutch.core.devices import is_main_process, world_size
 from gpt2_dutch.core.errors import MachineError, Stopped, UsageError, is_disk_full
-from gpt2_dutch.core.files import replace_dir, temp_name, write_json_atomic
+from gpt2_dutch.core.files import replace_dir, temp_name
 from gpt2_dutch.core.ownership import DirectoryOwner, remove_dead_staging
 from gpt2_dutch.data.chunks import load_split, read_manifest
 from gpt2_dutch.model.presets import flops_per_token, matmul_params
@@ -35,6 +35,7 @@ from gpt2_dutch.runs.records import (
     update_latest_link,
     update_run_config,
     usable_checkpoint,
+    write_run_config,
 )
 from gpt2_dutch.train.config import TrainConfig
 from gpt2_dutch.train.muon import MUON_LR
@@ -192,7 +193,7 @@ def record_start(plan: TrainPlan, run_dir: Path, parameters: int, flops: float) 
             **({"muon_lr": MUON_LR} if plan.optimizer == "muon" else {}),
             **({"chosen_for_budget": plan.budget_choices} if plan.budget_choices else {}),
         }
-        write_json_atomic(run_dir / "run_config.json", run_config_dict(
+        write_run_config(run_dir, run_config_dict(
             plan.cfg, **info, status="running", started_at=datetime.now().isoformat(timespec="microseconds")))
         return
     keep_metrics_up_to(run_dir, checkpoint_step(resume.checkpoint))
