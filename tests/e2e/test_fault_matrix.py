@@ -719,12 +719,20 @@ def _wait_for_step(out: Path, step: int, proc: subprocess.Popen) -> Path:
     pytest.fail("the run never reached the step")
 
 
+@pytest.fixture(scope="module")
+def uninterrupted(tiny_dataset: Path, tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """The final weights of _train_cmd's run, never stopped: what every stopped and resumed run must end with."""
+    out = tmp_path_factory.mktemp("uninterrupted")
+    subprocess.run(_train_cmd(tiny_dataset, out), check=True, capture_output=True)
+    return next(out.glob("gpt2-dutch-tiny-2*")) / "final_model" / "model.safetensors"
+
+
 @pytest.mark.slow
 @pytest.mark.parametrize("signum", [signal.SIGTERM, signal.SIGUSR1], ids=["SIGTERM", "SIGUSR1"])
-def test_a_signal_saves_a_checkpoint_and_a_bare_resume_ends_bit_identical(signum, tiny_dataset, tmp_path):
+def test_a_signal_saves_a_checkpoint_and_a_bare_resume_ends_bit_identical(signum, tiny_dataset, tmp_path,
+                                                                          uninterrupted):
     """Preemption: the signal is handled at the next step boundary (no --save-every checkpoint exists before
     it), `--resume` without a value finds the stopped run, and the final weights equal an uninterrupted run's."""
-    subprocess.run(_train_cmd(tiny_dataset, tmp_path / "a"), check=True, capture_output=True)
     # an older finished run in the same output dir must not be what a bare --resume picks
     subprocess.run(_train_cmd(tiny_dataset, tmp_path / "b", "--max-steps", "2"), check=True, capture_output=True)
     proc = subprocess.Popen(_train_cmd(tiny_dataset, tmp_path / "b"), stdout=subprocess.DEVNULL,
@@ -745,7 +753,7 @@ def test_a_signal_saves_a_checkpoint_and_a_bare_resume_ends_bit_identical(signum
     r = subprocess.run(_train_cmd(tiny_dataset, tmp_path / "b", "--resume"), capture_output=True, text=True)
     assert r.returncode == 0, r.stderr[-2000:]
     assert f"resuming at step {stopped_at}" in r.stderr and str(run_b) in r.stderr
-    a = load_file(next((tmp_path / "a").glob("gpt2-dutch-tiny-2*")) / "final_model" / "model.safetensors")
+    a = load_file(uninterrupted)
     b = load_file(run_b / "final_model" / "model.safetensors")
     assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)  # bit-identical
     rows = [json.loads(x) for x in (run_b / "metrics.jsonl").read_text().splitlines()]
