@@ -11,7 +11,6 @@ while it trains, from the speed it measures (trainer.MaxTimeCallback).
 from __future__ import annotations
 
 import importlib.util
-import json
 import math
 import os
 import sys
@@ -22,7 +21,16 @@ from typing import Any
 
 from gpt2_dutch.core.devices import is_main_process, resolve_precision, world_size
 from gpt2_dutch.core.errors import UsageError, check
-from gpt2_dutch.model.presets import MODEL_PRESETS, gpt2_config, preset
+from gpt2_dutch.core.reading import read_json
+from gpt2_dutch.model.loading import check_config, check_weights, read_header
+from gpt2_dutch.model.presets import (
+    MODEL_PRESETS,
+    available_memory_bytes,
+    check_fits,
+    gpt2_config,
+    preset,
+    training_memory,
+)
 from gpt2_dutch.runs.records import (
     FINISHED,
     checkpoint_problem,
@@ -119,11 +127,17 @@ def make_plan(cfg: TrainConfig, manifest: dict[str, Any], n_train_chunks: int, e
         cfg = replace(cfg, tie_embeddings=model_config.tie_word_embeddings)
     if resume is not None:
         check_resumable(resume.checkpoint, cfg, manifest)
+    if kept_from is not None:  # its safetensors header holds exactly the tensors of the model to build
+        check_weights(check_config(model_config.to_dict(), f"--model-size {cfg.model_size}"), read_header(kept_from),
+                      kept_from, config_name=f"--model-size {cfg.model_size}", fix="use the same --model-size and "
+                      "a dataset made with the same tokenizer and --chunk-size")
+    if resume is not None:
         total_steps = resume.total_steps
         if resume.extended_from is not None:
             limit = "max_steps"
     cfg = replace(cfg, learning_rate=cfg.learning_rate or preset(cfg.model_size).learning_rate)
 
+    check_memory(cfg, model_config, optimizer, precision)
     unfitted = total_steps >= UNFITTED
     # A --max-time run knows its length only after its first steps: a warmup of 5% of the 10**9 bound would
     # train those steps at ~1e-10 of the peak. Until the fit it warms up as a 100-step run would; the fit then
@@ -143,6 +157,26 @@ def make_plan(cfg: TrainConfig, manifest: dict[str, Any], n_train_chunks: int, e
         # the seconds spent measuring speed for the budget's choices are part of the budget
         budget_s=cfg.max_time_s and max(1.0, cfg.max_time_s - choices.get("measuring_seconds", 0.0)),
         budget_choices=choices, resume=resume, init_source=init_source)
+
+
+def check_memory(cfg: TrainConfig, model_config: Any, optimizer: str, precision: str) -> None:
+    """Refuse up front, in one line, a run whose estimated peak memory (model.presets.training_memory: weights,
+    gradients, optimizer state, one micro-batch's activations) exceeds what this device has free. FSDP shards
+    the first three over the ranks; ranks that share one machine's memory (CPU DDP) each need their own."""
+    import torch
+
+    cuda = torch.cuda.is_available()
+    parts = training_memory(model_config, cfg.batch_size * model_config.n_positions, optimizer, precision,
+                            gradient_checkpointing=cfg.gradient_checkpointing,
+                            loss_chunk_tokens=0 if cfg.fsdp else cfg.loss_chunk_tokens)
+    need = parts["activations"] + (parts["weights"] + parts["gradients"] + parts["optimizer"]) // (
+        world_size() if cfg.fsdp else 1)
+    sharing = 1 if cuda else int(os.environ.get("LOCAL_WORLD_SIZE", "1"))
+    check_fits(need * sharing, available_memory_bytes("cuda" if cuda else "cpu"),
+               f"training {cfg.model_size} with --batch-size {cfg.batch_size}"
+               + (f" in {sharing} processes" if sharing > 1 else ""),
+               "lower --batch-size (raise --gradient-accumulation-steps to keep the tokens per step), add "
+               "--gradient-checkpointing, or pick a smaller --model-size")
 
 
 def _new_run_defaults(cfg: TrainConfig) -> TrainConfig:
@@ -377,7 +411,7 @@ def _finished_advice(run_dir: Path, cfg: TrainConfig, reached: int | None = None
 
 
 def check_resumable(checkpoint: Path, cfg: TrainConfig, manifest: dict[str, Any]) -> None:
-    saved_model = json.loads((checkpoint / "config.json").read_text())
+    saved_model = read_json(checkpoint / "config.json", advice="pass an earlier checkpoint with --resume")
     p = preset(cfg.model_size)
     problems = []
     if saved_model.get("vocab_size") != manifest["vocab_size"]:
@@ -435,10 +469,8 @@ def check_init_source(cfg: TrainConfig, model_config: Any) -> Path | None:
           "directory (no config.json)")
     check((source / "model.safetensors").is_file(), f"--init-from {source}: no model.safetensors (pickled "
           "weights are never loaded)")
-    try:
-        saved = json.loads((source / "config.json").read_text())
-    except (json.JSONDecodeError, UnicodeDecodeError) as e:
-        raise UsageError(f"--init-from {source}: config.json is damaged ({e})") from None
+    saved = read_json(source / "config.json", f"--init-from {source / 'config.json'}")
+    check(isinstance(saved, dict), f"--init-from {source}: config.json is not a mapping")
     mine = model_config.to_dict()
     diffs = [f"{k} {saved.get(k)} vs {mine[k]}" for k in ("vocab_size", "n_positions", "n_layer", "n_embd", "n_head")
              if saved.get(k) != mine[k]]
@@ -450,10 +482,8 @@ def check_init_source(cfg: TrainConfig, model_config: Any) -> Path | None:
 def saved_tie_embeddings(model_dir: Path) -> bool:
     """Whether the model saved in `model_dir` ties its LM head to the token embedding (transformers' default, and
     GPT-2's, when config.json does not say)."""
-    try:
-        return bool(json.loads((model_dir / "config.json").read_text()).get("tie_word_embeddings", True))
-    except (OSError, json.JSONDecodeError, UnicodeDecodeError) as e:
-        raise UsageError(f"cannot read {model_dir / 'config.json'} ({e})") from None
+    saved = read_json(model_dir / "config.json")
+    return bool(saved.get("tie_word_embeddings", True)) if isinstance(saved, dict) else True
 
 
 def check_tracker(report_to: str) -> None:

@@ -106,3 +106,33 @@ def test_the_run_records_the_plan_it_trained_with(tiny_dataset, tmp_path):
     assert (record["total_steps"], record["length_set_by"], record["tokens_per_step"],
             record["eval_chunks_per_evaluation"]) == (plan.total_steps, plan.length_set_by, plan.tokens_per_step,
                                                       plan.eval_chunks)
+
+
+def test_a_run_that_cannot_fit_in_memory_is_refused_before_anything_is_built(tmp_path, monkeypatch):
+    import gpt2_dutch.train.plan as plan_module
+
+    monkeypatch.setattr(plan_module, "available_memory_bytes", lambda device: 2**20)  # 1 MiB free
+    with pytest.raises(UsageError) as refused:
+        make_plan(_cfg(tmp_path, max_steps=5), MANIFEST, 400, eos_token_id=0)
+    message = str(refused.value)
+    assert message.startswith("training pico with --batch-size 4 needs about ") and "1.0 MiB is free" in message
+    assert "lower --batch-size" in message and "\n" not in message
+    monkeypatch.setattr(plan_module, "available_memory_bytes", lambda device: None)  # unknown: not refused
+    assert make_plan(_cfg(tmp_path, max_steps=5), MANIFEST, 400, eos_token_id=0).total_steps == 5
+
+
+def test_init_from_weights_that_are_not_what_their_config_says_is_refused(tmp_path):
+    """config.json says pico (2 layers) and the run's shape; the weights hold one layer."""
+    from transformers import GPT2LMHeadModel
+
+    from gpt2_dutch.model.presets import gpt2_config
+
+    config = gpt2_config("pico", 300, 32, 0, False)
+    one_layer = gpt2_config("pico", 300, 32, 0, False)
+    one_layer.n_layer = 1
+    source = tmp_path / "source"
+    GPT2LMHeadModel(one_layer).save_pretrained(source)
+    (source / "config.json").write_text(config.to_json_string())
+    with pytest.raises(UsageError) as refused:
+        make_plan(_cfg(tmp_path, max_steps=5, init_from=str(source)), MANIFEST, 400, eos_token_id=0)
+    assert "does not match the weights" in str(refused.value) and "\n" not in str(refused.value)
