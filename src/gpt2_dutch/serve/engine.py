@@ -12,6 +12,13 @@ top-k, top-p and seed. Run by `gpt2-dutch serve` (serve/app.py).
 
 The batch's cache is transformers' DynamicCache with the rows aligned on the right: every row's newest token is
 the last column, shorter rows are padded on the left and masked out, each row keeps its own position ids.
+
+Per sequence, as the OpenAI API defines them and vLLM applies them: `logit_bias` is added to the logits and
+`presence_penalty` / `frequency_penalty` subtract `presence * (count > 0) + frequency * count` (count: how often
+the token was generated so far in this sequence) before sampling, greedy included. Log-probabilities, when asked
+for, are of the model's own distribution (log_softmax of the raw fp32 logits, before bias, penalties and
+temperature: vLLM's default "raw_logprobs"), so that a prompt scored here is scored as `evaluate` scores it; a
+prompt whose tokens are scored (`echo` with `logprobs`) is prefilled alone, unpadded, with every position's logits.
 """
 
 from __future__ import annotations
@@ -37,6 +44,16 @@ class Sampling:
     top_k: int = 0  # 0: off
     top_p: float = 1.0  # 1: off
     seed: int | None = None
+    presence_penalty: float = 0.0
+    frequency_penalty: float = 0.0
+    logit_bias: dict[int, float] = field(default_factory=dict)  # token id -> added to its logit
+
+    def adjusts(self) -> bool:
+        return bool(self.presence_penalty or self.frequency_penalty or self.logit_bias)
+
+
+# One scored position: the log-probability of the token there, and the `logprobs` most likely tokens with theirs.
+Scored = tuple[float, list[tuple[int, float]]]
 
 
 @dataclass
@@ -45,6 +62,9 @@ class Sequence:
 
     `emit(token_id, finish_reason)` is called from the engine thread: once per new token with finish_reason
     None, then once with token_id None and the reason ("length", "stop", "cancelled" or "error: ...").
+    With `logprobs` set (0 and up: how many alternatives), `scored[k]` holds the k-th emitted token's Scored
+    before it is emitted; with `score_prompt` too, `prompt_scored` holds one per prompt token after the first
+    before the first emit. `max_new_tokens` 0 (scoring only) prefills the prompt and ends with "length".
     """
 
     prompt_ids: list[int]
@@ -57,6 +77,12 @@ class Sequence:
     last_token: int = -1
     cancelled: bool = False  # set by the server (client gone, stop string seen); read by the engine thread
     finished: bool = False
+    logprobs: int | None = None  # None: no log-probabilities
+    score_prompt: bool = False
+    scored: list[Scored] = field(default_factory=list)
+    prompt_scored: list[Scored] | None = None
+    counts: dict[int, int] = field(default_factory=dict)  # generated token -> times, for the penalties
+    group: Any = None  # the request it belongs to (set by Engine.submit)
 
     def cancel(self) -> None:
         self.cancelled = True
@@ -118,7 +144,10 @@ class Engine:
             fits = sum(not s.finished for s in self._rows) + pending + len(sequences) <= self.max_batch
             if not fits and len(self._waiting) >= self.max_queue:
                 raise QueueFull()
-            self._waiting.append(_Group(sequences))
+            group = _Group(sequences)
+            for s in sequences:
+                s.group = group
+            self._waiting.append(group)
             self._lock.notify_all()
 
     def cancel(self, sequences: list[Sequence]) -> None:
@@ -138,7 +167,9 @@ class Engine:
 
     def stats(self) -> dict[str, int]:
         with self._lock:
-            return {"running": sum(not s.finished for s in self._rows), "waiting": len(self._waiting),
+            live = [s for s in self._rows if not s.finished]
+            return {"running": len(live), "running_requests": len({id(s.group) for s in live}),
+                    "waiting": len(self._waiting),
                     "max_batch": self.max_batch, "max_queue": self.max_queue, "steps": self.steps,
                     "mean_batch": round(self.step_rows / max(1, self.steps), 2), "busy_s": round(self.busy_s, 3)}
 
@@ -197,17 +228,26 @@ class Engine:
 
     def _prefill(self, groups: list[_Group]) -> None:
         """Compute each distinct prompt's KV once, in one left-padded forward for all the newly admitted requests,
-        pick each sequence's first token, and merge its rows into the batch.
+        pick each sequence's first token, and merge its rows into the batch. A prompt whose tokens are to be
+        scored runs in a forward of its own, unpadded and with every position's logits, as `evaluate` runs it.
 
         One forward for 16 prompts instead of 16: requests that arrive together start together (16 concurrent
         20-token prompts of GPT-2 small: one prefill pass instead of sixteen memory-bound ones)."""
-        from transformers import DynamicCache
-
         by_prompt: dict[tuple[int, ...], list[Sequence]] = {}
         for group in groups:
             for s in group.sequences:
                 by_prompt.setdefault(tuple(s.prompt_ids), []).append(s)
-        prompts = list(by_prompt)
+        scoring = [p for p, seqs in by_prompt.items() if any(s.score_prompt for s in seqs)]
+        plain = [p for p in by_prompt if p not in set(scoring)]
+        for p in scoring:
+            self._prefill_rows([p], by_prompt, every_position=True)
+        if plain:
+            self._prefill_rows(plain, by_prompt, every_position=False)
+
+    def _prefill_rows(self, prompts: list[tuple[int, ...]], by_prompt: dict[tuple[int, ...], list[Sequence]],
+                      every_position: bool) -> None:
+        from transformers import DynamicCache
+
         width = max(len(p) for p in prompts)
         ids = torch.zeros((len(prompts), width), dtype=torch.long)
         mask = torch.zeros((len(prompts), width), dtype=torch.long)
@@ -218,19 +258,42 @@ class Engine:
         cache = DynamicCache(config=self.model.config)
         # Unpadded prompts need no mask (the causal one is implied): a lone prompt runs exactly as in generate.
         padded = any(len(p) < width for p in prompts)
-        out = self.model(input_ids=ids.to(self.device), cache=cache, use_cache=True, logits_to_keep=1,
+        out = self.model(input_ids=ids.to(self.device), cache=cache, use_cache=True,
+                         logits_to_keep=0 if every_position else 1,
                          attention_mask=mask.to(self.device) if padded else None,
                          position_ids=positions.to(self.device))
         logits = out.logits[:, -1, :].float()
+        if every_position:  # one prompt, unpadded: position t's logits predict token t + 1
+            k = max(s.logprobs or 0 for s in by_prompt[prompts[0]])
+            prompt_scored = score(out.logits[0, :-1].float(), list(prompts[0][1:]), k)
+            for s in by_prompt[prompts[0]]:
+                if s.score_prompt:
+                    s.prompt_scored = [(lp, top[:s.logprobs or 0]) for lp, top in prompt_scored]
         kv = [(layer.keys, layer.values) for layer in out.cache.layers]
         for row, p in enumerate(prompts):
             seqs = by_prompt[p]
-            tokens = sample(logits[row:row + 1].expand(len(seqs), -1), [s.sampling for s in seqs],
-                            [s.generator for s in seqs])
+            for s in seqs:
+                if s.max_new_tokens == 0:  # scoring only: nothing to generate
+                    self._finish(s, "length")
+            seqs = [s for s in seqs if not s.finished]
+            if not seqs:
+                continue
+            raw = logits[row:row + 1].expand(len(seqs), -1)
+            tokens = sample(adjust(raw, seqs), [s.sampling for s in seqs], [s.generator for s in seqs])
             self._merge([(k[row:row + 1, :, width - len(p):], v[row:row + 1, :, width - len(p):]) for k, v in kv],
                         len(p), seqs)
+            self._score_next(raw, seqs, tokens)
             for s, t in zip(seqs, tokens, strict=True):
                 self._accept(s, t)
+
+    def _score_next(self, raw: torch.Tensor, rows: list[Sequence], tokens: list[int]) -> None:
+        """Each row's Scored for its sampled token, for the rows that asked for log-probabilities."""
+        wanted = [i for i, s in enumerate(rows) if s.logprobs is not None]
+        if not wanted:
+            return
+        k = max(rows[i].logprobs for i in wanted)
+        for i, entry in zip(wanted, score(raw[wanted], [tokens[i] for i in wanted], k), strict=True):
+            rows[i].scored.append((entry[0], entry[1][:rows[i].logprobs]))
 
     def _merge(self, kv: list[tuple[torch.Tensor, torch.Tensor]], length: int, seqs: list[Sequence]) -> None:
         """Append len(seqs) rows that share the prompt cache `kv` (batch 1, `length` columns) to the batch."""
@@ -267,7 +330,9 @@ class Engine:
         self._positions = self._positions + 1
         self.steps += 1
         self.step_rows += len(rows)
-        tokens = sample(out.logits[:, -1, :].float(), [s.sampling for s in rows], [s.generator for s in rows])
+        raw = out.logits[:, -1, :].float()
+        tokens = sample(adjust(raw, rows), [s.sampling for s in rows], [s.generator for s in rows])
+        self._score_next(raw, rows, tokens)
         for s, t in zip(rows, tokens, strict=True):
             if not s.finished:
                 self._accept(s, t)
@@ -280,6 +345,7 @@ class Engine:
         else:
             s.generated += 1
             s.last_token = token
+            s.counts[token] = s.counts.get(token, 0) + 1
             s.emit(token, None)
             if s.generated >= s.max_new_tokens:
                 self._finish(s, "length")
@@ -327,6 +393,40 @@ def _pad_left(x: torch.Tensor, columns: int) -> torch.Tensor:
 def new_generator(seed: int | None) -> torch.Generator:
     """A sequence's own random stream: seeded ones repeat whatever else shares the batch."""
     return torch.Generator().manual_seed(seed if seed is not None else random.getrandbits(63))
+
+
+def adjust(logits: torch.Tensor, rows: list[Sequence]) -> torch.Tensor:
+    """The logits each row samples from: its logit_bias added, its presence and frequency penalties subtracted
+    for the tokens it generated so far (OpenAI's definition). `logits` itself is left as it was (its
+    log-probabilities are what a client is told)."""
+    changed = [i for i, s in enumerate(rows) if s.sampling.adjusts()]
+    if not changed:
+        return logits
+    out = logits.clone()
+    for i in changed:
+        s, settings = rows[i], rows[i].sampling
+        if settings.logit_bias:
+            ids = torch.tensor(list(settings.logit_bias), dtype=torch.long, device=out.device)
+            out[i, ids] += torch.tensor(list(settings.logit_bias.values()), dtype=out.dtype, device=out.device)
+        if s.counts and (settings.presence_penalty or settings.frequency_penalty):
+            ids = torch.tensor(list(s.counts), dtype=torch.long, device=out.device)
+            counts = torch.tensor(list(s.counts.values()), dtype=out.dtype, device=out.device)
+            out[i, ids] -= settings.frequency_penalty * counts + settings.presence_penalty
+    return out
+
+
+def score(logits: torch.Tensor, tokens: list[int], k: int) -> list[Scored]:
+    """Per row of fp32 `logits` [rows, vocab]: the log-probability of `tokens[row]` and the k most likely tokens
+    with theirs (most likely first)."""
+    logprobs = torch.log_softmax(logits, dim=-1)
+    chosen = logprobs.gather(1, torch.tensor(tokens, dtype=torch.long, device=logprobs.device)[:, None])[:, 0]
+    if k:
+        top = torch.topk(logprobs, min(k, logprobs.shape[1]), dim=-1)
+        top_ids, top_lps = top.indices.tolist(), top.values.tolist()
+    else:
+        top_ids = top_lps = [[] for _ in tokens]
+    return [(lp, list(zip(ids, lps, strict=True))) for lp, ids, lps in zip(chosen.tolist(), top_ids, top_lps,
+                                                                              strict=True)]
 
 
 def sample(logits: torch.Tensor, settings: list[Sampling], generators: list[torch.Generator | None]) -> list[int]:

@@ -4,9 +4,9 @@ Every problem with a request is an `ApiError` (HTTP 400 unless said otherwise) w
 `{"error": {"message", "type", "param", "code"}}`, as the OpenAI API answers and its clients read. The body is
 read bounded (`read_body`: at most MAX_BODY_BYTES, counted while it arrives, chunked or not) and parsed bounded
 (`parse_body`: nesting, number literals, lone surrogates), so that no body, however malformed, is a 500. Fields the
-API defines but this server does not implement (echo, logprobs, penalties, ...) are refused when set to
-anything but their neutral value, never silently ignored; fields the API does not define are ignored, as
-clients send extras (`extra_body`).
+API defines but this server does not implement (suffix, best_of) are refused when set to anything but their
+neutral value, never silently ignored; fields the API does not define are ignored, as clients send extras
+(`extra_body`).
 """
 
 from __future__ import annotations
@@ -25,6 +25,9 @@ MAX_STOP = 4  # as in the OpenAI API
 MAX_STOP_CHARS = 1000  # of one stop string: the text held back while a stop may be starting is at most this
 MAX_SEED = 2**63 - 1  # torch.Generator takes 64 bits; JSON clients handle 63 safely
 MAX_TEMPERATURE = 2.0  # the OpenAI API's range
+MAX_LOGPROBS = 20  # alternatives per token: vLLM's default --max-logprobs (OpenAI's completions stop at 5)
+MAX_PENALTY = 2.0  # presence_penalty and frequency_penalty: -2..2, as in the OpenAI API
+MAX_BIAS = 100.0  # logit_bias values: -100..100
 
 
 class ApiError(Exception):
@@ -56,6 +59,11 @@ class CompletionRequest:
     stream: bool
     include_usage: bool
     model: str | None
+    echo: bool = False
+    logprobs: int | None = None
+    presence_penalty: float = 0.0
+    frequency_penalty: float = 0.0
+    logit_bias: dict[int, float] | None = None
 
 
 def too_large(size: int | None = None) -> ApiError:
@@ -159,9 +167,28 @@ def parse_completion(body: dict[str, Any]) -> CompletionRequest:
     if any(not p for p in prompts):
         raise ApiError("'prompt' must not be empty", "prompt")
 
+    echo = body.get("echo", False)
+    if echo is None:
+        echo = False
+    if not isinstance(echo, bool):
+        raise ApiError(f"'echo' must be true or false, not {_kind(echo)}", "echo")
     max_tokens = _integer(body, "max_tokens", 16)
-    if max_tokens < 1:
-        raise ApiError(f"'max_tokens' must be at least 1 (got {max_tokens})", "max_tokens")
+    if max_tokens < 0 or (max_tokens == 0 and not echo):
+        raise ApiError(f"'max_tokens' must be at least 1 (got {max_tokens}); 0 is allowed with echo: true, to score "
+                       "the prompt only", "max_tokens")
+    logprobs = body.get("logprobs")
+    if logprobs is not None:
+        logprobs = _integer(body, "logprobs", 0)
+        if not 0 <= logprobs <= MAX_LOGPROBS:
+            raise ApiError(f"'logprobs' must be between 0 and {MAX_LOGPROBS} (got {logprobs}): how many of the most "
+                           "likely tokens to list beside each chosen one", "logprobs")
+    penalties = {}
+    for name in ("presence_penalty", "frequency_penalty"):
+        penalties[name] = _number(body, name, 0.0)
+        if not -MAX_PENALTY <= penalties[name] <= MAX_PENALTY:
+            raise ApiError(f"'{name}' must be between -{MAX_PENALTY:g} and {MAX_PENALTY:g} "
+                           f"(got {penalties[name]:g})", name)
+    logit_bias = _logit_bias(body.get("logit_bias"))
     temperature = _number(body, "temperature", 1.0)
     if not 0 <= temperature <= MAX_TEMPERATURE:
         raise ApiError(f"'temperature' must be between 0 and {MAX_TEMPERATURE:g} (got {temperature:g}); 0 is greedy",
@@ -205,26 +232,63 @@ def parse_completion(body: dict[str, Any]) -> CompletionRequest:
         raise ApiError(f"'model' must be a string, not {_kind(model)}", "model")
     _unsupported(body, n)
     return CompletionRequest(prompts, max_tokens, temperature, top_p, top_k, n, stops, seed, stream,
-                             bool(options.get("include_usage", False)), model)
+                             bool(options.get("include_usage", False)), model, echo, logprobs,
+                             penalties["presence_penalty"], penalties["frequency_penalty"], logit_bias)
+
+
+def _logit_bias(value: Any) -> dict[int, float] | None:
+    """{"token id": bias} -> {id: bias}; whether each id is in the vocabulary is the server's check."""
+    if value is None or value == {}:
+        return None
+    if not isinstance(value, dict):
+        raise ApiError(f"'logit_bias' must be an object of token ids and biases like {{\"50256\": -100}}; "
+                       f"{_kind(value)} is not supported", "logit_bias")
+    out = {}
+    for key, bias in value.items():
+        if not (key.isascii() and key.isdigit() and len(key) <= 18):
+            raise ApiError(f"'logit_bias' keys must be token ids written as decimal strings (got '{key[:40]}')",
+                           "logit_bias")
+        if not isinstance(bias, (int, float)) or isinstance(bias, bool) or not math.isfinite(bias) \
+                or not -MAX_BIAS <= bias <= MAX_BIAS:
+            raise ApiError(f"'logit_bias' values must be numbers from -{MAX_BIAS:g} to {MAX_BIAS:g} "
+                           f"(token {key[:18]}: {_kind(bias)})", "logit_bias")
+        out[int(key)] = float(bias)
+    return out
 
 
 def _unsupported(body: dict[str, Any], n: int) -> None:
     """OpenAI fields this server does not implement: accepted at their neutral value only."""
-    def neutral(name: str, value: Any) -> bool:
-        if value is None:
-            return True
-        if name == "echo":
-            return value is False
-        if name in ("frequency_penalty", "presence_penalty"):
-            return isinstance(value, (int, float)) and not isinstance(value, bool) and value == 0
-        return value in ("", {}) if name in ("suffix", "logit_bias") else False
-
-    for name in ("echo", "logprobs", "suffix", "frequency_penalty", "presence_penalty", "logit_bias"):
-        if name in body and not neutral(name, body[name]):
-            raise ApiError(f"'{name}' is not supported by this server", name)
+    suffix = body.get("suffix")
+    if suffix not in (None, ""):
+        raise ApiError("'suffix' is not supported by this server", "suffix")
     best_of = body.get("best_of")
     if best_of is not None and best_of != n:
         raise ApiError("'best_of' is not supported by this server (use n)", "best_of")
+
+
+def parse_tokenize(body: dict[str, Any]) -> tuple[str, bool, bool]:
+    """vLLM's /tokenize request: (prompt, add_special_tokens, return_token_strs)."""
+    prompt = body.get("prompt")
+    if not isinstance(prompt, str):
+        raise ApiError(f"'prompt' must be a string, not {_kind(prompt)}", "prompt")
+    flags = []
+    for name, default in (("add_special_tokens", True), ("return_token_strs", False)):
+        value = body.get(name, default)
+        if not isinstance(value, bool):
+            raise ApiError(f"'{name}' must be true or false, not {_kind(value)}", name)
+        flags.append(value)
+    return prompt, flags[0], flags[1]
+
+
+def parse_detokenize(body: dict[str, Any], vocab: int) -> list[int]:
+    """vLLM's /detokenize request: the token ids, each in the vocabulary."""
+    tokens = body.get("tokens")
+    if not isinstance(tokens, list) or not all(isinstance(t, int) and not isinstance(t, bool) for t in tokens):
+        raise ApiError(f"'tokens' must be a list of token ids, not {_kind(tokens)}", "tokens")
+    bad = next((t for t in tokens if not 0 <= t < vocab), None)
+    if bad is not None:
+        raise ApiError(f"token id {str(bad)[:20]} is not in this model's vocabulary (0 to {vocab - 1})", "tokens")
+    return tokens
 
 
 def _integer(body: dict[str, Any], name: str, default: int) -> int:
