@@ -7,9 +7,12 @@
         print(c.completions.create(model='gpt2-dutch', prompt='Amsterdam is', max_tokens=20).choices[0].text)"
 
 POST /v1/completions takes the OpenAI fields prompt (a string or a list), max_tokens, temperature (0: greedy),
-top_p, n, stop, seed, stream (server-sent events, one chunk per token, then `data: [DONE]`) and returns usage
-counts; top_k is an extension. GET /v1/models, GET /health, GET /v1/model_card. The playground at / streams text
-and shows the model's card (size, training tokens, eval loss, bits per byte, loss curve from its run).
+top_p, n, stop, seed, stream (server-sent events, one chunk per token, then `data: [DONE]`), echo, logprobs,
+presence_penalty, frequency_penalty and logit_bias, and returns usage counts; top_k is an extension. With echo,
+logprobs and max_tokens 0 it scores a prompt (docs/serve.md, "Scoring"). GET /v1/models, /v1/models/{id},
+/health, /v1/model_card, /metrics (Prometheus); POST /tokenize, /detokenize (vLLM's). The playground at /
+streams text and shows the model's card (size, training tokens, eval loss, bits per byte, loss curve from its
+run).
 
 Requests that arrive while others decode join the running batch at the next decoding step, so concurrent users
 share each forward pass (see serve/engine.py). Past --max-queue waiting requests the answer is 503 with
@@ -26,6 +29,7 @@ bounds on what one request may cost, are in docs/serve.md ("Exposure").
 #     __init__.py      ServeConfig and serve(): load the model, bind, run uvicorn
 #     engine.py        the continuous-batching scheduler around the model's KV cache, and per-row sampling
 #     protocol.py      the completions request checked field by field; OpenAI-style error bodies
+#     metrics.py       GET /metrics: prometheus-client counters, gauges and histograms, a registry per server
 #     app.py           the FastAPI routes, streaming, auth, the text of each choice (stop strings, UTF-8)
 #     card.py          the model card: config.json, and the run's run_config.json and metrics.jsonl
 #     playground.html  the page at /: no external resources, works offline
