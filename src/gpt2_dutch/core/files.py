@@ -76,7 +76,8 @@ def replace_dir(tmp: Path, final: Path) -> None:
 
 
 def pid_alive(pid: int) -> bool:
-    """Whether a process with this id exists on this machine (for cleaning up after killed runs)."""
+    """Whether a process with this id runs on this machine (for cleaning up after killed runs). A zombie (dead,
+    not yet reaped by its parent) is not alive: it writes nothing any more."""
     if pid <= 0:
         return False
     try:
@@ -85,4 +86,10 @@ def pid_alive(pid: int) -> bool:
         return False
     except PermissionError:
         return True
-    return True
+    except OverflowError:  # not a PID this system can have
+        return False
+    try:
+        stat = Path(f"/proc/{pid}/stat").read_text()
+    except OSError:  # gone meanwhile, or no /proc (macOS: kill(pid, 0) is all there is to know)
+        return not Path("/proc/self").exists()
+    return stat[stat.rfind(")") + 2:][:1] not in ("Z", "X")
