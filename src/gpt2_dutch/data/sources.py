@@ -45,10 +45,13 @@ _LONE_SURROGATE = re.compile("[\ud800-\udfff]")
 
 def expand_data_files(patterns: list[str], flag: str = "data file") -> list[Path]:
     """Expand globs; every pattern must match at least one readable file with a known extension. `flag` names
-    the patterns in the not-found error (bench: '--data-files')."""
+    the patterns in the not-found error (bench: '--data-files'). A pattern that names an existing path is that
+    path, not a glob: a file called `a[1].jsonl` is read, not `a1.jsonl`."""
     files: list[Path] = []
     for pattern in patterns:
-        matches = sorted(glob.glob(os.path.expanduser(pattern), recursive=True))
+        expanded = os.path.expanduser(pattern)
+        literal = os.path.lexists(expanded)
+        matches = [expanded] if literal else sorted(glob.glob(expanded, recursive=True))
         if not matches:
             raise UsageError(f"{flag} {pattern} not found (no file matches it)")
         for match in matches:

@@ -24,6 +24,7 @@ import glob
 import json
 import os
 import random
+import re
 import shutil
 import sys
 import time
@@ -38,6 +39,7 @@ from gpt2_dutch import __version__
 from gpt2_dutch.core.errors import MachineError, UsageError, check, check_number, check_seed, disk_faults
 from gpt2_dutch.core.files import pid_alive, replace_dir, temp_name
 from gpt2_dutch.core.options import option, renamed_notice
+from gpt2_dutch.core.ownership import DirectoryOwner, remove_dead_staging
 from gpt2_dutch.data.chunks import MANIFEST, token_dtype
 from gpt2_dutch.data.sources import (
     HUB_CONFIGS,
@@ -63,6 +65,7 @@ MAX_CHUNK_SIZE = 1 << 20
 MAX_THREADS = 1024
 MAX_SHARDS = 100_000
 MAX_PART_MB = 4096.0
+MAX_NAME_BYTES = 200
 DATASET_FORMAT = "gpt2-dutch/chunks"  # the manifest's "format": what --overwrite may replace
 # Fraction of training documents held out when a source has no (big enough) test split of its own.
 DEFAULT_CARVE_FRACTION = 0.1
@@ -176,14 +179,31 @@ class PreprocessConfig:
         if self.streaming is None:
             self.streaming = bool(self.dataset_size) and self.dataset_size in HUB_CONFIGS and (
                 HUB_CONFIGS.index(self.dataset_size) >= HUB_CONFIGS.index(STREAMING_FROM))
-        if self.name is None:
+        if self.name is not None:
+            check_name(self.name)
+        else:
             if self.sample:
                 self.name = "chunked_builtin"  # the name --dataset-size builtin gave it
             elif self.dataset_size:
                 self.name = f"chunked_{self.dataset_size}"
             else:
                 stem = Path(self.data_files[0]).name.split(".")[0].replace("*", "") or "custom"
-                self.name = f"chunked_{stem}"
+                cut = stem.encode("utf-8", "surrogateescape")[:MAX_NAME_BYTES - len("chunked_")]
+                self.name = "chunked_" + cut.decode("utf-8", "ignore")
+
+
+def check_name(name: str) -> None:
+    """--name is a directory name inside --output-dir, never a path: no separator, not . or .., not empty, at most
+    MAX_NAME_BYTES in UTF-8 (file systems allow 255, and the hidden names beside it add a few)."""
+    shown = repr(name[:60]) + ("..." if len(name) > 60 else "")
+    check(name != "", "--name must not be empty; give a directory name such as chunked_mine")
+    check(not any(ord(c) < 32 or ord(c) == 127 for c in name),
+          f"--name {shown} must be a plain directory name (no control characters)")
+    check("/" not in name and not (os.altsep and os.altsep in name),
+          f"--name {shown} must be a plain directory name (no /); where it goes is --output-dir")
+    check(name not in (".", ".."), f"--name {shown} must be a plain directory name, not . or ..")
+    size = len(name.encode("utf-8", "surrogatepass"))
+    check(size <= MAX_NAME_BYTES, f"--name is {size} bytes long; at most {MAX_NAME_BYTES} (UTF-8) are allowed")
 
 
 
@@ -303,25 +323,35 @@ def preprocess(cfg: PreprocessConfig) -> Path:
         out_root.mkdir(parents=True, exist_ok=True)
     except OSError as e:
         raise UsageError(f"cannot create output directory {out_root} ({e.strerror})") from None
+    # One writer per dataset name (OUTPUT_DIR/.NAME.lock): the shards of one run share it, a whole run or a merge
+    # has it alone. Taken before anything is looked at or removed, so a run refused here touches nothing.
+    shard_of_several = (cfg.num_shards or 1) > 1 and not cfg.merge
+    owner = DirectoryOwner(final, "preprocess", shared=shard_of_several)
     tmp = temp_name(final)
     work = WorkDir(out_root / f".{cfg.name}.work")
-    work_is_new = not work.path.exists()
+    work_is_new = False
     try:
         check(os.access(out_root, os.W_OK), f"output directory {out_root} is not writable")
+        owner.acquire()
+        work_is_new = not work.path.exists()
         remove_leftovers(out_root, str(cfg.name))
+        check_replaceable(final, cfg.overwrite)  # again: another run may have finished it, or a leftover put back
         with disk_faults(f"the dataset {final}"):
             done = _run(cfg, work, tmp, final, start)
     except BaseException as e:
-        shutil.rmtree(tmp, ignore_errors=True)
-        work.release()
-        # Finished parts (and a trained tokenizer) stay for the next run, unless the input itself cannot give a
-        # dataset (too little text: another command is needed) or there is nothing finished to keep.
-        if work_is_new and (not work.has_results() or isinstance(e, Unmergeable)):
-            work.remove()
+        if owner.held:
+            shutil.rmtree(tmp, ignore_errors=True)
+            work.release()
+            # Finished parts (and a trained tokenizer) stay for the next run, unless the input itself cannot give
+            # a dataset (too little text: another command is needed) or there is nothing finished to keep.
+            if work_is_new and (not work.has_results() or isinstance(e, Unmergeable)):
+                work.remove()
+            owner.release()
         for path in created:
             with contextlib.suppress(OSError):  # not empty: something else was put there meanwhile
                 path.rmdir()
         raise
+    owner.release()
     return done
 
 
@@ -467,12 +497,13 @@ def _encode_parts(cfg: PreprocessConfig, source: Source, work: WorkDir, tokenize
     # fork: a worker starts in milliseconds with what this process has loaded, where forkserver or spawn import it
     # all again. The pool forks its processes at the first submit, before it starts its own threads; a worker with
     # one encoder thread never touches the Rust thread pool a fork cannot copy (init_worker). Workers with several
-    # threads start from a fresh process instead.
+    # threads start from a fresh process instead. Either way no worker keeps the dataset's lock (core/ownership.py
+    # closes it in a forked child; exec does not pass it on) or outlives this process (init_worker).
     methods = multiprocessing.get_all_start_methods()
     fresh = "forkserver" if "forkserver" in methods else "spawn"
     context = multiprocessing.get_context("fork" if "fork" in methods and threads == 1 else fresh)
     init = (tokenizer.backend.to_str(), tokenizer.eos_token_id, dtype, cfg.encoder, threads, cfg.text_column,
-            cfg.sample_by, str(work.parts))
+            cfg.sample_by, str(work.parts), os.getpid())
     first, last = float("inf"), 0.0
     pending: deque[tuple[Part, Future]] = deque()
     n_new = 0
@@ -540,26 +571,64 @@ def check_replaceable(final: Path, overwrite: bool) -> None:
     if not is_our_dataset(final):
         raise UsageError(f"{final} is not a dataset written by gpt2-dutch preprocess (no {MANIFEST} of ours); "
                          "--overwrite will not delete it: move it away or choose another --name")
+    foreign = not_written_by_us(final)
+    if foreign:
+        if len(foreign) > 3:
+            shown = ", ".join(foreign[:3]) + f" and {len(foreign) - 3} more"
+        else:
+            shown = " and ".join(filter(None, [", ".join(foreign[:-1]), foreign[-1]]))
+        them = "it" if len(foreign) == 1 else "them"
+        raise UsageError(f"{final} holds {shown} that preprocess did not write; move {them} or choose another --name")
+
+
+# What a dataset directory holds when preprocess wrote it: --overwrite deletes nothing else. The tokenizer files
+# are those that TokenizerFiles.save and transformers' save_pretrained write; cache-*.arrow files are what
+# `datasets` adds beside a split when a loaded dataset is mapped (derived from ours, and rebuilt when needed).
+_TOP_FILES = {MANIFEST, "dataset_dict.json", "tokenizer.json", "tokenizer_config.json", "special_tokens_map.json",
+              "vocab.json", "merges.txt", "added_tokens.json", "chat_template.jinja"}
+_SPLIT_FILE = re.compile(r"data-\d{5}-of-\d{5}\.arrow|cache-[0-9a-f]+\.arrow|state\.json|dataset_info\.json")
+
+
+def not_written_by_us(path: Path) -> list[str]:
+    """What `path` (a dataset directory) holds that preprocess does not write, as sorted relative names (a
+    directory with a trailing /); links are never ours."""
+    foreign = []
+    for entry in sorted(path.iterdir()):
+        if entry.is_symlink():
+            foreign.append(entry.name)
+        elif entry.name in SPLITS and entry.is_dir():
+            for inner in sorted(entry.iterdir()):
+                if inner.is_symlink() or not inner.is_file() or not _SPLIT_FILE.fullmatch(inner.name):
+                    foreign.append(f"{entry.name}/{inner.name}" + ("/" if inner.is_dir() else ""))
+        elif entry.name not in _TOP_FILES or not entry.is_file():
+            foreign.append(entry.name + ("/" if entry.is_dir() else ""))
+    return foreign
 
 
 def remove_leftovers(out_root: Path, name: str) -> None:
-    """Delete the temporary directories (`.NAME.tmp-PID`) of earlier runs for this dataset that were killed.
+    """Clear what earlier runs for this dataset left when they were killed (called while owning the name).
 
-    A run's temporary directory is removed when it ends in any way but a kill; one whose process is gone (or
-    carries our own id: we have not made ours yet, so it is from an earlier process that had this id) can
-    never be finished. One of a live process is another run writing the same dataset now: left alone.
+    `.NAME.tmp-PID`, a dataset being written, is deleted when its process is gone (or carries our own id: we
+    have not made ours yet, so it is from an earlier process that had this id); one of a live process is left
+    alone. `.NAME.old-PID` is the dataset an --overwrite set aside to replace: deleted if the new one is in
+    place, else (killed between the two renames) put back.
     """
-    prefix = f".{name}.tmp-"
-    for path in out_root.glob(f"{glob.escape(prefix)}*"):
-        pid = path.name[len(prefix):]
-        if not pid.isdigit() or path.is_symlink() or not path.is_dir():
-            continue
-        if int(pid) != os.getpid() and pid_alive(int(pid)):
-            continue
-        shutil.rmtree(path, ignore_errors=True)
+    final = out_root / name
+    for path in remove_dead_staging(out_root, f".{name}.tmp-"):
         print(f"note: removed the unfinished output of an earlier preprocess that was killed: {path}",
               file=sys.stderr)
-
+    prefix = f".{name}.old-"
+    for path in sorted(out_root.glob(f"{glob.escape(prefix)}*")):
+        pid = path.name[len(prefix):]
+        if not pid.isdigit() or path.is_symlink() or not path.is_dir() or (
+                int(pid) != os.getpid() and pid_alive(int(pid))):
+            continue
+        if final.exists() or final.is_symlink():
+            shutil.rmtree(path, ignore_errors=True)
+        elif is_our_dataset(path):
+            path.rename(final)
+            print(f"note: put back {final}, which an earlier preprocess --overwrite that was killed had set aside "
+                  f"as {path.name}", file=sys.stderr)
 
 
 def _get_tokenizer(cfg: PreprocessConfig, source: Source, fraction: float | None, work: WorkDir) -> TokenizerFiles:

@@ -28,6 +28,7 @@ from typing import Any
 
 from gpt2_dutch.core.errors import UsageError, check
 from gpt2_dutch.core.files import write_json_atomic
+from gpt2_dutch.core.ownership import DirectoryOwner
 from gpt2_dutch.data.chunks import ChunkWriter
 
 WORK_FORMAT = "gpt2-dutch/preprocess-work"
@@ -50,7 +51,7 @@ class WorkDir:
     def __init__(self, path: Path):
         self.path = path
         self.parts = path / "parts"
-        self._lock: Any = None
+        self._lock: DirectoryOwner | None = None
         self._lock_path = path / "lock"
 
     @staticmethod
@@ -93,23 +94,14 @@ class WorkDir:
             (self.parts / split).mkdir(parents=True, exist_ok=True)
 
     def lock(self, shard: str) -> None:
-        import fcntl
-
+        """One process per shard (core/ownership.py; the dataset name's lock already keeps whole runs apart)."""
         self._lock_path = self.path / f"lock-{shard}"
-        self._lock = open(self._lock_path, "w")  # noqa: SIM115 - held until release() or the process ends
-        try:
-            fcntl.flock(self._lock, fcntl.LOCK_EX | fcntl.LOCK_NB)
-        except OSError:
-            self._lock.close()
-            self._lock = None
-            raise UsageError(f"another preprocess is writing {self.path} now (shard {shard}); wait for it or stop "
-                             "it first") from None
+        self._lock = DirectoryOwner(self.path, f"preprocess (shard {shard})", lock_path=self._lock_path).acquire()
 
     def release(self) -> None:
         """Give up the lock (a kill gives it up too: the kernel drops a dead process's locks) and its file."""
         if self._lock is not None:
-            self._lock_path.unlink(missing_ok=True)
-            self._lock.close()
+            self._lock.release()
             self._lock = None
 
     def plan(self) -> dict[str, Any] | None:

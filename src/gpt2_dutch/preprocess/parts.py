@@ -30,13 +30,15 @@ from pathlib import Path
 from typing import Any, TypeVar
 
 from gpt2_dutch.core.errors import UsageError, is_disk_full
+from gpt2_dutch.core.ownership import die_with_parent
 from gpt2_dutch.data.chunks import _first_line
 from gpt2_dutch.data.sources import BATCH_DOCS, batched, file_format, iter_block_texts, iter_file_texts, reading_errors
 from gpt2_dutch.data.tokenizer import VERIFY_DOCS
 
 T = TypeVar("T")
 # Tests only: the worker encoding this part key SIGKILLs itself after its first batch of documents; with
-# "KEY:run" it kills its whole process group (the run, as a scheduler's kill -9 of a job would) instead.
+# "KEY:run" it kills its whole process group (the run, as a scheduler's kill -9 of a job would) instead, with
+# "KEY:main" the main process alone (as the OOM killer would), and goes on with its part.
 KILL_HOOK = "GPT2_DUTCH_TEST_KILL_PART"
 
 
@@ -138,8 +140,10 @@ _WORKER: dict[str, Any] = {}
 
 
 def init_worker(tokenizer_json: str, eos_id: int, dtype: str, engine: str, threads: int, text_column: str,
-                sample_by: str, parts_dir: str) -> None:
-    """Runs once in each worker process: builds its encoder (tiktoken's tables take ~0.1 s) for every part."""
+                sample_by: str, parts_dir: str, main_pid: int) -> None:
+    """Runs once in each worker process: ties its life to the main process's (a killed run leaves no worker that
+    would hold memory, or its dataset, forever), then builds its encoder (tiktoken's tables take ~0.1 s)."""
+    die_with_parent(main_pid)
     if threads == 1:
         # A worker forked from a process whose Rust thread pool had started (a BPE trained, or TOKENIZERS_PARALLELISM
         # set, which stops tokenizers from disabling it after a fork) would wait forever on that pool's threads,
@@ -150,7 +154,8 @@ def init_worker(tokenizer_json: str, eos_id: int, dtype: str, engine: str, threa
     from gpt2_dutch.data.tokenizer import BatchEncoder
 
     _WORKER.update(encoder=BatchEncoder(Tokenizer.from_str(tokenizer_json), threads, engine), eos=eos_id,
-                   dtype=dtype, text_column=text_column, sample_by=sample_by, parts_dir=Path(parts_dir))
+                   dtype=dtype, text_column=text_column, sample_by=sample_by, parts_dir=Path(parts_dir),
+                   main_pid=main_pid)
 
 
 def encode_part(part: Part) -> dict[str, Any]:
@@ -180,6 +185,11 @@ def encode_part(part: Part) -> dict[str, Any]:
         if kill_at:  # tests: die the hardest way, mid-part, as the OOM killer or a node failure would
             if kill[1:] == ["run"]:
                 os.killpg(os.getpgid(0), signal.SIGKILL)
+            if kill[1:] == ["main"]:
+                os.kill(w["main_pid"], signal.SIGKILL)
+                kill_at = False
+                time.sleep(1.0)  # time for die_with_parent to end this worker before it finishes the part
+                continue
             os.kill(os.getpid(), signal.SIGKILL)
     arrays = {"tokens": np.concatenate(tokens) if tokens else np.zeros(0, dtype),
               "doc_tokens": np.asarray(doc_tokens, np.uint32), "doc_words": np.asarray(doc_words, np.uint32),
