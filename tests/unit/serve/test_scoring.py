@@ -260,6 +260,55 @@ def test_penalties_lower_repeated_tokens_by_count_times_penalty(live: Live, fiel
     assert unpenalized["choices"][0]["text"] != answer["choices"][0]["text"]  # the penalty did change something
 
 
+def test_settings_stay_with_their_own_sequence_in_a_shared_batch(live: Live):
+    """A biased, a penalized, a scored and a plain sequence decoded in one batch: each gets exactly what it gets
+    alone (the bias and the penalties of one row never reach another)."""
+    import threading
+
+    from gpt2_dutch.serve.engine import Sampling, Sequence
+
+    tok = live.server.tokenizer
+    k = tok.convert_tokens_to_ids("k")
+
+    def run(specs: list[tuple[str, Sampling, dict[str, Any]]]) -> dict[str, Any]:
+        out: dict[str, Any] = {}
+        done = threading.Semaphore(0)
+        seqs = []
+        for label, sampling, extra in specs:
+            tokens: list[int] = []
+
+            def emit(token: int | None, reason: str | None, tokens: list[int] = tokens) -> None:
+                if token is not None:
+                    tokens.append(token)
+                else:
+                    done.release()
+
+            seq = Sequence(ids_of(live, "De kat"), extra.pop("max_new_tokens", 12), sampling, emit, ignore_eos=True,
+                           **extra)
+            seqs.append(seq)
+            out[label] = (tokens, seq)
+        live.server.engine.submit(seqs)
+        for _ in specs:
+            assert done.acquire(timeout=30)
+        return {label: (tokens, [e[0] for e in seq.scored], [e and e[0] for e in seq.prompt_scored or []])
+                for label, (tokens, seq) in out.items()}
+
+    specs = [("plain", Sampling(temperature=0), {}),
+             ("biased", Sampling(temperature=0, logit_bias={k: 100.0}), {}),
+             ("penalized", Sampling(temperature=0, frequency_penalty=2.0), {"logprobs": 2}),
+             ("scored", Sampling(temperature=0), {"logprobs": 1, "score_prompt": True, "max_new_tokens": 0})]
+    alone = {}
+    for label, sampling, extra in specs:
+        alone.update(run([(label, sampling, dict(extra))]))
+    together = run([(label, sampling, dict(extra)) for label, sampling, extra in specs])
+    assert together["biased"][0] == [k] * 12 and together["scored"][0] == []
+    assert together["plain"][0] == alone["plain"][0] and together["penalized"][0] == alone["penalized"][0]
+    assert together["plain"][0] != together["penalized"][0]
+    assert together["penalized"][1] == pytest.approx(alone["penalized"][1], abs=1e-5)
+    assert together["scored"][2] == pytest.approx(alone["scored"][2], abs=1e-6)
+    assert len(together["scored"][2]) == len(ids_of(live, "De kat")) - 1
+
+
 # ------------------------------------------------------------------------------------------------ bad input
 
 
