@@ -342,11 +342,13 @@ def preprocess(cfg: PreprocessConfig) -> Path:
         if owner.held:
             shutil.rmtree(tmp, ignore_errors=True)
             work.release()
-            # Finished parts (and a trained tokenizer) stay for the next run, unless the input itself cannot give
-            # a dataset (too little text: another command is needed) or there is nothing finished to keep.
-            if work_is_new and (not work.has_results() or isinstance(e, Unmergeable)):
-                work.remove()
             owner.release()
+            # Finished parts (and a trained tokenizer) stay for the next run, unless the input itself cannot give
+            # a dataset (too little text: another command is needed) or there is nothing finished to keep. The
+            # shards of a run share the work directory: only one that has the name to itself may remove it.
+            if work_is_new and (not work.has_results() or isinstance(e, Unmergeable)):
+                with contextlib.suppress(UsageError), DirectoryOwner(final, "preprocess"):
+                    work.remove()
         for path in created:
             with contextlib.suppress(OSError):  # not empty: something else was put there meanwhile
                 path.rmdir()

@@ -122,6 +122,50 @@ def test_a_run_refused_because_another_writes_the_name_touches_nothing(tmp_path,
         assert (out / ".d.work" / "parts" / "train").is_dir()
 
 
+@pytest.mark.parametrize(("held_shared", "shard", "refused"), [
+    (True, True, False),  # another shard of the run writes: this shard goes on beside it
+    (True, False, True),  # a shard writes: a whole run is refused
+    (False, True, True),  # a whole run or a merge writes: a shard is refused
+], ids=["shard-beside-a-shard", "run-while-a-shard-writes", "shard-while-a-run-writes"])
+def test_the_shards_of_one_run_share_the_name_and_nothing_else_does(tmp_path, small_tokenizer, held_shared, shard,
+                                                                   refused):
+    from gpt2_dutch.core.errors import UsageError
+    from gpt2_dutch.core.ownership import DirectoryOwner
+
+    corpus = write_jsonl(tmp_path / "c.jsonl", DOCS * 8)
+    out = tmp_path / "out"
+    out.mkdir()
+    kw = {"shard_index": 1, "num_shards": 2} if shard else {}
+    cfg = PreprocessConfig(data_files=[str(corpus)], tokenizer=str(small_tokenizer), chunk_size=16,
+                           output_dir=str(out), name="d", **kw)
+    with DirectoryOwner(out / "d", "preprocess", shared=held_shared):
+        if refused:
+            with pytest.raises(UsageError, match=f"another preprocess is writing {out / 'd'} now"):
+                preprocess(cfg)
+            assert sorted(p.name for p in out.iterdir()) == [".d.lock"]
+        else:
+            assert preprocess(cfg) == out / ".d.work"
+            assert (out / ".d.work" / "done-00001-of-00002.json").is_file()
+            assert (out / ".d.lock").exists(), "still held by the other shard"
+    assert not (out / ".d.lock").exists()
+
+
+def test_a_shard_that_fails_leaves_the_work_of_a_shard_beside_it(tmp_path, small_tokenizer):
+    from gpt2_dutch.core.errors import UsageError
+    from gpt2_dutch.core.ownership import DirectoryOwner
+
+    (tmp_path / "bad.jsonl").write_text('{"text": kapot}\n')
+    out = tmp_path / "out"
+    out.mkdir()
+    cfg = PreprocessConfig(data_files=[str(tmp_path / "bad.jsonl")], tokenizer=str(small_tokenizer),
+                           output_dir=str(out), name="d", shard_index=0, num_shards=2)
+    with DirectoryOwner(out / "d", "preprocess", shared=True):  # the other shard, still at work
+        with pytest.raises(UsageError, match="not valid JSON"):
+            preprocess(cfg)
+        assert (out / ".d.work" / "plan.json").is_file(), "the other shard's work is still there"
+        assert sorted(p.name for p in out.iterdir()) == [".d.lock", ".d.work"]
+
+
 # --------------------------------------------------------------------------------- --overwrite: only what we made
 
 @pytest.fixture(scope="module")
