@@ -221,9 +221,10 @@ BAD_REQUESTS = [  # (id, body as raw bytes or a JSON object, the bad field (para
     ("stream a string", {"prompt": "Hallo", "stream": "yes"}, "stream", "true or false"),
     ("stream_options a list", {"prompt": "Hallo", "stream_options": [1]}, "stream_options", "include_usage"),
     ("model a number", {"prompt": "Hallo", "model": 3}, "model", "string"),
-    ("echo", {"prompt": "Hallo", "echo": True}, "echo", "not supported"),
-    ("logprobs", {"prompt": "Hallo", "logprobs": 2}, "logprobs", "not supported"),
-    ("a penalty", {"prompt": "Hallo", "presence_penalty": 0.5}, "presence_penalty", "not supported"),
+    ("echo a string", {"prompt": "Hallo", "echo": "yes"}, "echo", "true or false"),
+    ("logprobs beyond 20", {"prompt": "Hallo", "logprobs": 21}, "logprobs", "between 0 and 20"),
+    ("a penalty beyond 2", {"prompt": "Hallo", "presence_penalty": 2.5}, "presence_penalty", "between -2 and 2"),
+    ("suffix", {"prompt": "Hallo", "suffix": "!"}, "suffix", "not supported"),
     ("best_of", {"prompt": "Hallo", "best_of": 3}, "best_of", "not supported"),
     ("ignore_eos a string", {"prompt": "Hallo", "ignore_eos": "yes"}, "ignore_eos", "true or false"),
 ]
