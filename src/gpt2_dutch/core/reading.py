@@ -173,12 +173,12 @@ def _too_deep_line(text: str) -> int | None:
     return None
 
 
-def _depth_exceeded(value: Any) -> bool:
-    """Whether `value` nests lists and mappings deeper than MAX_DEPTH (iterative: no recursion to exhaust)."""
+def nests_deeper_than(value: Any, max_depth: int = MAX_DEPTH) -> bool:
+    """Whether `value` nests lists and mappings deeper than `max_depth` (iterative: no recursion to exhaust)."""
     stack = [(value, 1)] if isinstance(value, (dict, list)) else []
     while stack:
         v, depth = stack.pop()
-        if depth > MAX_DEPTH:
+        if depth > max_depth:
             return True
         stack.extend((c, depth + 1) for c in (v.values() if isinstance(v, dict) else v) if isinstance(c, (dict, list)))
     return False
@@ -225,7 +225,7 @@ def parse_json(text: str, what: str, advice: str = "", first_line: int = 1) -> A
     tail, shift = (f"; {advice}" if advice else ""), first_line - 1
     try:
         value = json.loads(text, parse_int=_parse_int, parse_float=_parse_float)
-        too_deep = _depth_exceeded(value)
+        too_deep = nests_deeper_than(value)
     except json.JSONDecodeError as e:
         raise BadFile(f"{what} is not valid JSON (line {e.lineno + shift}, column {e.colno}: {e.msg}){tail}") from None
     except _LongNumber as e:

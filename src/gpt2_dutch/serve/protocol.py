@@ -17,6 +17,8 @@ import re
 from dataclasses import dataclass
 from typing import Any
 
+from gpt2_dutch.core.reading import nests_deeper_than
+
 MAX_BODY_BYTES = 1 << 20  # a prompt longer than any context is refused long before; this bounds tokenizing
 MAX_DEPTH = 32  # nesting of lists and objects in a body; a completions request uses 3
 MAX_NUMBER_CHARS = 100  # characters of one number literal (a float's repr is at most 24)
@@ -106,17 +108,6 @@ _parse_int, _parse_float = _bounded(int), _bounded(float)
 _SURROGATE_ESCAPE = re.compile(r"\\u[dD][89abcdefABCDEF]")
 
 
-def _too_deep(value: Any) -> bool:
-    """Whether lists and objects nest deeper than MAX_DEPTH (iterative: no recursion to exhaust)."""
-    stack = [(value, 1)] if isinstance(value, (dict, list)) else []
-    while stack:
-        v, depth = stack.pop()
-        if depth > MAX_DEPTH:
-            return True
-        stack.extend((c, depth + 1) for c in (v.values() if isinstance(v, dict) else v) if isinstance(c, (dict, list)))
-    return False
-
-
 def parse_body(raw: bytes) -> dict[str, Any]:
     """The JSON object of a request body; ApiError (400) for anything else, however malformed: not UTF-8, not
     JSON, nested deeper than MAX_DEPTH, a number literal longer than MAX_NUMBER_CHARS, a lone surrogate."""
@@ -128,7 +119,7 @@ def parse_body(raw: bytes) -> dict[str, Any]:
         raise ApiError("the request body is not UTF-8 text") from None
     try:
         body = json.loads(text, parse_int=_parse_int, parse_float=_parse_float)
-        too_deep = _too_deep(body)
+        too_deep = nests_deeper_than(body, MAX_DEPTH)
     except json.JSONDecodeError as e:
         raise ApiError(f"the request body is not valid JSON ({e.msg} at line {e.lineno}, column {e.colno})") \
             from None
