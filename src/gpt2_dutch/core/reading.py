@@ -69,7 +69,8 @@ def json_type(value: Any) -> str:
 
 # ------------------------------------------------------------------------------------------------ bytes
 
-def _file_kind(mode: int) -> str:
+def file_kind(mode: int) -> str:
+    """What a non-regular file is, in words, from its st_mode."""
     return ("a directory" if stat.S_ISDIR(mode) else "a FIFO" if stat.S_ISFIFO(mode) else
             "a device" if stat.S_ISCHR(mode) or stat.S_ISBLK(mode) else "a socket" if stat.S_ISSOCK(mode) else
             "not a regular file")
@@ -88,7 +89,7 @@ def open_regular(path: str | Path, what: str, advice: str = "") -> Any:
     try:
         mode = os.stat(path).st_mode
         if not stat.S_ISREG(mode):
-            raise BadFile(f"{what} is {_file_kind(mode)}, not a regular file{tail}")
+            raise BadFile(f"{what} is {file_kind(mode)}, not a regular file{tail}")
         fd = os.open(path, os.O_RDONLY | os.O_NONBLOCK | getattr(os, "O_CLOEXEC", 0))
     except FileNotFoundError:
         raise _not_found(what, advice) from None
@@ -99,7 +100,7 @@ def open_regular(path: str | Path, what: str, advice: str = "") -> Any:
     mode = os.fstat(fd).st_mode
     if not stat.S_ISREG(mode):
         os.close(fd)
-        raise BadFile(f"{what} is {_file_kind(mode)}, not a regular file{tail}")
+        raise BadFile(f"{what} is {file_kind(mode)}, not a regular file{tail}")
     os.set_blocking(fd, True)
     return os.fdopen(fd, "rb")
 

@@ -19,12 +19,14 @@ import io
 import json
 import os
 import re
+import stat
 import zlib
 from collections.abc import Iterator
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from gpt2_dutch.core.errors import UsageError, is_disk_full
+from gpt2_dutch.core.reading import file_kind
 
 if TYPE_CHECKING:  # numpy and pyarrow are imported where they are used: the CLI's --help imports this module
     pass
@@ -58,6 +60,11 @@ def expand_data_files(patterns: list[str], flag: str = "data file") -> list[Path
             path = Path(match)
             if path.is_dir():
                 raise UsageError(f"data file {path} is a directory; give the files in it, e.g. '{path}/*.jsonl'")
+            with contextlib.suppress(OSError):  # a missing or unreadable one is named below
+                mode = path.stat().st_mode
+                if not stat.S_ISREG(mode):  # a FIFO or a device would be read forever, or block
+                    raise UsageError(f"data file {path} is {file_kind(mode)}, not a regular file; give regular "
+                                     "files (.jsonl, .json, .parquet or .txt)")
             file_format(path)
             if not os.access(path, os.R_OK):
                 raise UsageError(f"data file {path} is not readable (check its permissions)")
