@@ -14,7 +14,7 @@ import time
 from pathlib import Path
 
 import pytest
-from helpers import greedy_generate, live_server
+from helpers import SERVED_STEPS, greedy_generate, live_server
 
 pytestmark = pytest.mark.slow
 
@@ -52,7 +52,7 @@ def test_type_a_prompt_press_generate_and_watch_the_text_stream_in(browser, serv
         page.wait_for_selector("dd[data-field='parameters']")
         assert page.inner_text("#model-name") == served_run.name
         assert page.inner_text("dd[data-field='layers × width']") == "4 × 256"
-        assert page.inner_text("dd[data-field='training tokens']") == "5120"
+        assert page.inner_text("dd[data-field='training tokens']") == str(SERVED_STEPS * 4 * 32)
         assert page.inner_text("dd[data-field='bits per byte']") != "–"
         assert page.locator("#curve path.train-loss").count() == 1
         assert page.locator("#curve circle").count() == 2  # served_run's two evaluations (half-way and at the end)
