@@ -67,7 +67,17 @@ def test_text_console_is_a_bar_and_one_line_per_evaluation(tiny_dataset, tmp_pat
 
 @pytest.mark.slow
 def test_text_console_of_a_max_time_run_corrects_the_bars_total(tiny_dataset, tmp_path, cli, monkeypatch):
-    """--max-time: the bar has no total until the step count is fitted, then the fitted one."""
+    """--max-time: the bar has no total until the step count is fitted, then the fitted one. The budget's clock
+    is a fake one (0.5 s a step), so 3 s fit the same steps on any machine."""
+    from gpt2_dutch.train.trainer import MaxTimeCallback
+
+    clock = [0.0]
+
+    def tick(self) -> float:  # noqa: ANN001 - two readings a step
+        clock[0] += 0.25
+        return clock[0]
+
+    monkeypatch.setattr(MaxTimeCallback, "now", tick)
     poison_training_step(monkeypatch, 2)
     # a --learning-rate: else choosing one for the budget measures speed first, whose forwards the poison counts
     rc, _, err = cli("train", "--dataset-path", tiny_dataset, *TINY, "--output-dir", tmp_path, "--max-time", "3s",
