@@ -30,7 +30,7 @@ lint: $(VENV)/.installed
 	$(VENV)/bin/ruff check src tests
 
 # The wheels scripts/gpu_check.sh installs on a GPU machine that has no package index (docs/bench.md, "GPU check"):
-# exactly the dependencies its image lacks (its list: /work/.library/device/KINDS.md), pinned to the versions
+# exactly the dependencies its image lacks (torch, transformers, pandas, ... are there), pinned to the versions
 # installed here, for each Python in PYTHON_VERSION, in wheels/cpXY/; the development corpus beside it when the
 # checkout has one. The device takes them with `carry: ["wheels"]` (64 MiB at most with the working tree).
 PYTHON_VERSION ?= 3.11 3.12

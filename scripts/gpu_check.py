@@ -29,6 +29,7 @@ import contextlib
 import datetime
 import json
 import os
+import shutil
 import signal
 import statistics
 import subprocess
@@ -42,19 +43,23 @@ from typing import Any
 ROOT = Path(__file__).resolve().parent.parent
 SCRIPT = Path(__file__).resolve()
 DEFAULT_CORPORA = (ROOT / "wheels" / "corpus.jsonl.gz", ROOT.parent / "shared" / "data" / "dutch" / "train.jsonl.gz")
+MARKER = ".gpu_check"  # in --out-dir: the folder is the check's own, its work/ and logs/ are replaced each time
 WARMUP_STEPS = 3  # the first steps allocate (and with --compile, compile): not counted in tokens/s
 
 # Shapes and budgets: on the GPU the seed's shape; on CPU (--dry-run) the smallest that still runs every path.
 GPU = {"vocab": 32768, "chunk": 1024, "size": "small", "batch": 16, "precision": "bf16",
-       "budgets": {"eager": 20, "own_loss": 10, "adamw": 10, "compile": 20, "fused": 10},
+       # --compile's first steps compile (tens of seconds), which a --max-time budget would count: steps there
+       "budgets": {"eager": "20s", "own_loss": "10s", "adamw": "10s", "compile": 300, "fused": "10s"},
        "dist_size": "tiny", "dist_batch": 8, "dist_steps": 300, "dist_save": 100, "dist_stop_at": 100,
        "fsdp_steps": 20, "new_tokens": 128, "serve_tokens": 64, "serve_requests": 2,
-       "quality_max_side_s": 120, "quality_min_side_s": 20, "quality_overhead_s": 60, "child_slack_s": 240}
+       "quality_max_side_s": 120, "quality_min_side_s": 20, "quality_overhead_s": 60, "child_slack_s": 240,
+       "row_limit_s": 150}
 DRY = {"vocab": 400, "chunk": 64, "size": "pico", "batch": 2, "precision": "fp32",
-       "budgets": {"eager": 1, "own_loss": 1, "adamw": 1, "compile": 1, "fused": 1},
+       "budgets": {"eager": "1s", "own_loss": "1s", "adamw": "1s", "compile": 10, "fused": "1s"},
        "dist_size": "pico", "dist_batch": 2, "dist_steps": 60, "dist_save": 20, "dist_stop_at": 10,
        "fsdp_steps": 4, "new_tokens": 8, "serve_tokens": 4, "serve_requests": 1,
-       "quality_max_side_s": 3, "quality_min_side_s": 1, "quality_overhead_s": 0, "child_slack_s": 240}
+       "quality_max_side_s": 3, "quality_min_side_s": 1, "quality_overhead_s": 0, "child_slack_s": 240,
+       "row_limit_s": 120}
 # torch.compile on a CPU spends half a minute compiling C++ for the smallest model: the dry run leaves it out
 DRY_LEFT_OUT = {"compile": "--compile is left out of the dry run (inductor's C++ build on a CPU takes ~30 s); "
                            "it runs on the GPU"}
@@ -119,8 +124,9 @@ class Check:
         self.shape = DRY if self.dry else GPU
         self.work = Path(args.out_dir).resolve() / "work"
         self.logs = Path(args.out_dir).resolve() / "logs"
-        self.work.mkdir(parents=True, exist_ok=True)
-        self.logs.mkdir(parents=True, exist_ok=True)
+        for ours in (self.work, self.logs):  # the last check's, in a folder that claim_out_dir says is ours
+            shutil.rmtree(ours, ignore_errors=True)
+            ours.mkdir(parents=True)
         self.report = Report()
         self.deadline = time.monotonic() + args.total_budget_s
         self.env = {**os.environ, "PYTHONUNBUFFERED": "1", "HF_HUB_OFFLINE": "1", "TQDM_DISABLE": "1",
@@ -143,19 +149,27 @@ class Check:
     def torchrun(self, *argv: str) -> list[str]:
         return [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node", "1", *argv]
 
-    def spawn(self, name: str, cmd: list[str], timeout: float) -> subprocess.CompletedProcess:
-        """cmd with its output in logs/NAME.log; a timeout is the child's failure, not ours."""
+    def spawn(self, name: str, cmd: list[str], timeout: float,
+              stalled: Any = None) -> subprocess.CompletedProcess:
+        """cmd with its output in logs/NAME.log; a timeout (or `stalled()` saying why) is the child's failure,
+        not ours: its process group is killed."""
         log = self.logs / f"{name}.log"
+        deadline = time.monotonic() + max(1.0, timeout)
         with open(log, "w") as out:
             proc = subprocess.Popen(cmd, stdout=out, stderr=subprocess.STDOUT, env=self.env, cwd=self.work,
                                     start_new_session=True)
-            try:
-                rc = proc.wait(timeout=max(1.0, timeout))
-            except subprocess.TimeoutExpired:
+            why = None
+            while proc.poll() is None and why is None:
+                with contextlib.suppress(subprocess.TimeoutExpired):
+                    proc.wait(timeout=0.5)
+                if proc.poll() is None:
+                    why = (f"ran past its {timeout:.0f} s limit" if time.monotonic() > deadline
+                           else stalled() if stalled else None)
+            if why is not None:
                 os.killpg(proc.pid, signal.SIGKILL)
                 proc.wait()
-                raise TimeoutError(f"{name} ran past its {timeout:.0f} s limit (log: {log})") from None
-        return subprocess.CompletedProcess(cmd, rc, log.read_text(errors="replace"), "")
+                raise TimeoutError(f"{name} {why} (log: {log})")
+        return subprocess.CompletedProcess(cmd, proc.returncode, log.read_text(errors="replace"), "")
 
     # ------------------------------------------------------------------------------------------------- checks
     def environment(self) -> None:
@@ -175,6 +189,8 @@ class Check:
         else:
             figures["bf16_supported"] = None
         limits = measure_limits(quick=self.dry)
+        if cuda:  # the children measure memory: this process keeps none of its cache
+            torch.cuda.empty_cache()
         self.peaks = limits["matmul_flops"]
         figures.update({f"matmul_{k}_tflops": round(v / 1e12, 3) for k, v in self.peaks.items()},
                        matmul_size=limits["matmul_size"], copy_gb_per_s=round(limits["copy_bytes_per_s"] / 1e9, 1),
@@ -217,7 +233,9 @@ class Check:
         for name, flags in TRAIN_ROWS:
             if self.dry and name in DRY_LEFT_OUT:
                 continue
-            argv = [*self.train_flags(s["size"], s["batch"]), "--max-time", f"{s['budgets'][name]}s",
+            budget = s["budgets"][name]
+            length = ["--max-steps", str(budget)] if isinstance(budget, int) else ["--max-time", budget]
+            argv = [*self.train_flags(s["size"], s["batch"]), *length,
                     "--log-every", "1", "--eval-every", "1000000", "--save-every", "1000000",
                     "--output-dir", str(self.work / f"train-{name}"), *flags]
             specs.append({"name": name, "argv": argv, "fused_site": self.args.fused_site if name == "fused" else None})
@@ -228,11 +246,24 @@ class Check:
             attempt += 1
             spec_file, out_file = self.work / f"train-rows-{attempt}.json", self.work / f"train-rows-{attempt}.jsonl"
             spec_file.write_text(json.dumps(todo))
-            limit = sum(s["budgets"][t["name"]] for t in todo) + s["child_slack_s"] * len(todo) / 2
+            limit = s["child_slack_s"] * len(todo)
             error = ""
+            began: dict[str, float] = {}
+
+            def stalled(out_file: Path = out_file, began: dict[str, float] = began) -> str | None:
+                """A row past its own limit: the next child takes the rows after it."""
+                lines = out_file.read_text().splitlines() if out_file.exists() else []
+                row = json.loads(lines[-1]).get("start") if lines else None
+                if row is None:
+                    return None
+                began.setdefault(row, time.monotonic())
+                late = time.monotonic() - began[row] > s["row_limit_s"]
+                return f"spent over {s['row_limit_s']} s in train {row}" if late else None
+
             try:
                 r = self.spawn(f"train-rows-{attempt}", self.python(str(SCRIPT), "--child-train", str(spec_file),
-                                                                   str(out_file)), min(limit, self.left_s()))
+                                                                   str(out_file)), min(limit, self.left_s()),
+                               stalled)
                 error = f"the train process exited with {r.returncode}: {first_line(r.stdout)}"
             except TimeoutError as e:
                 error = str(e)
@@ -625,8 +656,9 @@ def child_train(spec_file: str, out_file: str) -> int:
             start = time.monotonic()
             row: dict[str, Any] = {"name": spec["name"]}
             try:
-                fused_error = None
-                if spec["fused_site"]:  # the carried fused kernel becomes importable for this row only
+                fused_error = None if spec["name"] != "fused" else "liger-kernel was not carried (make gpu-wheels)"
+                if spec["fused_site"]:
+                    fused_error = None  # the carried fused kernel becomes importable for this row only
                     sys.path.insert(0, spec["fused_site"])
                     fused_cuda_loss.cache_clear()
                     try:
@@ -690,6 +722,16 @@ def write_report(check: Check, started: str, seconds: float, install: dict[str, 
     return result
 
 
+def claim_out_dir(out: Path) -> bool:
+    """True when `out` is new, empty or an earlier check's (its MARKER file): only then does the check remove
+    what it wrote there before (the .sh checks the same before it installs the wheels)."""
+    if out.is_dir() and any(out.iterdir()) and not (out / MARKER).is_file():
+        return False
+    out.mkdir(parents=True, exist_ok=True)
+    (out / MARKER).touch()
+    return True
+
+
 def parse_seconds(text: str) -> float:
     from gpt2_dutch.core.options import parse_duration
 
@@ -742,7 +784,11 @@ def main(argv: list[str] | None = None) -> int:
         from gpt2_dutch.data.sample import builtin_sample_path
 
         args.corpus = str(builtin_sample_path() if args.dry_run or not found else found[0])
-    Path(args.out_dir).mkdir(parents=True, exist_ok=True)
+    args.corpus = str(Path(args.corpus).resolve())  # the checks run in their own folder
+    if not claim_out_dir(Path(args.out_dir)):
+        print(f"gpu_check: error: --out-dir {args.out_dir} holds files that gpu_check did not write; give a new or "
+              "empty folder (or the one an earlier check wrote)", file=sys.stderr)
+        return 2
     install = None
     if args.install_report and Path(args.install_report).is_file():
         install = json.loads(Path(args.install_report).read_text())

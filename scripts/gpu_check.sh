@@ -15,7 +15,12 @@ for ((i = 0; i < ${#args[@]}; i++)); do
     --out-dir=*) OUT=${args[i]#--out-dir=} ;;
   esac
 done
-mkdir -p "$OUT" && OUT=$(cd "$OUT" && pwd) || exit 2
+# The folder is the check's own (marked .gpu_check), or new or empty: only then is what it holds replaced
+if [ -d "$OUT" ] && [ -n "$(ls -A "$OUT")" ] && [ ! -f "$OUT/.gpu_check" ]; then
+  echo "gpu_check: error: --out-dir $OUT holds files that gpu_check did not write; give a new or empty folder" >&2
+  exit 2
+fi
+mkdir -p "$OUT" && OUT=$(cd "$OUT" && pwd) && touch "$OUT/.gpu_check" || exit 2
 tag=$("$PY" -c 'import sys; print(f"cp{sys.version_info[0]}{sys.version_info[1]}")') || {
   echo "gpu_check: $PY does not run; set PYTHON to the interpreter that holds torch" >&2; exit 2; }
 wheels=${GPU_CHECK_WHEELS:-wheels}/$tag  # GPU_CHECK_WHEELS: another folder of cpXY/ folders (tests)
