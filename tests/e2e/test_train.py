@@ -64,15 +64,23 @@ def test_two_ranks_train_with_rank_zeros_choices(tiny_dataset, tmp_path):
         "total_steps"]
 
 
-@pytest.mark.slow
-def test_muon_under_two_process_ddp_on_cpu(tiny_dataset, tmp_path):
-    """DDP all-reduces the gradients before the step: every rank orthogonalizes the same momentum."""
+@pytest.fixture(scope="module")
+def ddp_run(tiny_dataset: Path, tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """The output directory of one 6-step Muon run on two gloo ranks (Muon: the default, named here so that the
+    Muon test stays one if the default changes)."""
+    out = tmp_path_factory.mktemp("ddp")
     cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2", "-m",
-           "gpt2_dutch", "train", "--dataset-path", str(tiny_dataset), *TINY, "--output-dir", str(tmp_path),
+           "gpt2_dutch", "train", "--dataset-path", str(tiny_dataset), *TINY, "--output-dir", str(out),
            "--max-steps", "6", "--eval-every", "3", "--save-every", "3", "--optimizer", "muon"]
     r = subprocess.run(cmd, capture_output=True, text=True, env={**os.environ, "OMP_NUM_THREADS": "1"})
     assert r.returncode == 0, r.stderr[-3000:]
-    (run,) = tmp_path.glob("gpt2-dutch-tiny-2*")
+    return out
+
+
+@pytest.mark.slow
+def test_muon_under_two_process_ddp_on_cpu(ddp_run):
+    """DDP all-reduces the gradients before the step: every rank orthogonalizes the same momentum."""
+    (run,) = ddp_run.glob("gpt2-dutch-tiny-2*")
     saved = json.loads((run / "run_config.json").read_text())
     assert saved["world_size"] == 2 and saved["optimizer"] == "muon"
     losses = [r["loss"] for r in metrics(run) if r.get("loss") is not None]
@@ -110,13 +118,8 @@ def test_resume_after_sigkill_ends_with_the_same_weights(tiny_dataset, tmp_path)
 
 
 @pytest.mark.slow
-def test_two_process_ddp_on_cpu(tiny_dataset, tmp_path):
-    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2", "-m",
-           "gpt2_dutch", "train", "--dataset-path", str(tiny_dataset), *TINY, "--output-dir", str(tmp_path),
-           "--max-steps", "6", "--eval-every", "3", "--save-every", "3"]
-    r = subprocess.run(cmd, capture_output=True, text=True, env={**os.environ, "OMP_NUM_THREADS": "1"})
-    assert r.returncode == 0, r.stderr[-3000:]
-    runs = list(tmp_path.glob("gpt2-dutch-tiny-2*"))
+def test_two_process_ddp_on_cpu(ddp_run):
+    runs = list(ddp_run.glob("gpt2-dutch-tiny-2*"))
     assert len(runs) == 1  # both ranks agreed on one run directory; only rank 0 wrote
     m = metrics(runs[0])
     assert json.loads((runs[0] / "run_config.json").read_text())["world_size"] == 2
