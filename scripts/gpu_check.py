@@ -297,7 +297,8 @@ class Check:
         run = Path(result["run"])
         self.runs[name] = run
         info = read_run_config(run)
-        records = [r for r in read_metrics(run) if metric_kind(r) == "train" and r.get("tokens_per_s")]
+        losses = [r for r in read_metrics(run) if metric_kind(r) == "train"]
+        records = [r for r in losses if r.get("tokens_per_s")]  # step 1 has none: no record before it to time from
         timed = [r for r in records if r["step"] > WARMUP_STEPS] or records
         tps = info["tokens_per_step"] / statistics.median(info["tokens_per_step"] / r["tokens_per_s"] for r in timed)
         peak = self.peaks.get(info["precision"]) or self.peaks.get("fp32")
@@ -307,8 +308,8 @@ class Check:
             "compile": info["compile"], "loss": result.get("loss_kernel"), "steps": records[-1]["step"],
             "tokens_per_s": round(tps), "step_ms": round(1000 * info["tokens_per_step"] / tps, 2),
             "mfu": round(tps * info["flops_per_token"] / peak, 4) if peak else None,
-            "peak_gpu_memory_gb": result.get("peak_gpu_memory_gb"), "first_loss": records[0]["loss"],
-            "last_loss": records[-1]["loss"]}
+            "peak_gpu_memory_gb": result.get("peak_gpu_memory_gb"), "first_loss": losses[0]["loss"],
+            "last_loss": losses[-1]["loss"]}
         status, reason = "ok", ""
         if name == "fused":
             if figures["loss"] not in ("liger_kernel", "cut_cross_entropy"):
