@@ -60,6 +60,8 @@ DRY = {"vocab": 400, "chunk": 64, "size": "pico", "batch": 2, "precision": "fp32
        "fsdp_steps": 4, "new_tokens": 8, "serve_tokens": 4, "serve_requests": 1,
        "quality_max_side_s": 3, "quality_min_side_s": 1, "quality_overhead_s": 0, "child_slack_s": 240,
        "row_limit_s": 120}
+# --tiny on a GPU: bf16, and runs long enough (steps of a few ms) to be stopped mid-way
+TINY_ON_GPU = {"precision": "bf16", "dist_steps": 300, "dist_save": 100, "dist_stop_at": 100}
 # torch.compile on a CPU spends half a minute compiling C++ for the smallest model: the dry run leaves it out
 DRY_LEFT_OUT = {"compile": "--compile is left out of the dry run (inductor's C++ build on a CPU takes ~30 s); "
                            "it runs on the GPU"}
@@ -121,7 +123,8 @@ class Check:
     def __init__(self, args: argparse.Namespace) -> None:
         self.args = args
         self.dry = args.dry_run
-        self.shape = DRY if self.dry else GPU
+        self.tiny = self.dry or args.tiny  # the dry run's shapes, also on a GPU (a smoke test)
+        self.shape = GPU if not self.tiny else DRY if self.dry else {**DRY, **TINY_ON_GPU}
         self.work = Path(args.out_dir).resolve() / "work"
         self.logs = Path(args.out_dir).resolve() / "logs"
         for ours in (self.work, self.logs):  # the last check's, in a folder that claim_out_dir says is ours
@@ -554,7 +557,7 @@ class Check:
         cmd = self.python("-m", "gpt2_dutch", "bench", "quality", "--data-files", str(self.args.corpus),
                           "--max-time", f"{side:.0f}s", "--output-dir", str(out), "--json-out",
                           str(out / "quality.json"), "--markdown-out", str(out / "quality.md"), "--plot-out",
-                          str(out / "quality.png"), *(["--quick"] if self.dry else []))
+                          str(out / "quality.png"), *(["--quick"] if self.tiny else []))
         r = self.spawn("quality", cmd, 3 * side + 300)
         if r.returncode != 0:
             raise RuntimeError(f"bench quality exited with {r.returncode}: {first_line(r.stdout)}")
@@ -757,6 +760,8 @@ def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(prog="scripts/gpu_check.sh", description=__doc__,
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--dry-run", action="store_true", help="CPU, tiny shapes, seconds (the default without CUDA)")
+    p.add_argument("--tiny", action="store_true", help="on a GPU: the dry run's tiny shapes and budgets, every "
+                   "GPU expectation kept (about a minute: a smoke test before the full check)")
     p.add_argument("--corpus", help="the .jsonl(.gz) text with a 'text' field (default: wheels/corpus.jsonl.gz, "
                    "else ../shared/data/dutch/train.jsonl.gz beside the checkout, else the built-in sample)")
     p.add_argument("--out-dir", default="gpu_check", help="where gpu_check.json, gpu_check.md and logs/ go")
@@ -778,13 +783,13 @@ def main(argv: list[str] | None = None) -> int:
         args.dry_run = True
     if args.dry_run:
         torch.set_num_threads(1)
-    args.total_budget_s = parse_seconds(args.total_budget or ("10m" if args.dry_run else "450s"))
+    args.total_budget_s = parse_seconds(args.total_budget or ("10m" if args.dry_run or args.tiny else "450s"))
     args.quality_side_s = parse_seconds(args.quality_side) if args.quality_side else None
     if args.corpus is None:
         found = [c for c in DEFAULT_CORPORA if c.is_file()]
         from gpt2_dutch.data.sample import builtin_sample_path
 
-        args.corpus = str(builtin_sample_path() if args.dry_run or not found else found[0])
+        args.corpus = str(builtin_sample_path() if args.dry_run or args.tiny or not found else found[0])
     args.corpus = str(Path(args.corpus).resolve())  # the checks run in their own folder
     if not claim_out_dir(Path(args.out_dir)):
         print(f"gpu_check: error: --out-dir {args.out_dir} holds files that gpu_check did not write; give a new or "
