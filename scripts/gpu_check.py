@@ -2,7 +2,7 @@
 
     scripts/gpu_check.sh                       # on a CUDA machine: installs the carried wheels, then this
     scripts/gpu_check.sh --dry-run             # the same checks on CPU, tiny shapes, seconds (what CI runs)
-    python scripts/gpu_check.py --corpus FILE --out-dir DIR --total-budget 450s
+    python scripts/gpu_check.py --corpus FILE --out-dir DIR --total-budget 430s
 
 Every check is a row (ok / failed / skipped, a one-line reason, its figures); a failure never stops the others.
 The checks use the product's own commands, each in its own process where a crash could take the rest down:
@@ -765,7 +765,7 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--corpus", help="the .jsonl(.gz) text with a 'text' field (default: wheels/corpus.jsonl.gz, "
                    "else ../shared/data/dutch/train.jsonl.gz beside the checkout, else the built-in sample)")
     p.add_argument("--out-dir", default="gpu_check", help="where gpu_check.json, gpu_check.md and logs/ go")
-    p.add_argument("--total-budget", default=None, help="wall time for all checks (default 450s on a GPU, "
+    p.add_argument("--total-budget", default=None, help="wall time for all checks (default 430s on a GPU, "
                    "the wheels' install before it; 10m on CPU); quality gets what the others leave")
     p.add_argument("--quality-side", default=None, help="bench quality's training time per side (default: from "
                    "the time left, at most 2m)")
@@ -783,7 +783,7 @@ def main(argv: list[str] | None = None) -> int:
         args.dry_run = True
     if args.dry_run:
         torch.set_num_threads(1)
-    args.total_budget_s = parse_seconds(args.total_budget or ("10m" if args.dry_run or args.tiny else "450s"))
+    args.total_budget_s = parse_seconds(args.total_budget or ("10m" if args.dry_run or args.tiny else "430s"))
     args.quality_side_s = parse_seconds(args.quality_side) if args.quality_side else None
     if args.corpus is None:
         found = [c for c in DEFAULT_CORPORA if c.is_file()]

@@ -2,7 +2,7 @@
 # One command for the GPU check of issue #27 (docs/bench.md, "GPU check"): installs the wheels carried in
 # wheels/cpXY/ (made by `make gpu-wheels`) into a folder of its own, then runs scripts/gpu_check.py, which writes
 # gpu_check/gpu_check.{json,md}. Without a CUDA GPU (or with --dry-run) the same checks run on CPU in seconds.
-#   scripts/gpu_check.sh [--dry-run] [--corpus FILE] [--out-dir DIR] [--total-budget 450s] [--quality-side 2m]
+#   scripts/gpu_check.sh [--dry-run] [--corpus FILE] [--out-dir DIR] [--total-budget 430s] [--quality-side 2m]
 # PYTHON picks the interpreter (default: python3, the one holding torch on the GPU machines).
 set -u
 cd "$(dirname "$0")/.."
