@@ -56,7 +56,7 @@ GPU = {"vocab": 32768, "chunk": 1024, "size": "small", "batch": 16, "precision":
        "row_limit_s": 150}
 DRY = {"vocab": 400, "chunk": 64, "size": "pico", "batch": 2, "precision": "fp32",
        "budgets": {"eager": "1s", "own_loss": "1s", "adamw": "1s", "compile": 10, "fused": "1s"},
-       "dist_size": "pico", "dist_batch": 2, "dist_steps": 60, "dist_save": 20, "dist_stop_at": 10,
+       "dist_size": "pico", "dist_batch": 2, "dist_steps": 80, "dist_save": 20, "dist_stop_at": 10,
        "fsdp_steps": 4, "new_tokens": 8, "serve_tokens": 4, "serve_requests": 1,
        "quality_max_side_s": 3, "quality_min_side_s": 1, "quality_overhead_s": 0, "child_slack_s": 240,
        "row_limit_s": 120}
