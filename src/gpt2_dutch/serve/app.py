@@ -190,7 +190,7 @@ class Server:
                              after_step=self.outbox.flush)
         self.card = model_card(model_dir, parameter_count(model), name)
         self.created = int(model_dir.stat().st_mtime)
-        self.vocab = model.get_output_embeddings().weight.shape[0]  # the logits' width: ids a request may name
+        self.vocab = model.config.vocab_size  # the logits' width: ids a request may name (a packed head has no .weight)
         self.metrics = Metrics(self.engine)
         self._token_text: dict[int, str] = {}
         # No token stands for more characters than its vocabulary entry has (a byte-level BPE entry has one

@@ -78,7 +78,7 @@ def test_cpu_bf16_packs_every_linear_layer_with_the_same_logits(tiny_run):
 
 @pytest.mark.parametrize("failure", ["wrong results", "op error"])
 def test_packing_that_fails_its_check_keeps_the_plain_model(tiny_run, monkeypatch, failure):
-    from gpt2_dutch.model.presets import cpu_kernels
+    from gpt2_dutch.model import cpu_kernels
 
     def broken(self, x):
         if failure == "op error":
