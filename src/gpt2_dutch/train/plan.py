@@ -254,6 +254,9 @@ def choose_for_budget(cfg: TrainConfig, vocab_size: int, context: int, eos_token
             probe_s += time.perf_counter() - t
         tokens = speed * max(0.0, budget_s - probe_s) if budget_s is not None and speed else math.inf
         tokens = min(tokens, max_tokens or math.inf)
+        check(budget_s is None or tokens >= context, f"--max-time {cfg.max_time}: measuring this machine's speed "
+              f"took {probe_s:.1f} s of it, which leaves no time to train; give a longer --max-time, or --batch-size "
+              "and --learning-rate (with a --model-size) so that nothing is measured")
     if cfg.batch_size is None:
         if not budget:
             cfg = replace(cfg, batch_size=DEFAULT_BATCH, gradient_accumulation_steps=cfg.gradient_accumulation_steps

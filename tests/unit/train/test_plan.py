@@ -136,3 +136,13 @@ def test_init_from_weights_that_are_not_what_their_config_says_is_refused(tmp_pa
     with pytest.raises(UsageError) as refused:
         make_plan(_cfg(tmp_path, max_steps=5, init_from=str(source)), MANIFEST, 400, eos_token_id=0)
     assert "does not match the weights" in str(refused.value) and "\n" not in str(refused.value)
+
+
+def test_a_budget_the_speed_probe_uses_up_is_one_line(tmp_path, monkeypatch):
+    import gpt2_dutch.train.budget as budget
+
+    monkeypatch.setattr(budget, "choose_model_size", lambda *a, **k: budget.SizeChoice("pico", 1e4, 2.5, "probed"))
+    with pytest.raises(UsageError) as refused:
+        make_plan(_cfg(tmp_path, model_size="auto", batch_size=None, max_time="2s"), MANIFEST, 400, eos_token_id=0)
+    assert str(refused.value).startswith("--max-time 2s: measuring this machine's speed took 2.5 s of it, which "
+                                         "leaves no time to train")
