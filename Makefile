@@ -35,7 +35,7 @@ lint: $(VENV)/.installed
 # checkout has one. The device takes them with `carry: ["wheels"]` (64 MiB at most with the working tree).
 PYTHON_VERSION ?= 3.11 3.12
 GPU_WHEELS ?= datasets dill multiprocess fastapi starlette pydantic pydantic-core typing-inspection annotated-types \
-	typing-extensions opentelemetry-api uvicorn liger-kernel
+	typing-extensions opentelemetry-api uvicorn prometheus-client liger-kernel
 
 gpu-wheels: $(VENV)/.installed
 	@for v in $(PYTHON_VERSION); do \
