@@ -15,7 +15,7 @@ from gpt2_dutch.core.options import add_arguments, config_values, from_namespace
 
 # name -> (module, config class, entry function, one-line help). Building a parser imports each module for its
 # config class, so a module must import torch & co. only inside its functions: `--help` stays light
-# (tests/test_cli.py checks it); the entry function loads what it needs when the command runs.
+# (tests/unit/test_main.py checks it); the entry function loads what it needs when the command runs.
 COMMANDS: dict[str, tuple[str, str, str, str]] = {
     "preprocess": ("preprocess", "PreprocessConfig", "preprocess", "Dutch text -> tokenizer -> token chunks"),
     "train": ("train", "TrainConfig", "train", "train GPT-2 from scratch on a processed dataset"),

@@ -157,7 +157,7 @@ def _bench_text(cfg: BenchConfig, text: Path, shown: str) -> dict[str, Any]:
     parts = PARTS[1:] if cfg.part == "all" else [cfg.part]
     if cfg.part == "all" and cfg.quick:
         # quality trains two models and scores both: ~25 s more even at its 3 s budget, which would double the
-        # quick run; `bench quality --quick` (and tests/test_bench_quality.py) runs it on its own
+        # quick run; `bench quality --quick` (and tests/e2e/test_bench.py) runs it on its own
         parts.remove("quality")
         parts.remove("serve")  # two server processes to start: ~20 s more; `bench serve --quick` runs it alone
     results: dict[str, Any] = {"version": __version__, "quick": cfg.quick, "machine": machine_info(),

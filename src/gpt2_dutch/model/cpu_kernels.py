@@ -51,7 +51,7 @@ class PackedLinear(torch.nn.Module):
 
     The oneDNN ops are private (`torch.ops.mkldnn._*`): PyTorch has no public prepacked linear outside
     torch.compile. An upstream change makes `pack_cpu_linears` keep the plain model, and fails
-    tests/test_generate_evaluate.py::test_cpu_bf16_packs_every_linear_layer_with_the_same_logits.
+    tests/unit/model/test_cpu_kernels.py::test_cpu_bf16_packs_every_linear_layer_with_the_same_logits.
     """
 
     def __init__(self, weight: torch.Tensor, bias: torch.Tensor | None, counted: bool = True):

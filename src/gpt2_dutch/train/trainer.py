@@ -393,7 +393,7 @@ class GPT2Trainer(Trainer):
         the final name. It also protects "the newest" by modification time, falling back to step numbers when
         the times are within a second: after resuming from an older checkpoint, a leftover checkpoint with a
         higher step counts as the newest and the one just written, the newest complete one, can be deleted.
-        Here the checkpoint just written is always kept (tests/test_trainer.py shows both guarantees).
+        Here the checkpoint just written is always kept (tests/unit/train/test_trainer.py shows both guarantees).
         """
         if not weights_finite(self.model, sync=self.is_fsdp_enabled):  # NaN weights never rotate a good one out
             if self.args.should_save:
