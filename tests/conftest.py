@@ -177,3 +177,4 @@ def long_model(served_run: Path, tmp_path_factory: pytest.TempPathFactory) -> Pa
     GenerationConfig(eos_token_id=tok.eos_token_id).save_pretrained(out)
     tok.save_pretrained(out)
     return out
+

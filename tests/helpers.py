@@ -265,3 +265,18 @@ def greedy_generate(loaded: Any, prompts: list[str], max_tokens: int) -> list[st
     model, tok, _ = loaded
     cfg = GenerateConfig(model_path="-", max_new_tokens=max_tokens, greedy=True)
     return [c[0] for c in generate_texts(model, tok, prompts, cfg)]
+
+
+def random_model_dir(out: Path, tokenizer_dir: Path, context: int = 64, **config: Any) -> Path:
+    """An untrained GPT-2 (by default one layer, width 32) with the tokenizer at `tokenizer_dir`, saved as a
+    final_model directory at `out`: for the tests that need a model to load, not a trained one."""
+    import torch
+    from transformers import AutoTokenizer, GPT2Config, GPT2LMHeadModel
+
+    tok = AutoTokenizer.from_pretrained(tokenizer_dir)
+    torch.manual_seed(0)
+    settings = dict(vocab_size=len(tok), n_positions=context, n_embd=32, n_layer=1, n_head=2,
+                    bos_token_id=tok.eos_token_id, eos_token_id=tok.eos_token_id)
+    GPT2LMHeadModel(GPT2Config(**{**settings, **config})).save_pretrained(out)
+    tok.save_pretrained(out)
+    return out

@@ -15,7 +15,7 @@ from pathlib import Path
 from typing import Any
 
 import pytest
-from helpers import Live, live_server
+from helpers import Live, live_server, random_model_dir
 
 CONTEXT = 64
 TEXT = "De kat zit op de mat. Het regent in Utrecht."
@@ -23,19 +23,10 @@ TEXT = "De kat zit op de mat. Het regent in Utrecht."
 
 @pytest.fixture(scope="module")
 def tiny_model(small_tokenizer: Path, tmp_path_factory: pytest.TempPathFactory) -> Path:
-    """An untrained GPT-2 (one layer, width 32, a 64-token context) with the test BPE: a final_model directory."""
-    import torch
-    from transformers import AutoTokenizer, GPT2Config, GPT2LMHeadModel
-
-    tok = AutoTokenizer.from_pretrained(small_tokenizer)
-    out = tmp_path_factory.mktemp("scoring") / "final_model"
-    torch.manual_seed(0)
-    # a wider init than GPT-2's 0.02: logits far enough apart that greedy choices are not near-ties
-    GPT2LMHeadModel(GPT2Config(vocab_size=len(tok), n_positions=CONTEXT, n_embd=32, n_layer=1, n_head=2,
-                               initializer_range=0.5, bos_token_id=tok.eos_token_id,
-                               eos_token_id=tok.eos_token_id)).save_pretrained(out)
-    tok.save_pretrained(out)
-    return out
+    """An untrained GPT-2 (one layer, width 32, a 64-token context) with the test BPE; a wider init than GPT-2's
+    0.02, so that logits lie far enough apart that greedy choices are not near-ties."""
+    return random_model_dir(tmp_path_factory.mktemp("scoring") / "final_model", small_tokenizer, CONTEXT,
+                            initializer_range=0.5)
 
 
 @pytest.fixture(scope="module")

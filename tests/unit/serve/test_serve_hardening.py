@@ -18,6 +18,7 @@ from pathlib import Path
 from typing import Any
 
 import pytest
+from helpers import random_model_dir
 
 from gpt2_dutch.core.errors import UsageError
 from gpt2_dutch.serve import ServeConfig, host_allowlist
@@ -30,16 +31,7 @@ CONTEXT = 64
 @pytest.fixture(scope="module")
 def tiny_model(small_tokenizer: Path, tmp_path_factory: pytest.TempPathFactory) -> Path:
     """An untrained GPT-2 (one layer, width 32, a 64-token context) with the test BPE: a final_model directory."""
-    import torch
-    from transformers import AutoTokenizer, GPT2Config, GPT2LMHeadModel
-
-    tok = AutoTokenizer.from_pretrained(small_tokenizer)
-    out = tmp_path_factory.mktemp("hardening") / "final_model"
-    torch.manual_seed(0)
-    GPT2LMHeadModel(GPT2Config(vocab_size=len(tok), n_positions=CONTEXT, n_embd=32, n_layer=1, n_head=2,
-                               bos_token_id=tok.eos_token_id, eos_token_id=tok.eos_token_id)).save_pretrained(out)
-    tok.save_pretrained(out)
-    return out
+    return random_model_dir(tmp_path_factory.mktemp("hardening") / "final_model", small_tokenizer, CONTEXT)
 
 
 @contextlib.contextmanager
