@@ -55,6 +55,9 @@ MUON_MOMENTUM = 0.95
 # which trains as well as the exact orthogonal factor UV^T and costs a few matmuls instead of an SVD.
 NS_COEFFICIENTS = (3.4445, -4.7750, 2.0315)
 NS_STEPS = 5
+# On a CPU, bf16 Newton-Schulz pays from this smaller side up (2-4x faster at 256-768); below it the casts cost
+# more than the matmuls save (pico's and nano's 64 and 128: 0.4-0.9x) (docs/experiments/optimizer.md).
+CPU_BF16_NS_MIN_SIDE = 256
 
 
 def resolve_optimizer(name: str, fsdp: bool) -> tuple[str, str | None]:
@@ -93,6 +96,8 @@ def orthogonal_update(momentum: torch.Tensor, conv1d: bool, blocks: int,
     w = momentum.mT if conv1d else momentum
     rows, cols = w.shape
     per_block = rows // blocks
+    if dtype == torch.bfloat16 and not momentum.is_cuda and min(per_block, cols) < CPU_BF16_NS_MIN_SIDE:
+        dtype = torch.float32  # on a CPU, small matrices iterate faster in fp32
     update = newton_schulz(w.reshape(blocks, per_block, cols), dtype=dtype).to(momentum.dtype)
     update = (update * max(1.0, per_block / cols) ** 0.5).reshape(rows, cols)
     return update.mT if conv1d else update
