@@ -8,11 +8,11 @@ step count, for docs/experiments/optimizer.md.
 import json
 import os
 import sys
-import time
 
 import torch
 
 import gpt2_dutch.train.muon as muon
+from gpt2_dutch.runs.records import metrics_of_kind, read_metrics
 from gpt2_dutch.train import TrainConfig, train
 
 if os.environ.get("NS_FP32"):
@@ -21,11 +21,11 @@ if os.environ.get("NS_FP32"):
         init(self, groups, ns_dtype=torch.float32)
     muon.MuonAdamW.__init__ = fp32_init
 seed, out, dataset = int(sys.argv[1]), sys.argv[2], sys.argv[3]
-t = time.perf_counter()
 run = train(TrainConfig(dataset_path=dataset, model_size=os.environ.get("SIZE", "nano"), batch_size=8,
                         precision="bf16", output_dir=out, max_steps=int(os.environ.get("STEPS", "150")), seed=seed,
                         eval_every=10**6, quiet=True))
-evals = [json.loads(l) for l in (run / "metrics.jsonl").read_text().splitlines() if "eval_loss" in l]
-summary = [json.loads(l) for l in (run / "metrics.jsonl").read_text().splitlines() if "train_runtime" in l]
-print(json.dumps({"seed": seed, "ns": "fp32" if os.environ.get("NS_FP32") else "bf16", "eval_loss": evals[-1]["eval_loss"],
-                  "eval_bpb": evals[-1]["eval_bpb"], "train_runtime": summary[-1]["train_runtime"]}))
+records = read_metrics(run)
+last_eval, summary = metrics_of_kind(records, "eval")[-1], metrics_of_kind(records, "summary")[-1]
+print(json.dumps({"seed": seed, "ns": "fp32" if os.environ.get("NS_FP32") else "bf16",
+                  "eval_loss": last_eval["eval_loss"], "eval_bpb": last_eval["eval_bpb"],
+                  "train_runtime": summary["train_runtime"]}))
