@@ -20,7 +20,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-from gpt2_dutch.core.errors import UsageError, check
+from gpt2_dutch.core.errors import UsageError, check, first_line
 from gpt2_dutch.core.options import option
 from gpt2_dutch.data.chunks import load_split, read_manifest
 from gpt2_dutch.data.sources import batched, expand_data_files, iter_local_texts
@@ -147,7 +147,7 @@ def check_dataset_tokenizer(dataset_path: str, manifest: dict[str, Any], tokeniz
     try:
         theirs = AutoTokenizer.from_pretrained(str(dataset_path), trust_remote_code=False)
     except Exception as e:  # noqa: BLE001 - missing or damaged tokenizer files: whatever the library raises
-        cause = (str(e).strip().splitlines() or [type(e).__name__])[0][:200]
+        cause = first_line(e)
         raise UsageError(f"dataset {dataset_path} has no readable tokenizer ({cause}), so it cannot be checked "
                          f"against the model's; preprocess the data again, or {fix}") from None
     difference = tokenizer_difference(tokenizer_spec(theirs), tokenizer_spec(tokenizer))

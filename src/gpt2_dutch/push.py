@@ -19,7 +19,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from gpt2_dutch.core.errors import UsageError, check
+from gpt2_dutch.core.errors import UsageError, check, first_line
 from gpt2_dutch.core.options import option
 
 # What a model repository needs, and only that: a stray file in final_model (a note, a pickle) is never sent.
@@ -111,7 +111,7 @@ def hub_token() -> str:
     try:
         token = get_token()
     except Exception as e:  # noqa: BLE001 - an OIDC exchange (CI) that failed: its own message, one line
-        raise UsageError(f"no Hugging Face token ({_first_line(e)}); {LOGIN_ADVICE}") from None
+        raise UsageError(f"no Hugging Face token ({first_line(e)}); {LOGIN_ADVICE}") from None
     check(token is not None, f"no Hugging Face token: {LOGIN_ADVICE}")
     assert token is not None
     return token
@@ -162,18 +162,13 @@ def push_after_training(run_dir: Path, repo_id: str, private: bool) -> str:
     return url
 
 
-def _first_line(error: BaseException) -> str:
-    lines = [line.strip() for line in str(error).splitlines() if line.strip()]
-    return (lines[0] if lines else type(error).__name__)[:200]
-
-
 def _hub_failure(error: Exception, repo_id: str) -> Exception:
     """A Hub error as one line: the user's to fix (exit 2) or the network's (exit 1); anything else is a bug."""
     from huggingface_hub import constants
     from huggingface_hub.errors import HfHubHTTPError, HFValidationError, OfflineModeIsEnabled
 
     if isinstance(error, HFValidationError):
-        return UsageError(f"{repo_id!r} is not a valid Hub repository id ({_first_line(error)})")
+        return UsageError(f"{repo_id!r} is not a valid Hub repository id ({first_line(error)})")
     if isinstance(error, OfflineModeIsEnabled):
         return UsageError("HF_HUB_OFFLINE is set: publishing needs the Hub; unset HF_HUB_OFFLINE")
     if isinstance(error, HfHubHTTPError):
@@ -185,13 +180,13 @@ def _hub_failure(error: Exception, repo_id: str) -> Exception:
             return UsageError(f"the token may not write to {repo_id} (403 Forbidden): use a token with write "
                               "access, or a repository under your own account or an organization you belong to")
         if status is not None and 400 <= status < 500:
-            return UsageError(f"the Hub refused the push to {repo_id} ({status}: {_first_line(error)})")
-        return NetworkError(f"the Hub failed ({status or 'no answer'}: {_first_line(error)}); run the same "
+            return UsageError(f"the Hub refused the push to {repo_id} ({status}: {first_line(error)})")
+        return NetworkError(f"the Hub failed ({status or 'no answer'}: {first_line(error)}); run the same "
                             "command again later")
     # Connection refused, unknown host, timeouts: OSError for requests-based huggingface_hub releases, the
     # httpx family's TransportError for the newer ones (their class names are the stable part).
     network = {"TransportError", "RequestError", "NetworkError", "TimeoutException", "ConnectionError"}
     if isinstance(error, OSError) or network & {c.__name__ for c in type(error).__mro__}:
         return NetworkError(f"cannot reach the Hub at {constants.ENDPOINT} ({type(error).__name__}: "
-                            f"{_first_line(error)}); check the network and run the same command again")
+                            f"{first_line(error)}); check the network and run the same command again")
     return error

@@ -71,6 +71,13 @@ def check_seed(seed: int | None, flag: str = "--seed") -> None:
 DISK_FULL = (errno.ENOSPC, errno.EDQUOT, errno.EFBIG)
 
 
+def first_line(error: BaseException, limit: int = 200) -> str:
+    """An exception's first non-blank line, cut to `limit` characters (its type's name if it says nothing): what
+    a one-line error quotes of a library's message."""
+    lines = [line.strip() for line in str(error).splitlines() if line.strip()]
+    return (lines[0] if lines else type(error).__name__)[:limit]
+
+
 def is_disk_full(error: BaseException) -> bool:
     return isinstance(error, OSError) and error.errno in DISK_FULL
 

@@ -15,7 +15,7 @@ import json
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-from gpt2_dutch.core.errors import UsageError
+from gpt2_dutch.core.errors import UsageError, first_line
 from gpt2_dutch.core.reading import Opt, read_json
 
 if TYPE_CHECKING:  # numpy and pyarrow are imported where they are used: the CLI's --help imports this module
@@ -224,13 +224,8 @@ def _damaged_split(split_dir: Path, error: Exception) -> UsageError:
             with pa.memory_map(str(shard)) as source:  # what load_from_disk does, one shard at a time
                 pa.ipc.open_stream(source).read_all()
         except (pa.ArrowException, OSError) as e:
-            return UsageError(f"{shard} is truncated or corrupt ({_first_line(e)}); preprocess the data again")
-    return UsageError(f"{split_dir} cannot be read ({_first_line(error)}); preprocess the data again")
-
-
-def _first_line(error: BaseException) -> str:
-    lines = str(error).strip().splitlines()
-    return (lines[0] if lines else type(error).__name__)[:200]
+            return UsageError(f"{shard} is truncated or corrupt ({first_line(e)}); preprocess the data again")
+    return UsageError(f"{split_dir} cannot be read ({first_line(error)}); preprocess the data again")
 
 
 def _manifest_chunks(path: Path, split: str) -> int | None:

@@ -21,7 +21,7 @@ from typing import Any
 import torch
 
 from gpt2_dutch.core.devices import resolve_device, resolve_dtype
-from gpt2_dutch.core.errors import UsageError
+from gpt2_dutch.core.errors import UsageError, first_line
 from gpt2_dutch.core.reading import open_regular, read_json, short
 from gpt2_dutch.model.cpu_kernels import _use_cpu_decode_attention, pack_cpu_linears
 from gpt2_dutch.model.presets import FAST_GELU, available_memory_bytes, check_fits
@@ -147,7 +147,7 @@ def read_header(model_dir: Path) -> dict[str, tuple[tuple[int, ...], str]]:
                     piece = f.get_slice(key)
                     tensors[key] = (tuple(piece.get_shape()), piece.get_dtype())
         except (SafetensorError, OSError, ValueError) as e:
-            cause = (str(e).strip().splitlines() or [type(e).__name__])[0][:200]
+            cause = first_line(e)
             raise UsageError(f"cannot load the model in {model_dir} ({name}: {cause}); is the directory "
                              "complete?") from None
     return tensors
@@ -349,7 +349,7 @@ def load_model(path: str | Path, device: str = "auto", dtype: str = "auto") -> t
     try:
         tokenizer = AutoTokenizer.from_pretrained(str(model_dir), trust_remote_code=False)
     except Exception as e:  # noqa: BLE001 - missing or damaged tokenizer files: whatever the library raises
-        cause = (str(e).strip().splitlines() or [type(e).__name__])[0][:200]
+        cause = first_line(e)
         raise UsageError(f"cannot load the model in {model_dir}: its tokenizer does not load ({cause}); is the "
                          "directory complete?") from None
     vocab = saved.config["vocab_size"]
@@ -364,7 +364,7 @@ def load_model(path: str | Path, device: str = "auto", dtype: str = "auto") -> t
         model = GPT2LMHeadModel.from_pretrained(str(model_dir), config=config, generation_config=generation_config,
                                                 dtype=torch_dtype, use_safetensors=True, trust_remote_code=False)
     except Exception as e:  # noqa: BLE001 - weights damaged between the header and the data
-        cause = (str(e).splitlines() or [type(e).__name__])[0][:200]
+        cause = first_line(e)
         raise UsageError(f"cannot load the model in {model_dir} ({cause}); is the directory complete?") from None
     model.to(dev).eval()
     if dev.type == "cpu":

@@ -29,9 +29,8 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, TypeVar
 
-from gpt2_dutch.core.errors import UsageError, is_disk_full
+from gpt2_dutch.core.errors import UsageError, first_line, is_disk_full
 from gpt2_dutch.core.ownership import die_with_parent
-from gpt2_dutch.data.chunks import _first_line
 from gpt2_dutch.data.sources import BATCH_DOCS, batched, file_format, iter_block_texts, iter_file_texts, reading_errors
 from gpt2_dutch.data.tokenizer import VERIFY_DOCS
 
@@ -291,10 +290,10 @@ def retrying(open_at: Callable[[int], Iterator[T]], what: str, *, retries: int =
                 raise
             failures += 1
             if failures > retries:
-                raise UsageError(f"reading {what} failed {retries + 1} times in a row ({_first_line(e)}); the parts "
+                raise UsageError(f"reading {what} failed {retries + 1} times in a row ({first_line(e)}); the parts "
                                  "already done are kept: run the same command again to continue") from None
             delay = min(max_delay, first_delay * 2 ** (failures - 1)) * random.uniform(0.75, 1.0)
-            print(f"note: reading {what} failed after {done} documents ({_first_line(e)}); retry {failures} of "
+            print(f"note: reading {what} failed after {done} documents ({first_line(e)}); retry {failures} of "
                   f"{retries} in {delay:.0f} s", file=sys.stderr)
             sleep(delay)
 

@@ -20,7 +20,7 @@ from pathlib import Path
 from typing import Any
 
 from gpt2_dutch.core.devices import is_main_process, resolve_precision, world_size
-from gpt2_dutch.core.errors import UsageError, check
+from gpt2_dutch.core.errors import UsageError, check, first_line
 from gpt2_dutch.core.reading import read_json
 from gpt2_dutch.model.loading import check_config, check_weights, read_header
 from gpt2_dutch.model.presets import (
@@ -453,10 +453,9 @@ def _check_unpicklable(checkpoint: Path) -> None:
             try:
                 torch.load(path, map_location="cpu", weights_only=True, mmap=True)
             except (pickle.UnpicklingError, RuntimeError, ValueError) as e:
-                first = (str(e).strip().splitlines() or [type(e).__name__])[0][:160]
                 raise UsageError(f"cannot resume from {checkpoint}: {name} holds objects that are never unpickled "
-                                 f"or is damaged ({first}); pass an earlier checkpoint with --resume, or start a "
-                                 "new run") from None
+                                 f"or is damaged ({first_line(e, 160)}); pass an earlier checkpoint with --resume, or "
+                                 "start a new run") from None
 
 
 # ------------------------------------------------------------------------------------------ --init-from, trackers

@@ -19,7 +19,7 @@ import numpy as np
 import torch
 
 from gpt2_dutch.core.devices import is_main_process, world_size
-from gpt2_dutch.core.errors import MachineError, Stopped, UsageError, is_disk_full
+from gpt2_dutch.core.errors import MachineError, Stopped, UsageError, first_line, is_disk_full
 from gpt2_dutch.core.files import replace_dir, temp_name
 from gpt2_dutch.core.ownership import DirectoryOwner, remove_dead_staging
 from gpt2_dutch.data.chunks import load_split, read_manifest
@@ -96,7 +96,7 @@ def _run(cfg: TrainConfig, manifest: dict[str, Any]) -> Path:
     try:
         tokenizer = AutoTokenizer.from_pretrained(str(dataset_path))
     except (OSError, ValueError, TypeError, KeyError) as e:  # tokenizers' and transformers' ways to say "damaged"
-        raise UsageError(f"{dataset_path}: its tokenizer cannot be loaded ({_first_line(e)}); preprocess the data "
+        raise UsageError(f"{dataset_path}: its tokenizer cannot be loaded ({first_line(e, 160)}); preprocess the data "
                          "again") from None
     plan = make_plan(cfg, manifest, len(train_ds), tokenizer.eos_token_id)
     run_dir = plan.resume.run_dir if plan.resume is not None else new_run_dir(plan.cfg, Path(cfg.output_dir))
@@ -225,8 +225,8 @@ def fit(plan: TrainPlan, run: Run) -> None:
             except pickle.UnpicklingError as e:  # torch.load(weights_only) refused a file plan.py did not check
                 _set_status(run_dir, "failed")
                 raise UsageError(f"cannot resume from {checkpoint}: a file there holds objects that are never "
-                                 f"unpickled ({_first_line(e)}); pass an earlier checkpoint with --resume, or start "
-                                 "a new run") from None
+                                 f"unpickled ({first_line(e, 160)}); pass an earlier checkpoint with --resume, or "
+                                 "start a new run") from None
             if stopper.signal is None and not health.diverged:
                 evals = [r for r in trainer.state.log_history if "eval_loss" in r]
                 if not evals or evals[-1].get("step") != trainer.state.global_step:
@@ -321,10 +321,6 @@ def _disk_full_is_one_line(run_dir: Path, trainer: Any) -> Iterator[None]:
         raise MachineError(f"no space left on the device while writing {run_dir} (step "
                            f"{trainer.state.global_step}); its complete checkpoints are kept: free some space and "
                            f"continue with --resume {run_dir}") from None
-
-
-def _first_line(error: BaseException, limit: int = 160) -> str:
-    return (str(error).strip().splitlines() or [type(error).__name__])[0][:limit]
 
 
 def _set_status(run_dir: Path, status: str) -> None:
