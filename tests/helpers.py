@@ -165,6 +165,9 @@ def run(out: Path, files: list[Path], tok: Path, name: str = "d", **kw) -> Path:
 # ---------------------------------------------------------------------------------------------- train, card
 
 TINY = ["--model-size", "tiny", "--batch-size", "4", "--precision", "fp32"]
+# for tests that only need a run in another process (signals, kills, ranks): Muon's Newton-Schulz on nano's
+# 128-wide matrices costs a quarter of tiny's, and these tests pay it in every process they start
+NANO = ["--model-size", "nano", "--batch-size", "4", "--precision", "fp32"]
 
 
 def metrics(run: Path) -> list[dict]:

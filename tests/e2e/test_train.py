@@ -14,7 +14,7 @@ from pathlib import Path
 
 import pytest
 import torch
-from helpers import TINY, metrics
+from helpers import NANO, metrics
 from safetensors.torch import load_file
 
 # `gpt2-dutch train` with each rank on its own fake clock and its own measured speeds, so what the test asserts
@@ -70,7 +70,7 @@ def ddp_run(tiny_dataset: Path, tmp_path_factory: pytest.TempPathFactory) -> Pat
     Muon test stays one if the default changes)."""
     out = tmp_path_factory.mktemp("ddp")
     cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2", "-m",
-           "gpt2_dutch", "train", "--dataset-path", str(tiny_dataset), *TINY, "--output-dir", str(out),
+           "gpt2_dutch", "train", "--dataset-path", str(tiny_dataset), *NANO, "--output-dir", str(out),
            "--max-steps", "6", "--eval-every", "3", "--save-every", "3", "--optimizer", "muon"]
     r = subprocess.run(cmd, capture_output=True, text=True, env={**os.environ, "OMP_NUM_THREADS": "1"})
     assert r.returncode == 0, r.stderr[-3000:]
@@ -80,7 +80,7 @@ def ddp_run(tiny_dataset: Path, tmp_path_factory: pytest.TempPathFactory) -> Pat
 @pytest.mark.slow
 def test_muon_under_two_process_ddp_on_cpu(ddp_run):
     """DDP all-reduces the gradients before the step: every rank orthogonalizes the same momentum."""
-    (run,) = ddp_run.glob("gpt2-dutch-tiny-2*")
+    (run,) = ddp_run.glob("gpt2-dutch-nano-2*")
     saved = json.loads((run / "run_config.json").read_text())
     assert saved["world_size"] == 2 and saved["optimizer"] == "muon"
     losses = [r["loss"] for r in metrics(run) if r.get("loss") is not None]
@@ -89,7 +89,7 @@ def test_muon_under_two_process_ddp_on_cpu(ddp_run):
 
 
 def _train_cmd(dataset: Path, out: Path, *extra: str) -> list[str]:
-    return [sys.executable, "-m", "gpt2_dutch", "train", "--dataset-path", str(dataset), *TINY,
+    return [sys.executable, "-m", "gpt2_dutch", "train", "--dataset-path", str(dataset), *NANO,
             "--output-dir", str(out), "--max-steps", "16", "--save-every", "4", "--eval-every", "8",
             "--keep-checkpoints", "10", *extra]
 
@@ -106,11 +106,11 @@ def test_resume_after_sigkill_ends_with_the_same_weights(tiny_dataset, tmp_path)
         time.sleep(0.02)
     os.kill(proc.pid, signal.SIGKILL)
     proc.wait()
-    run_b = next((tmp_path / "b").glob("gpt2-dutch-tiny-2*"))
+    run_b = next((tmp_path / "b").glob("gpt2-dutch-nano-2*"))
     assert not (run_b / "final_model").exists()
     subprocess.run(_train_cmd(tiny_dataset, tmp_path / "b", "--resume", str(run_b)), check=True,
                    capture_output=True)
-    a = load_file(next((tmp_path / "a").glob("gpt2-dutch-tiny-2*")) / "final_model" / "model.safetensors")
+    a = load_file(next((tmp_path / "a").glob("gpt2-dutch-nano-2*")) / "final_model" / "model.safetensors")
     b = load_file(run_b / "final_model" / "model.safetensors")
     assert a.keys() == b.keys()
     for k in a:
@@ -119,7 +119,7 @@ def test_resume_after_sigkill_ends_with_the_same_weights(tiny_dataset, tmp_path)
 
 @pytest.mark.slow
 def test_two_process_ddp_on_cpu(ddp_run):
-    runs = list(ddp_run.glob("gpt2-dutch-tiny-2*"))
+    runs = list(ddp_run.glob("gpt2-dutch-nano-2*"))
     assert len(runs) == 1  # both ranks agreed on one run directory; only rank 0 wrote
     m = metrics(runs[0])
     assert json.loads((runs[0] / "run_config.json").read_text())["world_size"] == 2

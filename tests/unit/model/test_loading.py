@@ -13,6 +13,6 @@ pytestmark = pytest.mark.slow
 
 
 def test_model_path_accepts_run_dir_final_model_and_latest_link(tiny_run):
-    for path in (tiny_run, tiny_run / "final_model", tiny_run.parent / "gpt2-dutch-tiny-latest"):
+    for path in (tiny_run, tiny_run / "final_model", tiny_run.parent / "gpt2-dutch-nano-latest"):
         assert load_model(path, "cpu", "fp32")[2] == tiny_run / "final_model" or \
             load_model(path, "cpu", "fp32")[2].resolve() == (tiny_run / "final_model").resolve()

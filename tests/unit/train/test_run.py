@@ -50,10 +50,10 @@ def test_tiny_model_memorises_tiny_dataset_and_writes_the_run_layout(tiny_datase
     ckpt = run / "checkpoints" / "checkpoint-300"
     assert {"optimizer.pt", "scheduler.pt", "rng_state.pth", "trainer_state.json"} <= {p.name for p in ckpt.iterdir()}
     assert (run / "loss.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
-    latest = run.parent / "gpt2-dutch-tiny-latest"
+    latest = run.parent / "gpt2-dutch-nano-latest"
     assert latest.is_symlink() and latest.resolve() == run.resolve()
     rc = json.loads((run / "run_config.json").read_text())
-    assert rc["total_steps"] == 300 and rc["model_size"] == "tiny" and rc["context"] == 32
+    assert rc["total_steps"] == 300 and rc["model_size"] == "nano" and rc["context"] == 32
     # the final model opens with plain transformers and gives the checkpoint's logits
     from transformers import AutoModelForCausalLM, AutoTokenizer, pipeline
 
