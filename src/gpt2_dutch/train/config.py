@@ -3,11 +3,11 @@
 from __future__ import annotations
 
 import re
-from dataclasses import dataclass, field
-from typing import ClassVar
+from dataclasses import dataclass, field, fields
+from typing import Any, ClassVar
 
 from gpt2_dutch.core.errors import check, check_number, check_seed
-from gpt2_dutch.core.options import option, parse_duration
+from gpt2_dutch.core.options import flag_name, option, parse_duration
 from gpt2_dutch.model.presets import MODEL_PRESETS, preset
 from gpt2_dutch.push import check_repo_id
 from gpt2_dutch.runs.records import RECORD_FORMAT
@@ -27,6 +27,14 @@ ADAM_BETAS = {"muon": (0.7, 0.99), "adamw": (0.9, 0.95)}
 # without decay, and the gain is AdamW's side; Muon's matrices keep --weight-decay (Moonshot's Moonlight found
 # Muon needs it at scale). modded-nanogpt's Adam parameters have none either (docs/experiments/optimizer.md).
 MUON_ADAMW_WEIGHT_DECAY = 0.0
+# Optimizer ideas from modded-nanogpt and nanochat (issue #25), each off by default until a two-seed ablation in
+# both regimes keeps it (docs/experiments/ablations/). These act on Muon's matrices, so they need --optimizer muon;
+# under --fsdp, which trains with AdamW, the plan turns them off (muon_options_off).
+MUON_OPTIONS = ("muon_momentum_warmup",)
+# The settings a resumed run must be given as it was trained: the optimizer's state and param groups were built
+# by them (optimizer.pt brings its param groups back whatever the flags say), and another value would change the
+# update mid-run, so resuming is not exact. Runs from before an option resume as its default.
+RESUMED_AS_TRAINED = MUON_OPTIONS
 
 
 @dataclass
@@ -112,6 +120,9 @@ class TrainConfig:
                             "momentum, lr 0.02 x sqrt(max(1, out/in)), Q, K and V as three matrices) for the "
                             "blocks' weight matrices and AdamW at --learning-rate for embeddings, LayerNorms and "
                             "biases (AdamW with --fsdp)", choices=["adamw", "muon"])
+    muon_momentum_warmup: float = option(0.0, "under --optimizer muon: Muon's momentum rises linearly from 0.85 "
+                                         "to 0.95 over this many first steps (a fraction of the run if < 1), as "
+                                         "modded-nanogpt's does over 300; 0: 0.95 from the first step")
     loss_chunk_tokens: int = option(2048, "compute the LM head and its cross-entropy this many tokens at a time, "
                                     "so the [batch, context, vocab] logits never exist whole (less memory, "
                                     "faster on CPU; on CUDA a fused kernel from liger-kernel or "
@@ -152,6 +163,10 @@ class TrainConfig:
         check_number(self.adamw_weight_decay, "--adamw-weight-decay", minimum=0)
         check(self.adamw_weight_decay is None or self.optimizer == "muon", "--adamw-weight-decay is for --optimizer "
               "muon (with adamw, --weight-decay covers every matrix)")
+        check_number(self.muon_momentum_warmup, "--muon-momentum-warmup", minimum=0)
+        changed = [flag_name(n) for n in MUON_OPTIONS if getattr(self, n) != _default(n)]
+        check(not changed or self.optimizer == "muon", f"{', '.join(changed)} {'is' if len(changed) == 1 else 'are'} "
+              "for --optimizer muon (it changes how Muon updates its matrices); leave it out with --optimizer adamw")
         for name in ("adam_beta1", "adam_beta2"):
             if getattr(self, name) is not None:
                 check_number(getattr(self, name), f"--{name.replace('_', '-')}", minimum=0, maximum=1,
@@ -173,3 +188,28 @@ class TrainConfig:
         if self.use_wandb:
             self.report_to = "wandb"
 
+
+def _default(name: str) -> Any:
+    return next(f.default for f in fields(TrainConfig) if f.name == name)
+
+
+def muon_options_off() -> dict[str, Any]:
+    """MUON_OPTIONS at their defaults (off): what a run that trains with AdamW records for them."""
+    return {name: _default(name) for name in MUON_OPTIONS}
+
+
+def resume_conflicts(cfg: TrainConfig, recorded: dict[str, Any]) -> list[str]:
+    """What `cfg` asks differently from the run's record `recorded` among RESUMED_AS_TRAINED, one phrase each."""
+    problems = []
+    for name in RESUMED_AS_TRAINED:
+        was, asked = recorded.get(name, _default(name)), getattr(cfg, name)
+        if was == asked:
+            continue
+        flag = flag_name(name)
+        if isinstance(was, bool):
+            problems.append(f"it was trained with {flag} (pass it)" if was else
+                            f"it was trained without {flag} (leave it out)")
+        else:
+            problems.append(f"it was trained with {flag} {was:g} (pass that)" if isinstance(was, float) else
+                            f"it was trained with {flag} {was} (pass that)")
+    return problems

@@ -48,6 +48,9 @@ from torch.optim.adamw import adamw as adamw_step  # torch.optim.AdamW's own cod
 OPTIMIZERS = ("adamw", "muon")
 MUON_LR = 0.02
 MUON_MOMENTUM = 0.95
+# --muon-momentum-warmup starts here: less momentum while the gradients turn fast early on (modded-nanogpt,
+# train_gpt.py get_muon_momentum: 0.85 -> 0.95 over 300 steps; nanochat, scripts/base_train.py: 0.85 -> 0.97 over 400)
+MUON_MOMENTUM_START = 0.85
 
 # Keller Jordan's quintic Newton-Schulz coefficients (https://kellerjordan.github.io/posts/muon/,
 # github.com/KellerJordan/Muon muon.py; also torch.optim.Muon's defaults). They maximise the slope at zero, so
@@ -66,6 +69,14 @@ def resolve_optimizer(name: str, fsdp: bool) -> tuple[str, str | None]:
         return "adamw", ("notice: --optimizer muon is not available with --fsdp (each GPU holds only a shard of "
                          "every matrix, and Muon orthogonalizes whole matrices): training with AdamW")
     return name, None
+
+
+def muon_momentum(step: int, warmup_steps: int) -> float:
+    """Muon's momentum for the update of `step` (0: the first): linear from MUON_MOMENTUM_START to MUON_MOMENTUM
+    over the first `warmup_steps`, MUON_MOMENTUM from there (and throughout when `warmup_steps` is 0)."""
+    if step >= warmup_steps:
+        return MUON_MOMENTUM
+    return MUON_MOMENTUM_START + (MUON_MOMENTUM - MUON_MOMENTUM_START) * step / warmup_steps
 
 
 def newton_schulz(g: torch.Tensor, steps: int = NS_STEPS, eps: float = 1e-7,

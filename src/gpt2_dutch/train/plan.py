@@ -41,7 +41,14 @@ from gpt2_dutch.runs.records import (
     run_status,
     usable_checkpoint,
 )
-from gpt2_dutch.train.config import ADAM_BETAS, EMBEDDING_LR_SCALE, MUON_ADAMW_WEIGHT_DECAY, TrainConfig
+from gpt2_dutch.train.config import (
+    ADAM_BETAS,
+    EMBEDDING_LR_SCALE,
+    MUON_ADAMW_WEIGHT_DECAY,
+    TrainConfig,
+    muon_options_off,
+    resume_conflicts,
+)
 from gpt2_dutch.train.muon import resolve_optimizer
 from gpt2_dutch.train.schedule import warmup_steps_for
 
@@ -112,7 +119,7 @@ def make_plan(cfg: TrainConfig, manifest: dict[str, Any], n_train_chunks: int, e
         cfg = _new_run_defaults(cfg)
     optimizer, notice = resolve_optimizer(cfg.optimizer, cfg.fsdp)
     if optimizer != cfg.optimizer:  # the record says what trained (AdamW under --fsdp), as the notice does
-        cfg = replace(cfg, optimizer=optimizer, adamw_weight_decay=None)
+        cfg = replace(cfg, optimizer=optimizer, adamw_weight_decay=None, **muon_options_off())
     chunks_per_step = cfg.batch_size * cfg.gradient_accumulation_steps * world_size()
     tokens_per_step = chunks_per_step * context
     total_steps, limit = plan_steps(cfg, n_train_chunks, tokens_per_step)
@@ -435,6 +442,7 @@ def check_resumable(checkpoint: Path, cfg: TrainConfig, manifest: dict[str, Any]
     schedule = ran.get("schedule", "cosine")
     if schedule != cfg.schedule:
         problems.append(f"it was trained with --schedule {schedule} (pass --schedule {schedule})")
+    problems += resume_conflicts(cfg, ran)  # the optimizer options its state was built with
     if problems:
         raise UsageError(f"cannot resume from {checkpoint}: " + "; ".join(problems))
     _check_unpicklable(checkpoint)

@@ -32,7 +32,7 @@ from transformers.trainer_callback import PrinterCallback, ProgressCallback
 from gpt2_dutch.core.devices import is_main_process
 from gpt2_dutch.core.files import replace_dir, write_bytes_atomic
 from gpt2_dutch.runs.records import METRICS, read_metrics, read_run_config, update_run_config
-from gpt2_dutch.train.plan import TrainPlan
+from gpt2_dutch.train.plan import PROVISIONAL_STEPS, UNFITTED, TrainPlan
 from gpt2_dutch.train.schedule import Schedule, warmup_steps_for
 
 
@@ -215,6 +215,29 @@ class StopOnSignal(TrainerCallback):
             control.should_training_stop = True
 
 
+class MuonMomentumWarmup(TrainerCallback):
+    """--muon-momentum-warmup: sets the momentum of Muon's param groups before each optimizer step, from the step
+    alone (muon.muon_momentum), so a resumed run gets the momentum the straight run had at every step; the
+    momentum optimizer.pt brings back is overwritten before it is used. A fraction of the run follows the
+    schedule's length: a --max-time run warms up as a PROVISIONAL_STEPS run until its length is fitted, as its
+    learning rate does."""
+
+    def __init__(self, warmup: float, schedule: Schedule):
+        self.warmup, self.schedule = warmup, schedule
+
+    def warmup_steps(self) -> int:
+        total = self.schedule.total_steps
+        return warmup_steps_for(self.warmup, PROVISIONAL_STEPS if total >= UNFITTED else total)
+
+    def on_pre_optimizer_step(self, args: Any, state: Any, control: Any, optimizer: Any = None, **kw: Any) -> None:
+        from gpt2_dutch.train.muon import muon_momentum
+
+        momentum = muon_momentum(state.global_step, self.warmup_steps())
+        for group in optimizer.param_groups:
+            if group.get("use_muon"):
+                group["momentum"] = momentum
+
+
 def scale_embedding_lr(optimizer: torch.optim.Optimizer, model: Any, scale: float) -> bool:
     """Move GPT-2's token and position embedding tables into a param group of their own, with `scale` times the
     learning rate of the group they were in (and its other settings); the schedule then scales that lr like
@@ -268,6 +291,8 @@ class GPT2Trainer(Trainer):
         self._last_log: tuple[float, int] | None = None
         self.first_step = _FirstStep()
         self.add_callback(self.first_step)
+        if self.optimizer_kind == "muon" and cfg.muon_momentum_warmup:
+            self.add_callback(MuonMomentumWarmup(cfg.muon_momentum_warmup, schedule))
 
     def create_optimizer(self, model: Any = None) -> torch.optim.Optimizer:
         if self.optimizer is None and self.optimizer_kind == "muon":

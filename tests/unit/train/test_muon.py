@@ -14,7 +14,14 @@ from helpers import TINY, assert_one_line_error, metrics, poison_training_step
 from safetensors.torch import load_file
 
 from gpt2_dutch.train import TrainConfig, train
-from gpt2_dutch.train.muon import MUON_LR, MuonAdamW, newton_schulz, param_groups, resolve_optimizer
+from gpt2_dutch.train.muon import (
+    MUON_LR,
+    MuonAdamW,
+    muon_momentum,
+    newton_schulz,
+    param_groups,
+    resolve_optimizer,
+)
 
 BAND = (0.6, 1.3)  # the quintic's 5 steps leave singular values in ~[0.7, 1.2], not exactly 1
 
@@ -207,6 +214,94 @@ def test_exact_resume_with_muon_and_a_changed_optimizer_is_refused(tiny_dataset,
 
     resumed = train(tiny_cfg(tiny_dataset, tmp_path / "b", max_steps=8, save_every=4, eval_every=8,
                              resume=str(cut / "checkpoints" / "checkpoint-4")))
+    assert resumed == cut
+    a = load_file(straight / "final_model" / "model.safetensors")
+    b = load_file(cut / "final_model" / "model.safetensors")
+    assert a.keys() == b.keys()
+    for k in a:
+        assert torch.equal(a[k], b[k]), k
+
+
+# ------------------------------------------------------------------------ the options of issue #25 (off by default)
+
+
+def test_muon_momentum_warmup_rises_from_085_to_095_then_stays():
+    assert [muon_momentum(step, 300) for step in (0, 150, 299, 300, 5000)] == pytest.approx(
+        [0.85, 0.90, 0.85 + 0.1 * 299 / 300, 0.95, 0.95])
+    assert muon_momentum(0, 0) == 0.95  # off: the published momentum from the first step
+
+
+def test_the_momentum_warmup_sets_muons_groups_before_each_step_from_the_step_and_the_runs_length():
+    from types import SimpleNamespace
+
+    from gpt2_dutch.train.plan import UNFITTED
+    from gpt2_dutch.train.schedule import make_schedule
+    from gpt2_dutch.train.trainer import MuonMomentumWarmup
+
+    groups = [{"use_muon": True, "momentum": 0.95}, {"use_muon": False, "betas": (0.7, 0.99)}]
+    optimizer = SimpleNamespace(param_groups=groups)
+    schedule = make_schedule("wsd", total_steps=200, warmup_steps=10, cooldown=0.2)
+
+    def momentum_at(step: int, warmup: float) -> float:
+        MuonMomentumWarmup(warmup, schedule).on_pre_optimizer_step(None, SimpleNamespace(global_step=step), None,
+                                                                   optimizer=optimizer)
+        return groups[0]["momentum"]
+
+    assert momentum_at(0, 20) == pytest.approx(0.85) and momentum_at(10, 20) == pytest.approx(0.90)
+    assert momentum_at(10, 0.1) == pytest.approx(0.90)  # a fraction: of the 200-step run
+    schedule.total_steps = 400  # a --max-time refit: the fraction follows the length
+    assert momentum_at(10, 0.1) == pytest.approx(0.875)
+    schedule.total_steps = UNFITTED  # before the fit: as a 100-step run, as the learning rate's warmup
+    assert momentum_at(5, 0.1) == pytest.approx(0.90) and momentum_at(10, 0.1) == pytest.approx(0.95)
+    assert groups[1] == {"use_muon": False, "betas": (0.7, 0.99)}  # AdamW's groups are left alone
+
+
+def test_the_muon_options_need_muon_and_are_off_under_fsdp(tiny_dataset, tmp_path, cli):
+    rc, _, err = cli("train", "--dataset-path", tiny_dataset, *TINY, "--output-dir", tmp_path, "--max-steps", "1",
+                     "--optimizer", "adamw", "--muon-momentum-warmup", "300")
+    assert_one_line_error(rc, err, "--muon-momentum-warmup is for --optimizer muon")
+    rc, _, err = cli("train", "--dataset-path", tiny_dataset, *TINY, "--output-dir", tmp_path, "--max-steps", "1",
+                     "--muon-momentum-warmup", "-1")
+    assert_one_line_error(rc, err, "--muon-momentum-warmup must be at least 0")
+    from gpt2_dutch.train.plan import make_plan
+
+    manifest = {"chunk_size": 32, "vocab_size": 300,
+                "splits": {"train": {"chunks": 400}, "test": {"chunks": 20, "bytes": 2600, "tokens": 640}}}
+    plan = make_plan(tiny_cfg(tmp_path, tmp_path, model_size="pico", max_steps=5, fsdp=True, **OPTIONS_ON),
+                     manifest, 400, eos_token_id=0)
+    # --fsdp trains with AdamW: the record says the Muon options were off, as they were
+    assert plan.optimizer == plan.cfg.optimizer == "adamw"
+    assert all(getattr(plan.cfg, k) == getattr(TrainConfig(dataset_path="-"), k) for k in OPTIONS_ON)
+
+
+# Every option of issue #25 at once: each one's state comes back from the checkpoint (or is a function of the step)
+OPTIONS_ON = dict(muon_momentum_warmup=8)
+
+
+@pytest.mark.slow
+def test_exact_resume_with_the_optimizer_options_on_and_a_changed_option_is_refused(tiny_dataset, tmp_path, cli):
+    """As the exact resume test above, with every option on: the same weights bit for bit; each option is in
+    run_config.json, and a resume that asks for another value of one is refused in one line."""
+    straight = train(tiny_cfg(tiny_dataset, tmp_path / "a", max_steps=8, save_every=4, eval_every=8,
+                              keep_checkpoints=5, **OPTIONS_ON))
+    saved = json.loads((straight / "run_config.json").read_text())
+    assert {k: saved[k] for k in OPTIONS_ON} == OPTIONS_ON
+    state = torch.load(straight / "checkpoints" / "checkpoint-4" / "optimizer.pt", weights_only=True)
+    # the momentum of step 4 (index 3) of an 8-step warmup, as the optimizer used it
+    momenta = [g["momentum"] for g in state["param_groups"] if g["use_muon"]]
+    assert momenta and momenta == pytest.approx([0.85 + 0.1 * 3 / 8] * len(momenta))
+    cut = tmp_path / "b" / straight.name
+    shutil.copytree(straight, cut, symlinks=True)
+    shutil.rmtree(cut / "final_model")
+    shutil.rmtree(cut / "checkpoints" / "checkpoint-8")
+    (cut / "run_config.json").write_text(json.dumps({**saved, "status": "running"}))
+
+    rc, _, err = cli("train", "--dataset-path", tiny_dataset, *TINY, "--output-dir", tmp_path / "b",
+                     "--max-steps", "8", "--save-every", "4", "--resume", cut)
+    assert_one_line_error(rc, err, "it was trained with --muon-momentum-warmup 8 (pass that)")
+
+    resumed = train(tiny_cfg(tiny_dataset, tmp_path / "b", max_steps=8, save_every=4, eval_every=8,
+                             resume=str(cut / "checkpoints" / "checkpoint-4"), **OPTIONS_ON))
     assert resumed == cut
     a = load_file(straight / "final_model" / "model.safetensors")
     b = load_file(cut / "final_model" / "model.safetensors")
