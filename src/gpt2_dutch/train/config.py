@@ -30,7 +30,7 @@ MUON_ADAMW_WEIGHT_DECAY = 0.0
 # Optimizer ideas from modded-nanogpt and nanochat (issue #25), each off by default until a two-seed ablation in
 # both regimes keeps it (docs/experiments/ablations/). These act on Muon's matrices, so they need --optimizer muon;
 # under --fsdp, which trains with AdamW, the plan turns them off (muon_options_off).
-MUON_OPTIONS = ("muon_momentum_warmup",)
+MUON_OPTIONS = ("muon_momentum_warmup", "muon_iteration")
 # The settings a resumed run must be given as it was trained: the optimizer's state and param groups were built
 # by them (optimizer.pt brings its param groups back whatever the flags say), and another value would change the
 # update mid-run, so resuming is not exact. Runs from before an option resume as its default.
@@ -123,6 +123,11 @@ class TrainConfig:
     muon_momentum_warmup: float = option(0.0, "under --optimizer muon: Muon's momentum rises linearly from 0.85 "
                                          "to 0.95 over this many first steps (a fraction of the run if < 1), as "
                                          "modded-nanogpt's does over 300; 0: 0.95 from the first step")
+    muon_iteration: str = option("newton-schulz", "under --optimizer muon: how Muon orthogonalizes its momentum: "
+                                 "newton-schulz (Keller Jordan's quintic, five steps) or polar-express (the Polar "
+                                 "Express coefficients, one quintic per step, as modded-nanogpt and nanochat use: "
+                                 "closer to orthogonal in the same five steps)",
+                                 choices=["newton-schulz", "polar-express"])
     loss_chunk_tokens: int = option(2048, "compute the LM head and its cross-entropy this many tokens at a time, "
                                     "so the [batch, context, vocab] logits never exist whole (less memory, "
                                     "faster on CPU; on CUDA a fused kernel from liger-kernel or "

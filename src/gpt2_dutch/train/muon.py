@@ -58,6 +58,21 @@ MUON_MOMENTUM_START = 0.85
 # which trains as well as the exact orthogonal factor UV^T and costs a few matmuls instead of an SVD.
 NS_COEFFICIENTS = (3.4445, -4.7750, 2.0315)
 NS_STEPS = 5
+# --muon-iteration polar-express: Polar Express (Amsel, Persson, Musco, Gower, https://arxiv.org/abs/2505.16932)
+# gives each of the five steps its own quintic, chosen for the singular values still left at that step, so the
+# same five steps end closer to UV^T (every singular value in ~[0.85, 1.15] against the fixed quintic's ~[0.7,
+# 1.2], tested). The numbers are the paper's for five steps with a safety factor of 2e-2, the coefficients
+# modded-nanogpt's train_gpt.py and nanochat's nanochat/optim.py use; the input is divided by 1.02 x its Frobenius
+# norm, the margin they were computed for (modded-nanogpt's normalisation).
+POLAR_EXPRESS_COEFFICIENTS = (
+    (8.156554524902461, -22.48329292557795, 15.878769915207462),
+    (4.042929935166739, -2.808917465908714, 0.5000178451051316),
+    (3.8916678022926607, -2.772484153217685, 0.5060648178503393),
+    (3.285753657755655, -2.3681294933425376, 0.46449024233003106),
+    (2.3465413258596377, -1.7097828382687081, 0.42323551169305323),
+)
+POLAR_EXPRESS_SAFETY = 1.02
+ITERATIONS = ("newton-schulz", "polar-express")
 # On a CPU, bf16 Newton-Schulz pays from this smaller side up (2-4x faster at 256-768); below it the casts cost
 # more than the matmuls save (pico's and nano's 64 and 128: 0.4-0.9x) (docs/experiments/optimizer.md).
 CPU_BF16_NS_MIN_SIDE = 256
@@ -80,27 +95,35 @@ def muon_momentum(step: int, warmup_steps: int) -> float:
 
 
 def newton_schulz(g: torch.Tensor, steps: int = NS_STEPS, eps: float = 1e-7,
-                  dtype: torch.dtype | None = None) -> torch.Tensor:
+                  dtype: torch.dtype | None = None, iteration: str = "newton-schulz") -> torch.Tensor:
     """~U V^T of each matrix in `g` (..., rows, cols), where U S V^T is its SVD: the quintic iteration of
-    Keller Jordan's Muon, in `dtype` (default: bf16 on GPUs, as there: tensor cores, and the iteration
-    tolerates it; fp32 elsewhere). MuonAdamW passes bf16 for a bf16 run on a CPU with bf16 matmul units too."""
+    Keller Jordan's Muon (or, with `iteration` "polar-express", a quintic of its own per step), in `dtype`
+    (default: bf16 on GPUs, as there: tensor cores, and the iteration tolerates it; fp32 elsewhere). MuonAdamW
+    passes bf16 for a bf16 run on a CPU with bf16 matmul units too."""
+    if iteration == "polar-express":
+        assert steps <= len(POLAR_EXPRESS_COEFFICIENTS), steps
+        coefficients, safety = POLAR_EXPRESS_COEFFICIENTS[:steps], POLAR_EXPRESS_SAFETY
+    else:
+        coefficients, safety = (NS_COEFFICIENTS,) * steps, 1.0
     x = g.to(dtype or (torch.bfloat16 if g.is_cuda else torch.float32))
     tall = x.size(-2) > x.size(-1)
     if tall:  # iterate on the wide orientation: the Gram matrix x x^T is then the smaller one
         x = x.mT
-    x = x / x.norm(dim=(-2, -1), keepdim=True).clamp(min=eps)  # Frobenius norm >= spectral norm: all s.v. <= 1
-    a, b, c = NS_COEFFICIENTS
-    for _ in range(steps):
+    norm = x.norm(dim=(-2, -1), keepdim=True)  # Frobenius norm >= spectral norm: all s.v. <= 1
+    if safety != 1.0:
+        norm = norm * safety
+    x = x / norm.clamp(min=eps)
+    for a, b, c in coefficients:
         gram = x @ x.mT
         x = a * x + (b * gram + c * gram @ gram) @ x
     return x.mT if tall else x
 
 
-def orthogonal_update(momentum: torch.Tensor, conv1d: bool, blocks: int,
-                      dtype: torch.dtype | None = None) -> torch.Tensor:
+def orthogonal_update(momentum: torch.Tensor, conv1d: bool, blocks: int, dtype: torch.dtype | None = None,
+                      iteration: str = "newton-schulz") -> torch.Tensor:
     """Muon's update for one weight, in its stored layout, before the learning rate: each of the `blocks` output
     blocks orthogonalized on its own in nn.Linear orientation (out x in; a Conv1D weight is in x out) and
-    scaled by max(1, out/in)**0.5 of that block; the iteration in `dtype` (see newton_schulz).
+    scaled by max(1, out/in)**0.5 of that block; the iteration (`iteration`, in `dtype`: see newton_schulz).
 
     One weight at a time: stacking the same layer of every block into one batched iteration was no faster on a
     CPU, whose matmuls of GPT-2's sizes are already large (docs/experiments/optimizer.md)."""
@@ -109,19 +132,20 @@ def orthogonal_update(momentum: torch.Tensor, conv1d: bool, blocks: int,
     per_block = rows // blocks
     if dtype == torch.bfloat16 and not momentum.is_cuda and min(per_block, cols) < CPU_BF16_NS_MIN_SIDE:
         dtype = torch.float32  # on a CPU, small matrices iterate faster in fp32
-    update = newton_schulz(w.reshape(blocks, per_block, cols), dtype=dtype).to(momentum.dtype)
+    update = newton_schulz(w.reshape(blocks, per_block, cols), dtype=dtype, iteration=iteration).to(momentum.dtype)
     update = (update * max(1.0, per_block / cols) ** 0.5).reshape(rows, cols)
     return update.mT if conv1d else update
 
 
 def param_groups(model: torch.nn.Module, lr: float, weight_decay: float, muon_lr: float = MUON_LR,
                  betas: tuple[float, float] = (0.9, 0.95), eps: float = 1e-8,
-                 decay_names: Iterable[str] | None = None,
-                 adamw_weight_decay: float | None = None) -> list[dict[str, Any]]:
+                 decay_names: Iterable[str] | None = None, adamw_weight_decay: float | None = None,
+                 iteration: str = "newton-schulz") -> list[dict[str, Any]]:
     """MuonAdamW's param groups for a GPT-2 model: the weights of the blocks' Conv1D/Linear layers (c_attn as Q,
-    K and V; cross-attention's c_attn as K and V) to Muon with `weight_decay`, every other parameter to AdamW at
-    `lr`, with weight decay `adamw_weight_decay` (default: `weight_decay`) on the names in `decay_names` (the
-    Trainer's choice: not biases or LayerNorms; default: >= 2-D): the embedding tables and the LM head.
+    K and V; cross-attention's c_attn as K and V) to Muon with `weight_decay` and the orthogonalizing
+    `iteration`, every other parameter to AdamW at `lr`, with weight decay `adamw_weight_decay` (default:
+    `weight_decay`) on the names in `decay_names` (the Trainer's choice: not biases or LayerNorms; default:
+    >= 2-D): the embedding tables and the LM head.
 
     The AdamW group with decay comes first: the Trainer logs the first group's lr as the run's lr."""
     from transformers.models.gpt2.modeling_gpt2 import GPT2Attention
@@ -147,6 +171,7 @@ def param_groups(model: torch.nn.Module, lr: float, weight_decay: float, muon_lr
     for (conv1d, blocks), params in sorted(muon.items()):
         groups.append({"use_muon": True, "params": params, "lr": muon_lr, "momentum": MUON_MOMENTUM,
                        "nesterov": True, "layout": "conv1d" if conv1d else "linear", "blocks": blocks,
+                       "iteration": iteration,
                        "weight_decay": weight_decay * lr / muon_lr})  # shrinks by lr * wd per step, as AdamW
     return [g for g in groups if g["params"]]
 
@@ -192,7 +217,8 @@ class MuonAdamW(torch.optim.Optimizer):
             buf.lerp_(p.grad, 1 - momentum)
             update = p.grad.lerp(buf, momentum) if group["nesterov"] else buf
             p.mul_(1 - lr * group["weight_decay"])
-            p.add_(orthogonal_update(update, conv1d, group["blocks"], self.ns_dtype), alpha=-lr)
+            p.add_(orthogonal_update(update, conv1d, group["blocks"], self.ns_dtype,
+                                     group.get("iteration", "newton-schulz")), alpha=-lr)
 
     def _adamw(self, group: dict[str, Any]) -> None:
         params, grads, exp_avgs, exp_avg_sqs, steps = [], [], [], [], []

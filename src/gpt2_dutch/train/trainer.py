@@ -278,7 +278,7 @@ class GPT2Trainer(Trainer):
     def __init__(self, *args: Any, plan: TrainPlan, schedule: Schedule, health: StepHealth | None = None,
                  **kwargs: Any):
         super().__init__(*args, **kwargs)
-        cfg = plan.cfg
+        cfg = self.cfg = plan.cfg
         self.embedding_lr_scale = cfg.embedding_lr_scale  # the embedding tables' lr / the other AdamW params' lr
         self.adamw_weight_decay = cfg.adamw_weight_decay  # Muon only: the decay of AdamW's matrices (None: args')
         self.eval_chunks = plan.eval_chunks  # test chunks per evaluation (0: all); a --max-time fit may change it
@@ -303,7 +303,8 @@ class GPT2Trainer(Trainer):
             self.optimizer = MuonAdamW(param_groups(
                 opt_model, self.args.learning_rate, self.args.weight_decay,
                 betas=(self.args.adam_beta1, self.args.adam_beta2), eps=self.args.adam_epsilon,
-                decay_names=self.get_decay_parameter_names(opt_model), adamw_weight_decay=self.adamw_weight_decay),
+                decay_names=self.get_decay_parameter_names(opt_model), adamw_weight_decay=self.adamw_weight_decay,
+                iteration=self.cfg.muon_iteration),
                 # a bf16 run's Newton-Schulz in bf16 on a CPU too (docs/experiments/optimizer.md); else its default
                 ns_dtype=torch.bfloat16 if self.args.bf16 else None)
         optimizer = super().create_optimizer(model)

@@ -47,7 +47,8 @@ def test_on_a_cpu_small_matrices_iterate_in_fp32_and_large_ones_in_bf16(monkeypa
 
     seen = []
     real = muon.newton_schulz
-    monkeypatch.setattr(muon, "newton_schulz", lambda g, dtype=None: seen.append(dtype) or real(g, dtype=dtype))
+    monkeypatch.setattr(muon, "newton_schulz",
+                        lambda g, dtype=None, **kw: seen.append(dtype) or real(g, dtype=dtype, **kw))
     side = muon.CPU_BF16_NS_MIN_SIDE
     muon.orthogonal_update(torch.randn(side // 2, 2 * side), True, 1, torch.bfloat16)
     muon.orthogonal_update(torch.randn(side, 3 * side), True, 3, torch.bfloat16)  # three blocks of side x side
