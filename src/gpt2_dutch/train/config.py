@@ -30,7 +30,7 @@ MUON_ADAMW_WEIGHT_DECAY = 0.0
 # Optimizer ideas from modded-nanogpt and nanochat (issue #25), each off by default until a two-seed ablation in
 # both regimes keeps it (docs/experiments/ablations/). These act on Muon's matrices, so they need --optimizer muon;
 # under --fsdp, which trains with AdamW, the plan turns them off (muon_options_off).
-MUON_OPTIONS = ("muon_momentum_warmup", "muon_iteration")
+MUON_OPTIONS = ("muon_momentum_warmup", "muon_iteration", "normuon")
 # The settings a resumed run must be given as it was trained: the optimizer's state and param groups were built
 # by them (optimizer.pt brings its param groups back whatever the flags say), and another value would change the
 # update mid-run, so resuming is not exact. Runs from before an option resume as its default.
@@ -128,6 +128,9 @@ class TrainConfig:
                                  "Express coefficients, one quintic per step, as modded-nanogpt and nanochat use: "
                                  "closer to orthogonal in the same five steps)",
                                  choices=["newton-schulz", "polar-express"])
+    normuon: bool = option(False, "under --optimizer muon: NorMuon, each neuron's orthogonalized update divided by "
+                           "the root of its own running mean square (beta2 0.9), the matrix's step keeping its size, "
+                           "as in modded-nanogpt and nanochat")
     loss_chunk_tokens: int = option(2048, "compute the LM head and its cross-entropy this many tokens at a time, "
                                     "so the [batch, context, vocab] logits never exist whole (less memory, "
                                     "faster on CPU; on CUDA a fused kernel from liger-kernel or "

@@ -73,6 +73,9 @@ POLAR_EXPRESS_COEFFICIENTS = (
 )
 POLAR_EXPRESS_SAFETY = 1.02
 ITERATIONS = ("newton-schulz", "polar-express")
+# --normuon: the decay of NorMuon's per-neuron second moment (Li et al., https://arxiv.org/abs/2510.05491), the
+# beta2 that modded-nanogpt's train_gpt.py (NorMuonAndAdam) and nanochat's nanochat/optim.py (MuonAdamW) give it
+NORMUON_BETA2 = 0.9
 # On a CPU, bf16 Newton-Schulz pays from this smaller side up (2-4x faster at 256-768); below it the casts cost
 # more than the matmuls save (pico's and nano's 64 and 128: 0.4-0.9x) (docs/experiments/optimizer.md).
 CPU_BF16_NS_MIN_SIDE = 256
@@ -119,10 +122,34 @@ def newton_schulz(g: torch.Tensor, steps: int = NS_STEPS, eps: float = 1e-7,
     return x.mT if tall else x
 
 
+def normuon_shape(weight: torch.Tensor, conv1d: bool, blocks: int) -> tuple[int, int, int]:
+    """The shape of NorMuon's second moment for one weight: one value per row of each block (nn.Linear
+    orientation, an output neuron) where the block is at least as tall as wide, else one per column, so that
+    each value averages over the shorter side, as modded-nanogpt and nanochat reduce it."""
+    rows, cols = (weight.shape[1], weight.shape[0]) if conv1d else tuple(weight.shape)
+    per_block = rows // blocks
+    return (blocks, per_block, 1) if per_block >= cols else (blocks, 1, cols)
+
+
+def normalize_neurons(update: torch.Tensor, second_moment: torch.Tensor, beta2: float) -> torch.Tensor:
+    """NorMuon's step after orthogonalization, for `update` (blocks, rows, cols): the mean square of each row (or
+    column: `second_moment`'s shape says which) enters an exponential average (`second_moment`, updated in
+    place), each row is divided by that average's square root, and each block is rescaled to its Frobenius norm
+    before this. Why: an orthogonalized update still gives some neurons far larger steps than others; this
+    evens them out as Adam's second moment would, while the block's step keeps Muon's size."""
+    axis = -1 if second_moment.size(-1) == 1 else -2
+    second_moment.lerp_(update.float().square().mean(dim=axis, keepdim=True), 1 - beta2)
+    scaled = update * second_moment.clamp(min=1e-10).rsqrt().to(update.dtype)
+    size = update.norm(dim=(-2, -1), keepdim=True) / scaled.norm(dim=(-2, -1), keepdim=True).clamp(min=1e-10)
+    return scaled * size
+
+
 def orthogonal_update(momentum: torch.Tensor, conv1d: bool, blocks: int, dtype: torch.dtype | None = None,
-                      iteration: str = "newton-schulz") -> torch.Tensor:
+                      iteration: str = "newton-schulz", second_moment: torch.Tensor | None = None,
+                      beta2: float = NORMUON_BETA2) -> torch.Tensor:
     """Muon's update for one weight, in its stored layout, before the learning rate: each of the `blocks` output
-    blocks orthogonalized on its own in nn.Linear orientation (out x in; a Conv1D weight is in x out) and
+    blocks orthogonalized on its own in nn.Linear orientation (out x in; a Conv1D weight is in x out), with a
+    `second_moment` (normuon_shape) NorMuon's per-neuron normalization after it (normalize_neurons), and
     scaled by max(1, out/in)**0.5 of that block; the iteration (`iteration`, in `dtype`: see newton_schulz).
 
     One weight at a time: stacking the same layer of every block into one batched iteration was no faster on a
@@ -133,6 +160,8 @@ def orthogonal_update(momentum: torch.Tensor, conv1d: bool, blocks: int, dtype: 
     if dtype == torch.bfloat16 and not momentum.is_cuda and min(per_block, cols) < CPU_BF16_NS_MIN_SIDE:
         dtype = torch.float32  # on a CPU, small matrices iterate faster in fp32
     update = newton_schulz(w.reshape(blocks, per_block, cols), dtype=dtype, iteration=iteration).to(momentum.dtype)
+    if second_moment is not None:
+        update = normalize_neurons(update, second_moment, beta2)
     update = (update * max(1.0, per_block / cols) ** 0.5).reshape(rows, cols)
     return update.mT if conv1d else update
 
@@ -140,12 +169,12 @@ def orthogonal_update(momentum: torch.Tensor, conv1d: bool, blocks: int, dtype: 
 def param_groups(model: torch.nn.Module, lr: float, weight_decay: float, muon_lr: float = MUON_LR,
                  betas: tuple[float, float] = (0.9, 0.95), eps: float = 1e-8,
                  decay_names: Iterable[str] | None = None, adamw_weight_decay: float | None = None,
-                 iteration: str = "newton-schulz") -> list[dict[str, Any]]:
+                 iteration: str = "newton-schulz", normuon_beta2: float = 0.0) -> list[dict[str, Any]]:
     """MuonAdamW's param groups for a GPT-2 model: the weights of the blocks' Conv1D/Linear layers (c_attn as Q,
-    K and V; cross-attention's c_attn as K and V) to Muon with `weight_decay` and the orthogonalizing
-    `iteration`, every other parameter to AdamW at `lr`, with weight decay `adamw_weight_decay` (default:
-    `weight_decay`) on the names in `decay_names` (the Trainer's choice: not biases or LayerNorms; default:
-    >= 2-D): the embedding tables and the LM head.
+    K and V; cross-attention's c_attn as K and V) to Muon with `weight_decay`, the orthogonalizing `iteration`
+    and NorMuon's second moment decaying by `normuon_beta2` (0: no NorMuon), every other parameter to AdamW at
+    `lr`, with weight decay `adamw_weight_decay` (default: `weight_decay`) on the names in `decay_names` (the
+    Trainer's choice: not biases or LayerNorms; default: >= 2-D): the embedding tables and the LM head.
 
     The AdamW group with decay comes first: the Trainer logs the first group's lr as the run's lr."""
     from transformers.models.gpt2.modeling_gpt2 import GPT2Attention
@@ -171,7 +200,7 @@ def param_groups(model: torch.nn.Module, lr: float, weight_decay: float, muon_lr
     for (conv1d, blocks), params in sorted(muon.items()):
         groups.append({"use_muon": True, "params": params, "lr": muon_lr, "momentum": MUON_MOMENTUM,
                        "nesterov": True, "layout": "conv1d" if conv1d else "linear", "blocks": blocks,
-                       "iteration": iteration,
+                       "iteration": iteration, "normuon_beta2": normuon_beta2,
                        "weight_decay": weight_decay * lr / muon_lr})  # shrinks by lr * wd per step, as AdamW
     return [g for g in groups if g["params"]]
 
@@ -216,9 +245,13 @@ class MuonAdamW(torch.optim.Optimizer):
             buf = state["momentum_buffer"]
             buf.lerp_(p.grad, 1 - momentum)
             update = p.grad.lerp(buf, momentum) if group["nesterov"] else buf
+            beta2 = group.get("normuon_beta2", 0.0)  # param groups saved before the option have none
+            if beta2 and "second_moment" not in state:
+                state["second_moment"] = torch.zeros(normuon_shape(p, conv1d, group["blocks"]), device=p.device)
             p.mul_(1 - lr * group["weight_decay"])
             p.add_(orthogonal_update(update, conv1d, group["blocks"], self.ns_dtype,
-                                     group.get("iteration", "newton-schulz")), alpha=-lr)
+                                     group.get("iteration", "newton-schulz"),
+                                     state["second_moment"] if beta2 else None, beta2), alpha=-lr)
 
     def _adamw(self, group: dict[str, Any]) -> None:
         params, grads, exp_avgs, exp_avg_sqs, steps = [], [], [], [], []

@@ -296,7 +296,7 @@ class GPT2Trainer(Trainer):
 
     def create_optimizer(self, model: Any = None) -> torch.optim.Optimizer:
         if self.optimizer is None and self.optimizer_kind == "muon":
-            from gpt2_dutch.train.muon import MuonAdamW, param_groups
+            from gpt2_dutch.train.muon import NORMUON_BETA2, MuonAdamW, param_groups
 
             # set before super(), which then keeps it (and wraps it where it wraps its own)
             opt_model = self.model if model is None else model
@@ -304,7 +304,7 @@ class GPT2Trainer(Trainer):
                 opt_model, self.args.learning_rate, self.args.weight_decay,
                 betas=(self.args.adam_beta1, self.args.adam_beta2), eps=self.args.adam_epsilon,
                 decay_names=self.get_decay_parameter_names(opt_model), adamw_weight_decay=self.adamw_weight_decay,
-                iteration=self.cfg.muon_iteration),
+                iteration=self.cfg.muon_iteration, normuon_beta2=NORMUON_BETA2 if self.cfg.normuon else 0.0),
                 # a bf16 run's Newton-Schulz in bf16 on a CPU too (docs/experiments/optimizer.md); else its default
                 ns_dtype=torch.bfloat16 if self.args.bf16 else None)
         optimizer = super().create_optimizer(model)

@@ -140,8 +140,11 @@ def test_adamw_weight_decay_sets_the_embedding_and_head_decay_and_leaves_muons()
     assert torch.equal(model.transformer.wte.weight, wte)
 
 
-def test_the_state_dict_restores_the_same_next_step():
-    """What the Trainer's checkpoint relies on: state_dict -> load_state_dict -> the same update."""
+@pytest.mark.parametrize("options", [{}, {"iteration": "polar-express", "normuon_beta2": 0.9}],
+                         ids=["defaults", "options-on"])
+def test_the_state_dict_restores_the_same_next_step(options):
+    """What the Trainer's checkpoint relies on: state_dict -> load_state_dict -> the same update (with the
+    options of issue #25 too: NorMuon's second moment is part of the state)."""
     def steps(model, opt, n):
         for i in range(n):
             torch.manual_seed(100 + i)
@@ -151,11 +154,12 @@ def test_the_state_dict_restores_the_same_next_step():
             opt.step()
 
     a = _tiny_gpt2()
-    opt_a = MuonAdamW(param_groups(a, lr=1e-3, weight_decay=0.1))
+    opt_a = MuonAdamW(param_groups(a, lr=1e-3, weight_decay=0.1, **options))
     steps(a, opt_a, 2)
+    assert ("second_moment" in opt_a.state[a.transformer.h[0].mlp.c_fc.weight]) == ("normuon_beta2" in options)
     b = _tiny_gpt2()
     b.load_state_dict(a.state_dict())
-    opt_b = MuonAdamW(param_groups(b, lr=1e-3, weight_decay=0.1))
+    opt_b = MuonAdamW(param_groups(b, lr=1e-3, weight_decay=0.1, **options))
     saved = io.BytesIO()  # through a file, as optimizer.pt (a loaded state would share tensors otherwise)
     torch.save(opt_a.state_dict(), saved)
     saved.seek(0)
@@ -292,8 +296,29 @@ def test_polar_express_ends_closer_to_orthogonal_than_the_quintic_in_the_same_fi
     assert torch.allclose(update, 3**0.5 * newton_schulz(grad.T, iteration="polar-express").T, atol=1e-5)
 
 
+def test_normuon_evens_out_the_neurons_steps_and_keeps_the_matrixs_step_size():
+    from transformers.pytorch_utils import Conv1D
+
+    from gpt2_dutch.train.muon import normalize_neurons, normuon_shape
+
+    q, _ = torch.linalg.qr(torch.randn(64, 16, generator=torch.Generator().manual_seed(0)))
+    scales = torch.linspace(0.2, 3.0, 64)[:, None]  # a tall update whose rows (neurons) differ 15x in size
+    update = (scales * q)[None]
+    second_moment = torch.zeros(1, 64, 1)
+    out = normalize_neurons(update, second_moment, beta2=0.9)
+    rms = out.square().mean(dim=-1).sqrt()
+    assert torch.allclose(rms, rms.mean().expand_as(rms), rtol=1e-4)  # every neuron the same step
+    assert torch.allclose(out.norm(), update.norm(), rtol=1e-5)  # the matrix's step keeps its size
+    assert torch.allclose(second_moment, 0.1 * update.square().mean(dim=-1, keepdim=True))
+    # one value per row of a tall block, per column of a wide one (nn.Linear orientation: Conv1D is stored in x out)
+    assert normuon_shape(Conv1D(128, 32).weight, True, 1) == (1, 128, 1)  # c_fc: 128 out x 32 in
+    assert normuon_shape(Conv1D(32, 128).weight, True, 1) == (1, 1, 128)  # c_proj: 32 out x 128 in
+    assert normuon_shape(Conv1D(96, 32).weight, True, 3) == (3, 32, 1)  # c_attn: Q, K and V, 32 x 32 each
+    assert normuon_shape(torch.nn.Linear(32, 128).weight, False, 1) == (1, 128, 1)
+
+
 # Every option of issue #25 at once: each one's state comes back from the checkpoint (or is a function of the step)
-OPTIONS_ON = dict(muon_momentum_warmup=8, muon_iteration="polar-express")
+OPTIONS_ON = dict(muon_momentum_warmup=8, muon_iteration="polar-express", normuon=True)
 
 
 @pytest.mark.slow
@@ -308,7 +333,8 @@ def test_exact_resume_with_the_optimizer_options_on_and_a_changed_option_is_refu
     # the momentum of step 4 (index 3) of an 8-step warmup, as the optimizer used it
     muon = [g for g in state["param_groups"] if g["use_muon"]]
     assert muon and [g["momentum"] for g in muon] == pytest.approx([0.85 + 0.1 * 3 / 8] * len(muon))
-    assert {g["iteration"] for g in muon} == {"polar-express"}
+    assert {g["iteration"] for g in muon} == {"polar-express"} and {g["normuon_beta2"] for g in muon} == {0.9}
+    assert all("second_moment" in state["state"][i] for g in muon for i in g["params"])
     cut = tmp_path / "b" / straight.name
     shutil.copytree(straight, cut, symlinks=True)
     shutil.rmtree(cut / "final_model")
