@@ -30,7 +30,7 @@ MUON_ADAMW_WEIGHT_DECAY = 0.0
 # Optimizer ideas from modded-nanogpt and nanochat (issue #25), each off by default until a two-seed ablation in
 # both regimes keeps it (docs/experiments/ablations/). These act on Muon's matrices, so they need --optimizer muon;
 # under --fsdp, which trains with AdamW, the plan turns them off (muon_options_off).
-MUON_OPTIONS = ("muon_momentum_warmup", "muon_iteration", "normuon")
+MUON_OPTIONS = ("muon_momentum_warmup", "muon_iteration", "normuon", "cautious_weight_decay")
 # The settings a resumed run must be given as it was trained: the optimizer's state and param groups were built
 # by them (optimizer.pt brings its param groups back whatever the flags say), and another value would change the
 # update mid-run, so resuming is not exact. Runs from before an option resume as its default.
@@ -131,6 +131,9 @@ class TrainConfig:
     normuon: bool = option(False, "under --optimizer muon: NorMuon, each neuron's orthogonalized update divided by "
                            "the root of its own running mean square (beta2 0.9), the matrix's step keeping its size, "
                            "as in modded-nanogpt and nanochat")
+    cautious_weight_decay: bool = option(False, "under --optimizer muon: Muon's matrices decay (--weight-decay) only "
+                                         "where the step itself shrinks the weight (update and weight of one sign), "
+                                         "as modded-nanogpt's and nanochat's")
     loss_chunk_tokens: int = option(2048, "compute the LM head and its cross-entropy this many tokens at a time, "
                                     "so the [batch, context, vocab] logits never exist whole (less memory, "
                                     "faster on CPU; on CUDA a fused kernel from liger-kernel or "

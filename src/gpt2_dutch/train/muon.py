@@ -169,10 +169,12 @@ def orthogonal_update(momentum: torch.Tensor, conv1d: bool, blocks: int, dtype: 
 def param_groups(model: torch.nn.Module, lr: float, weight_decay: float, muon_lr: float = MUON_LR,
                  betas: tuple[float, float] = (0.9, 0.95), eps: float = 1e-8,
                  decay_names: Iterable[str] | None = None, adamw_weight_decay: float | None = None,
-                 iteration: str = "newton-schulz", normuon_beta2: float = 0.0) -> list[dict[str, Any]]:
+                 iteration: str = "newton-schulz", normuon_beta2: float = 0.0,
+                 cautious_weight_decay: bool = False) -> list[dict[str, Any]]:
     """MuonAdamW's param groups for a GPT-2 model: the weights of the blocks' Conv1D/Linear layers (c_attn as Q,
     K and V; cross-attention's c_attn as K and V) to Muon with `weight_decay`, the orthogonalizing `iteration`
-    and NorMuon's second moment decaying by `normuon_beta2` (0: no NorMuon), every other parameter to AdamW at
+    and NorMuon's second moment decaying by `normuon_beta2` (0: no NorMuon), the decay only where the update
+    shrinks the weight with `cautious_weight_decay`, every other parameter to AdamW at
     `lr`, with weight decay `adamw_weight_decay` (default: `weight_decay`) on the names in `decay_names` (the
     Trainer's choice: not biases or LayerNorms; default: >= 2-D): the embedding tables and the LM head.
 
@@ -201,6 +203,7 @@ def param_groups(model: torch.nn.Module, lr: float, weight_decay: float, muon_lr
         groups.append({"use_muon": True, "params": params, "lr": muon_lr, "momentum": MUON_MOMENTUM,
                        "nesterov": True, "layout": "conv1d" if conv1d else "linear", "blocks": blocks,
                        "iteration": iteration, "normuon_beta2": normuon_beta2,
+                       "cautious_weight_decay": cautious_weight_decay,
                        "weight_decay": weight_decay * lr / muon_lr})  # shrinks by lr * wd per step, as AdamW
     return [g for g in groups if g["params"]]
 
@@ -248,10 +251,17 @@ class MuonAdamW(torch.optim.Optimizer):
             beta2 = group.get("normuon_beta2", 0.0)  # param groups saved before the option have none
             if beta2 and "second_moment" not in state:
                 state["second_moment"] = torch.zeros(normuon_shape(p, conv1d, group["blocks"]), device=p.device)
-            p.mul_(1 - lr * group["weight_decay"])
-            p.add_(orthogonal_update(update, conv1d, group["blocks"], self.ns_dtype,
-                                     group.get("iteration", "newton-schulz"),
-                                     state["second_moment"] if beta2 else None, beta2), alpha=-lr)
+            orthogonal = orthogonal_update(update, conv1d, group["blocks"], self.ns_dtype,
+                                           group.get("iteration", "newton-schulz"),
+                                           state["second_moment"] if beta2 else None, beta2)
+            if group.get("cautious_weight_decay"):
+                # decay only where the step itself shrinks the weight (update and weight of one sign): decay
+                # elsewhere pulls against what the gradient asks for (cautious weight decay: modded-nanogpt's
+                # train_gpt.py and nanochat's nanochat/optim.py mask with update * weight >= 0)
+                p.sub_(p * (orthogonal * p >= 0), alpha=lr * group["weight_decay"])
+            else:
+                p.mul_(1 - lr * group["weight_decay"])
+            p.add_(orthogonal, alpha=-lr)
 
     def _adamw(self, group: dict[str, Any]) -> None:
         params, grads, exp_avgs, exp_avg_sqs, steps = [], [], [], [], []

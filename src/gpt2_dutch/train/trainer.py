@@ -304,7 +304,8 @@ class GPT2Trainer(Trainer):
                 opt_model, self.args.learning_rate, self.args.weight_decay,
                 betas=(self.args.adam_beta1, self.args.adam_beta2), eps=self.args.adam_epsilon,
                 decay_names=self.get_decay_parameter_names(opt_model), adamw_weight_decay=self.adamw_weight_decay,
-                iteration=self.cfg.muon_iteration, normuon_beta2=NORMUON_BETA2 if self.cfg.normuon else 0.0),
+                iteration=self.cfg.muon_iteration, normuon_beta2=NORMUON_BETA2 if self.cfg.normuon else 0.0,
+                cautious_weight_decay=self.cfg.cautious_weight_decay),
                 # a bf16 run's Newton-Schulz in bf16 on a CPU too (docs/experiments/optimizer.md); else its default
                 ns_dtype=torch.bfloat16 if self.args.bf16 else None)
         optimizer = super().create_optimizer(model)

@@ -140,8 +140,8 @@ def test_adamw_weight_decay_sets_the_embedding_and_head_decay_and_leaves_muons()
     assert torch.equal(model.transformer.wte.weight, wte)
 
 
-@pytest.mark.parametrize("options", [{}, {"iteration": "polar-express", "normuon_beta2": 0.9}],
-                         ids=["defaults", "options-on"])
+@pytest.mark.parametrize("options", [{}, {"iteration": "polar-express", "normuon_beta2": 0.9,
+                                          "cautious_weight_decay": True}], ids=["defaults", "options-on"])
 def test_the_state_dict_restores_the_same_next_step(options):
     """What the Trainer's checkpoint relies on: state_dict -> load_state_dict -> the same update (with the
     options of issue #25 too: NorMuon's second moment is part of the state)."""
@@ -317,8 +317,31 @@ def test_normuon_evens_out_the_neurons_steps_and_keeps_the_matrixs_step_size():
     assert normuon_shape(torch.nn.Linear(32, 128).weight, False, 1) == (1, 128, 1)
 
 
+def test_cautious_weight_decay_decays_only_where_the_update_shrinks_the_weight():
+    from gpt2_dutch.train.muon import orthogonal_update
+
+    def step(cautious: bool) -> tuple[torch.Tensor, torch.Tensor]:
+        weight = torch.nn.Parameter(torch.randn(24, 24, generator=torch.Generator().manual_seed(1)))
+        before = weight.detach().clone()
+        weight.grad = conditioned(24, 24, seed=2)
+        MuonAdamW([{"use_muon": True, "params": [weight], "lr": 0.1, "momentum": 0.95, "nesterov": True,
+                    "layout": "linear", "blocks": 1, "weight_decay": 0.5,
+                    "cautious_weight_decay": cautious}]).step()
+        return before, weight.detach()
+
+    before, plain = step(False)
+    _, cautious = step(True)
+    # the first update is the orthogonalized gradient (Nesterov momentum from zero: a multiple of it)
+    update = orthogonal_update(conditioned(24, 24, seed=2), False, 1)
+    shrinks = update * before >= 0
+    assert 0.3 < shrinks.float().mean() < 0.7  # both kinds of coordinate are there
+    assert torch.allclose(plain, before * (1 - 0.05) - 0.1 * update, atol=1e-6)
+    assert torch.allclose(cautious, torch.where(shrinks, before * (1 - 0.05), before) - 0.1 * update, atol=1e-6)
+
+
 # Every option of issue #25 at once: each one's state comes back from the checkpoint (or is a function of the step)
-OPTIONS_ON = dict(muon_momentum_warmup=8, muon_iteration="polar-express", normuon=True)
+OPTIONS_ON = dict(muon_momentum_warmup=8, muon_iteration="polar-express", normuon=True,
+                  cautious_weight_decay=True)
 
 
 @pytest.mark.slow
@@ -335,6 +358,7 @@ def test_exact_resume_with_the_optimizer_options_on_and_a_changed_option_is_refu
     assert muon and [g["momentum"] for g in muon] == pytest.approx([0.85 + 0.1 * 3 / 8] * len(muon))
     assert {g["iteration"] for g in muon} == {"polar-express"} and {g["normuon_beta2"] for g in muon} == {0.9}
     assert all("second_moment" in state["state"][i] for g in muon for i in g["params"])
+    assert {g["cautious_weight_decay"] for g in muon} == {True}
     cut = tmp_path / "b" / straight.name
     shutil.copytree(straight, cut, symlinks=True)
     shutil.rmtree(cut / "final_model")
