@@ -28,3 +28,15 @@ def test_schedule_wsd_is_flat_then_linear_to_zero_at_the_end():
     assert lrs[90] == pytest.approx(0.5) and lrs[100] == 0.0  # linear to zero over the last 20 steps
     s.total_steps = 200  # a --max-time run refits the length: the cooldown moves with it
     assert s(100) == pytest.approx(1.0) and s(180) == pytest.approx(0.5)
+
+
+def test_schedule_wsd_with_a_long_cooldown_and_its_flag():
+    """--cooldown 0.6 (modded-nanogpt's cooldown_frac; nanochat's warmdown_ratio is 0.65): the peak until 40% of
+    the run, then linear to 0; a --max-time refit may still change the length only before the cooldown."""
+    from gpt2_dutch.train.config import TrainConfig
+    from gpt2_dutch.train.schedule import make_schedule
+
+    cooldown = TrainConfig(dataset_path="-", cooldown=0.6).cooldown
+    s = make_schedule("wsd", total_steps=100, warmup_steps=5, cooldown=cooldown)
+    assert s(39) == 1.0 and s(40) == pytest.approx(1.0) and s(70) == pytest.approx(0.5) and s(100) == 0.0
+    assert s.can_change_length(30, 120) and not s.can_change_length(45, 120)
