@@ -79,11 +79,15 @@ def table_rows(r: dict[str, Any]) -> list[tuple[str, str, str, str]]:
     for t in r.get("train", {}).values():
         if isinstance(t, dict):
             shape = f"{t['batch']}x{r['train']['sequence']}"
-            how = t["ours_precision"] + (" + compile" if t["compile"] else "")
-            rows.append((f"train {t['model_size']} {shape}, tokens/s ({how} vs fp32)",
+            optimizer = t.get("optimizer")  # results from before the optimizer was recorded have none
+            how = t["ours_precision"] + (f" {optimizer}" if optimizer else "") + (" + compile" if t["compile"] else "")
+            rows.append((f"train {t['model_size']} {shape}, tokens/s ({how} vs fp32 AdamW)",
                          f"{t['ours_tokens_per_s']:.0f}", f"{t['recipe_tokens_per_s']:.0f}", f"{t['speedup']:.2f}x"))
             rows.append((f"train {t['model_size']} MFU (of the dtype's matmul peak)", f"{t['ours_mfu']:.1%}",
                          f"{t['recipe_mfu']:.1%}", ""))
+            if "ours_optimizer_share" in t:
+                rows.append((f"train {t['model_size']} optimizer share of a step ({optimizer or 'ours'} vs AdamW)",
+                             f"{t['ours_optimizer_share']:.0%}", f"{t['recipe_optimizer_share']:.0%}", ""))
     if "generate" in r:
         g = r["generate"]
         rows.append((f"generate {g['model_size']} batch 1, tokens/s ({g['ours_dtype']} vs {g['recipe_dtype']})",

@@ -234,31 +234,38 @@ def choose_for_budget(cfg: TrainConfig, vocab_size: int, context: int, eos_token
     and why."""
     from gpt2_dutch.train.budget import (
         DEFAULT_BATCH,
+        StepCost,
         choose_batch,
+        choose_batch_in_time,
         choose_learning_rate,
         choose_model_size,
+        measure_optimizer_step_s,
         measure_tokens_per_s,
         train_flops,
     )
 
     choices: dict[str, Any] = {}
     budget_s, max_tokens, world = cfg.max_time_s, cfg.max_tokens, world_size()
-    speed = None
+    optimizer = resolve_optimizer(cfg.optimizer, cfg.fsdp)[0]
+    speed, optimizer_s, cost = None, 0.0, None
     probe_s = 0.0
     if cfg.model_size == "auto":
         size = choose_model_size(vocab_size, context, eos_token_id, precision, max_tokens, budget_s,
-                                 cfg.loss_chunk_tokens, world, cfg.tie_embeddings)
+                                 cfg.loss_chunk_tokens, world, cfg.tie_embeddings, optimizer=optimizer)
         cfg = replace(cfg, model_size=size.size)
-        speed, probe_s = size.tokens_per_s, size.probe_seconds
+        speed, optimizer_s, probe_s = size.tokens_per_s, size.optimizer_s, size.probe_seconds
         choices["model_size"] = {"chosen": size.size, "why": size.reason}
     budget = budget_s is not None or max_tokens is not None
     tokens = math.inf
     if budget and (cfg.batch_size is None or cfg.learning_rate is None):
         if budget_s is not None and speed is None:
             t = time.perf_counter()  # the probe's own cost comes out of the budget
-            speed = world * measure_tokens_per_s(cfg.model_size, vocab_size, context, eos_token_id, precision,
-                                                 cfg.loss_chunk_tokens, tie_embeddings=cfg.tie_embeddings)
+            probe = (cfg.model_size, vocab_size, context, eos_token_id, precision, cfg.loss_chunk_tokens)
+            speed = world * measure_tokens_per_s(*probe, tie_embeddings=cfg.tie_embeddings, optimizer=optimizer)
+            optimizer_s = measure_optimizer_step_s(*probe, tie_embeddings=cfg.tie_embeddings, optimizer=optimizer)
             probe_s += time.perf_counter() - t
+        if budget_s is not None and speed:  # a step costs its tokens and the optimizer's fixed seconds
+            cost = StepCost(speed, optimizer_s)
         tokens = speed * max(0.0, budget_s - probe_s) if budget_s is not None and speed else math.inf
         tokens = min(tokens, max_tokens or math.inf)
         check(budget_s is None or tokens >= context, f"--max-time {cfg.max_time}: measuring this machine's speed "
@@ -269,15 +276,22 @@ def choose_for_budget(cfg: TrainConfig, vocab_size: int, context: int, eos_token
             cfg = replace(cfg, batch_size=DEFAULT_BATCH, gradient_accumulation_steps=cfg.gradient_accumulation_steps
                           or 1)
         else:
-            batch = choose_batch(train_flops(cfg.model_size, vocab_size, context, tokens), tokens, context, world,
-                                 cfg.gradient_accumulation_steps)
+            batch = (choose_batch_in_time(train_flops(cfg.model_size, vocab_size, context, 1.0),
+                                          max(0.0, budget_s - probe_s), cost, max_tokens, context, world,
+                                          cfg.gradient_accumulation_steps) if cost is not None else
+                     choose_batch(train_flops(cfg.model_size, vocab_size, context, tokens), tokens, context, world,
+                                  cfg.gradient_accumulation_steps))
             cfg = replace(cfg, batch_size=batch.batch_size, gradient_accumulation_steps=batch.accumulation)
             choices["batch"] = {"batch_size": batch.batch_size, "gradient_accumulation_steps": batch.accumulation,
                                 "why": batch.reason}
+            if batch.optimizer_share is not None:
+                choices["batch"]["optimizer_share"] = round(batch.optimizer_share, 3)
     elif cfg.gradient_accumulation_steps is None:
         cfg = replace(cfg, gradient_accumulation_steps=1)
     if cfg.learning_rate is None and budget:
         per_step = cfg.batch_size * cfg.gradient_accumulation_steps * world * context
+        if cost is not None:  # the tokens the time holds at this step
+            tokens = min(cost.tokens_in(max(0.0, budget_s - probe_s), per_step), max_tokens or math.inf)
         if cfg.max_steps:  # a --max-steps below the budget ends the run first
             tokens = min(tokens, cfg.max_steps * per_step)
         lr = choose_learning_rate(train_flops(cfg.model_size, vocab_size, context, tokens), per_step,
@@ -285,7 +299,8 @@ def choose_for_budget(cfg: TrainConfig, vocab_size: int, context: int, eos_token
         cfg = replace(cfg, learning_rate=lr.learning_rate)
         choices["learning_rate"] = {"chosen": lr.learning_rate, "why": lr.reason}
     if speed is not None:
-        choices["measured_tokens_per_s"] = round(speed, 1)
+        choices["measured_tokens_per_s"] = round(speed, 1)  # forward + backward
+        choices["measured_optimizer_seconds"] = round(optimizer_s, 4)  # per step, the run's optimizer
     if probe_s:
         choices["measuring_seconds"] = round(probe_s, 2)  # taken from the --max-time budget
     if choices and world > 1:

@@ -3,15 +3,19 @@
 from __future__ import annotations
 
 import json
+import math
 
 import pytest
 
 from gpt2_dutch.model.presets import MODEL_PRESETS, gpt2_config
 from gpt2_dutch.train import TrainConfig, train
 from gpt2_dutch.train.budget import (
+    MAX_OPTIMIZER_SHARE,
     MIN_STEPS,
     TOKENS_PER_PARAM,
+    StepCost,
     choose_batch,
+    choose_batch_in_time,
     choose_learning_rate,
     choose_model_size,
     optimal_learning_rate,
@@ -87,17 +91,189 @@ def test_model_size_auto_from_a_time_budget_measures_and_stops_early(monkeypatch
 
     measured = []
 
-    def speed(size, *args, **kwargs):
-        measured.append(size)
+    def speed(size, *args, optimizer=None, **kwargs):
+        measured.append((size, optimizer))
         return {"pico": 4e6, "nano": 2e6, "tiny": 1e6, "small": 2e5, "medium": 7e4}[size]  # tokens/s
 
     monkeypatch.setattr(budget, "measure_tokens_per_s", speed)
+    monkeypatch.setattr(budget, "measure_optimizer_step_s", lambda size, *a, optimizer, **k: 0.0)
     # an hour: small sees 7.2e8 tokens (~5.8 per parameter, below 20: larger ones are not measured)
-    choice = choose_model_size(50257, 1024, 0, "bf16", None, 3600.0, 2048, 1)
-    assert measured == ["pico", "nano", "tiny", "small"]
-    assert choice.size == "small" and choice.tokens_per_s == 2e5
+    choice = choose_model_size(50257, 1024, 0, "bf16", None, 3600.0, 2048, 1, optimizer="adamw")
+    assert measured == [(s, "adamw") for s in ("pico", "nano", "tiny", "small")]  # the run's optimizer's step
+    assert choice.size == "small" and choice.tokens_per_s == 2e5 and choice.optimizer_s == 0
     ratio = 2e5 * 3600 / params_of("small", 50257, 1024)
     assert ratio < TOKENS_PER_PARAM and f"{ratio:.3g} tokens per parameter" in choice.reason
+
+
+def test_model_size_auto_counts_the_tokens_the_optimizers_cost_per_step_leaves(monkeypatch):
+    import gpt2_dutch.train.budget as budget
+
+    speeds = {"pico": 4e6, "nano": 2e6, "tiny": 1e6, "small": 2e5, "medium": 7e4}
+    monkeypatch.setattr(budget, "measure_tokens_per_s", lambda size, *a, **k: speeds[size])
+    monkeypatch.setattr(budget, "measure_optimizer_step_s", lambda size, *a, **k: 3.0 if size == "small" else 0.01)
+    choice = choose_model_size(50257, 1024, 0, "bf16", None, 3600.0, 2048, 1)
+    assert choice.size == "small" and choice.optimizer_s == 3.0
+    # small's tokens are those of the step the batch rule picks at that cost, fewer than 2e5 tokens/s for an hour
+    batch = choose_batch_in_time(train_flops("small", 50257, 1024, 1.0), 3600.0, StepCost(2e5, 3.0), None, 1024, 1,
+                                 None)
+    assert batch.tokens < 2e5 * 3600 * (1 - MAX_OPTIMIZER_SHARE) * 1.01
+    assert f"{batch.tokens / params_of('small', 50257, 1024):.3g} tokens per parameter" in choice.reason
+    assert "small 200,000 + 3 s" in choice.reason
+
+
+def test_a_step_costs_its_tokens_plus_the_optimizers_fixed_seconds():
+    cost = StepCost(tokens_per_s=1000.0, optimizer_s=1.0)
+    assert cost.step_s(3000) == 4.0 and cost.optimizer_share(3000) == 0.25
+    assert cost.tokens_in(400.0, 3000) == 100 * 3000  # 100 steps of 4 s
+    assert StepCost(1000.0, 0.0).tokens_in(10.0, 512) == pytest.approx(10_000)
+
+
+@pytest.mark.parametrize(("speed", "seconds", "max_tokens"), [(4e5, 1e5, None), (2e3, 200.0, None),
+                                                            (2e3, 600.0, None), (5e4, 3600.0, 4e6)])
+def test_a_free_optimizer_chooses_the_batch_a_token_budget_would(speed, seconds, max_tokens):
+    """With no optimizer cost, a time budget is a token budget of speed x seconds (as before the optimizer was
+    timed)."""
+    fpt = train_flops("tiny", 32768, 512, 1.0)
+    tokens = min(speed * seconds, max_tokens or math.inf)
+    timed = choose_batch_in_time(fpt, seconds, StepCost(speed, 0.0), max_tokens, 512, 1, None)
+    plain = choose_batch(fpt * tokens, tokens, 512, 1, None)
+    assert (timed.batch_size, timed.accumulation) == (plain.batch_size, plain.accumulation)
+    assert timed.tokens == pytest.approx(tokens) and timed.optimizer_share == 0
+    assert "takes 0% of a step" in timed.reason
+
+
+def test_the_batch_is_raised_until_the_optimizer_takes_at_most_a_quarter_of_a_step():
+    # 1,000 tokens/s and 2 s per optimizer step: a quarter of a step from 6,000 tokens (12 chunks of 512); an
+    # hour leaves 150 steps at up to 22,000 tokens, and DeepSeek's fit for a run of ~3e12 FLOPs is smaller
+    cost, fpt = StepCost(1000.0, 2.0), 1e6
+    b = choose_batch_in_time(fpt, 3600.0, cost, None, 512, 1, None)
+    per_step = b.batch_size * b.accumulation * 512
+    assert optimal_tokens_per_step(fpt * b.tokens) < 6000 and (b.batch_size, b.accumulation) == (6, 2)
+    assert per_step == 6144 and b.optimizer_share == pytest.approx(2 / 8.144) and b.optimizer_share <= 0.25
+    assert cost.optimizer_share(per_step - 512) > MAX_OPTIMIZER_SHARE  # one chunk fewer would be too many
+    assert b.tokens == pytest.approx(3600 / 8.144 * 6144)
+    assert b.reason.startswith("6,144 tokens per step") and "raised so that the optimizer's step, 2 s, takes 25%" in (
+        b.reason) and "DeepSeek LLM's fit would be" in b.reason
+    # eight GPUs: 8x the tokens per second, so 8x the tokens per step, shared out
+    b8 = choose_batch_in_time(fpt, 3600.0, StepCost(8000.0, 2.0), None, 512, 8, None)
+    assert b8.batch_size * b8.accumulation * 8 * 512 == 6 * 8 * 1024 and b8.optimizer_share <= MAX_OPTIMIZER_SHARE
+
+
+def test_where_min_steps_and_the_optimizers_share_cannot_both_hold_the_share_wins():
+    # 4 minutes at 1,000 tokens/s and 1 s per optimizer step: 150 steps allow 600 tokens each (1.6 s a step, 62%
+    # of it the optimizer's); a quarter needs 3,000 tokens (6 chunks of 512), 59 steps
+    cost, fpt = StepCost(1000.0, 1.0), train_flops("tiny", 32768, 512, 1.0)
+    b = choose_batch_in_time(fpt, 240.0, cost, None, 512, 1, None)
+    assert (b.batch_size, b.accumulation) == (6, 1) and b.optimizer_share <= MAX_OPTIMIZER_SHARE
+    assert 240 / cost.step_s(3072) < MIN_STEPS
+    fewer = cost.tokens_in(240.0, 600)  # what 150 steps would have seen
+    assert b.tokens / fewer == pytest.approx(2.01, abs=0.01)
+    assert (f"at least {MIN_STEPS} steps would allow 600 tokens per step, where it would take 62% and the run see "
+            "2.0x fewer tokens: the optimizer's share wins") in b.reason
+    # an optimizer slower than a 150th of the budget: not even one chunk a step leaves 150 steps
+    b = choose_batch_in_time(fpt, 240.0, StepCost(1000.0, 2.0), None, 512, 1, None)
+    assert b.batch_size * b.accumulation == 12 and "do not fit even at one chunk a step" in b.reason
+
+
+def test_min_steps_still_bounds_a_step_whose_optimizer_is_cheap():
+    # 1e5 tokens/s, 10 ms per optimizer step, 2 minutes: 150 steps of at most 79,000 tokens, below the fit
+    cost, fpt = StepCost(1e5, 0.01), 1e10
+    b = choose_batch_in_time(fpt, 120.0, cost, None, 1024, 1, None)
+    per_step = b.batch_size * b.accumulation * 1024
+    assert optimal_tokens_per_step(fpt * b.tokens) > 79_000
+    # 77 chunks, as 10 micro-batches of 8: whole micro-batches round the step up a little
+    assert per_step == 80 * 1024 and 120 / cost.step_s(per_step) == pytest.approx(MIN_STEPS, rel=0.04)
+    assert f"at least {MIN_STEPS} steps in 120 s" in b.reason and b.optimizer_share < 0.02
+    # a --max-tokens below what the time holds caps the tokens, and its 150 steps the step
+    capped = choose_batch_in_time(fpt, 120.0, cost, 1.5e6, 1024, 1, None)
+    assert capped.tokens == 1.5e6 and capped.batch_size * capped.accumulation == round(1.5e6 / MIN_STEPS / 1024)
+
+
+def test_the_speed_probe_times_the_runs_optimizer_step_in_the_same_probe(monkeypatch):
+    """One probe (one model) gives both figures: forward + backward tokens/s, and the second optimizer step's
+    seconds (the first allocates the optimizer's state), on a fake clock that only the optimizer moves much."""
+    import types
+
+    import torch
+
+    import gpt2_dutch.train.budget as budget
+
+    now, steps = [0.0], []
+
+    def perf_counter():
+        now[0] += 0.01  # every reading: forward + backward take 0.01 s
+        return now[0]
+
+    real = budget.probe_optimizer
+
+    def optimizer(model, kind, precision):
+        opt = real(model, kind, precision)
+        step = opt.step
+
+        def timed_step(*a, **k):
+            now[0] += (0.5, 0.25)[len(steps)]  # the first step is slower
+            steps.append(kind)
+            return step(*a, **k)
+
+        opt.step = timed_step
+        return opt
+
+    monkeypatch.setattr(budget, "time", types.SimpleNamespace(perf_counter=perf_counter))
+    monkeypatch.setattr(budget, "probe_optimizer", optimizer)
+    rng = torch.random.get_rng_state()
+    probe = ("pico", 300, 32, 0, "bf16", 64)
+    assert budget.measure_tokens_per_s(*probe, optimizer="muon") == pytest.approx(2 * 32 / 0.01)
+    assert steps == ["muon", "muon"] and torch.equal(torch.random.get_rng_state(), rng)
+    monkeypatch.setattr(budget, "_probe", None)  # not measured again: the same probe's figure
+    assert budget.measure_optimizer_step_s(*probe, optimizer="muon") == pytest.approx(0.25 + 0.01)
+    with pytest.raises(TypeError):  # taken once; another question is another probe
+        budget.measure_optimizer_step_s(*probe, optimizer="muon")
+
+
+def test_the_probe_builds_the_optimizer_the_run_builds():
+    import torch
+    from transformers import GPT2LMHeadModel
+
+    from gpt2_dutch.train.budget import probe_optimizer
+    from gpt2_dutch.train.muon import MuonAdamW
+
+    model = GPT2LMHeadModel(gpt2_config("pico", 300, 32, 0))
+    muon = probe_optimizer(model, "muon", "bf16")
+    assert isinstance(muon, MuonAdamW) and muon.ns_dtype == torch.bfloat16  # a bf16 run's Newton-Schulz, as trainer.py
+    assert probe_optimizer(model, "muon", "fp32").ns_dtype is None
+    assert sum(len(g["params"]) for g in muon.param_groups if g["use_muon"]) == 2 * 4  # 2 blocks of 4 matrices
+    adamw = probe_optimizer(model, "adamw", "fp32")
+    assert type(adamw) is torch.optim.AdamW
+    assert sum(len(g["params"]) for g in adamw.param_groups) == len(list(model.parameters()))
+    assert [g["weight_decay"] for g in adamw.param_groups] == [0.1, 0.0]
+
+
+@pytest.mark.parametrize(("optimizer", "fsdp", "probed"), [("muon", False, "muon"), ("adamw", False, "adamw"),
+                                                          ("muon", True, "adamw")])
+def test_a_time_budget_chooses_the_batch_at_what_a_step_costs_and_says_why(monkeypatch, capsys, optimizer, fsdp,
+                                                                            probed):
+    import gpt2_dutch.train.budget as budget
+    from gpt2_dutch.train.plan import choose_for_budget
+
+    asked = []
+    monkeypatch.setattr(budget, "measure_tokens_per_s", lambda *a, optimizer, **k: asked.append(optimizer) or 1000.0)
+    monkeypatch.setattr(budget, "measure_optimizer_step_s", lambda *a, optimizer, **k: asked.append(optimizer) or 2.0)
+    cfg = TrainConfig(dataset_path="d", model_size="tiny", max_time="1h", optimizer=optimizer, fsdp=fsdp)
+    cfg, choices = choose_for_budget(cfg, 32768, 512, 0, "bf16")
+    assert asked == [probed, probed]  # the optimizer the run trains with (AdamW under --fsdp)
+    left = 3600 - choices["measuring_seconds"]
+    expected = choose_batch_in_time(train_flops("tiny", 32768, 512, 1.0), left, StepCost(1000.0, 2.0), None, 512,
+                                    1, None)
+    assert (cfg.batch_size, cfg.gradient_accumulation_steps) == (expected.batch_size, expected.accumulation)
+    per_step = cfg.batch_size * cfg.gradient_accumulation_steps * 512
+    assert choices["batch"]["optimizer_share"] == round(2 / (per_step / 1000 + 2), 3) <= MAX_OPTIMIZER_SHARE
+    assert choices["measured_tokens_per_s"] == 1000.0 and choices["measured_optimizer_seconds"] == 2.0
+    # the learning rate is sized for the tokens the hour holds at that step, the optimizer's seconds counted
+    lr = choose_learning_rate(train_flops("tiny", 32768, 512, expected.tokens), per_step, muon=probed == "muon")
+    assert cfg.learning_rate == pytest.approx(lr.learning_rate)
+    err = capsys.readouterr().err
+    assert f"batch: {cfg.batch_size} chunks x {cfg.gradient_accumulation_steps} micro-batches per step " in err
+    assert "the optimizer's step, 2 s, takes" in err
 
 
 def test_train_flops_counts_every_matmul_parameter():
