@@ -34,7 +34,7 @@ MUON_OPTIONS = ("muon_momentum_warmup", "muon_iteration", "normuon", "cautious_w
 # The settings a resumed run must be given as it was trained: the optimizer's state and param groups were built
 # by them (optimizer.pt brings its param groups back whatever the flags say), and another value would change the
 # update mid-run, so resuming is not exact. Runs from before an option resume as its default.
-RESUMED_AS_TRAINED = MUON_OPTIONS
+RESUMED_AS_TRAINED = (*MUON_OPTIONS, "ema_horizon")
 
 
 @dataclass
@@ -134,6 +134,10 @@ class TrainConfig:
     cautious_weight_decay: bool = option(False, "under --optimizer muon: Muon's matrices decay (--weight-decay) only "
                                          "where the step itself shrinks the weight (update and weight of one sign), "
                                          "as modded-nanogpt's and nanochat's")
+    ema_horizon: float = option(0.0, "publish final_model from an exponential moving average of the weights over "
+                                "about this many last steps (a fraction of the run if < 1; each step enters with "
+                                "1/horizon of the average), kept in every checkpoint; its evaluation is the run's "
+                                "last. 0: the last step's weights. Not with --fsdp")
     loss_chunk_tokens: int = option(2048, "compute the LM head and its cross-entropy this many tokens at a time, "
                                     "so the [batch, context, vocab] logits never exist whole (less memory, "
                                     "faster on CPU; on CUDA a fused kernel from liger-kernel or "
@@ -175,6 +179,9 @@ class TrainConfig:
         check(self.adamw_weight_decay is None or self.optimizer == "muon", "--adamw-weight-decay is for --optimizer "
               "muon (with adamw, --weight-decay covers every matrix)")
         check_number(self.muon_momentum_warmup, "--muon-momentum-warmup", minimum=0)
+        check_number(self.ema_horizon, "--ema-horizon", minimum=0)
+        check(not (self.ema_horizon and self.fsdp), "--ema-horizon is not available with --fsdp (each GPU holds "
+              "only a shard of the weights); leave one of them out")
         changed = [flag_name(n) for n in MUON_OPTIONS if getattr(self, n) != _default(n)]
         check(not changed or self.optimizer == "muon", f"{', '.join(changed)} {'is' if len(changed) == 1 else 'are'} "
               "for --optimizer muon (it changes how Muon updates its matrices); leave it out with --optimizer adamw")

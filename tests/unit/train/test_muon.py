@@ -271,11 +271,15 @@ def test_the_muon_options_need_muon_and_are_off_under_fsdp(tiny_dataset, tmp_pat
 
     manifest = {"chunk_size": 32, "vocab_size": 300,
                 "splits": {"train": {"chunks": 400}, "test": {"chunks": 20, "bytes": 2600, "tokens": 640}}}
-    plan = make_plan(tiny_cfg(tmp_path, tmp_path, model_size="pico", max_steps=5, fsdp=True, **OPTIONS_ON),
+    from gpt2_dutch.train.config import MUON_OPTIONS
+
+    muon_options = {k: v for k, v in OPTIONS_ON.items() if k in MUON_OPTIONS}
+    plan = make_plan(tiny_cfg(tmp_path, tmp_path, model_size="pico", max_steps=5, fsdp=True, **muon_options),
                      manifest, 400, eos_token_id=0)
     # --fsdp trains with AdamW: the record says the Muon options were off, as they were
     assert plan.optimizer == plan.cfg.optimizer == "adamw"
-    assert all(getattr(plan.cfg, k) == getattr(TrainConfig(dataset_path="-"), k) for k in OPTIONS_ON)
+    assert muon_options and all(getattr(plan.cfg, k) == getattr(TrainConfig(dataset_path="-"), k)
+                                for k in muon_options)
 
 
 def test_polar_express_ends_closer_to_orthogonal_than_the_quintic_in_the_same_five_steps():
@@ -341,7 +345,7 @@ def test_cautious_weight_decay_decays_only_where_the_update_shrinks_the_weight()
 
 # Every option of issue #25 at once: each one's state comes back from the checkpoint (or is a function of the step)
 OPTIONS_ON = dict(muon_momentum_warmup=8, muon_iteration="polar-express", normuon=True,
-                  cautious_weight_decay=True)
+                  cautious_weight_decay=True, ema_horizon=0.25)
 
 
 @pytest.mark.slow
@@ -359,6 +363,19 @@ def test_exact_resume_with_the_optimizer_options_on_and_a_changed_option_is_refu
     assert {g["iteration"] for g in muon} == {"polar-express"} and {g["normuon_beta2"] for g in muon} == {0.9}
     assert all("second_moment" in state["state"][i] for g in muon for i in g["params"])
     assert {g["cautious_weight_decay"] for g in muon} == {True}
+    # --ema-horizon: final_model is the weight average kept in the last checkpoint, not the last step's weights,
+    # a plain GPT2LMHeadModel; the run's last evaluation is the average's
+    from transformers import AutoModelForCausalLM
+
+    assert (straight / "checkpoints" / "checkpoint-4" / "ema.safetensors").is_file()
+    final = load_file(straight / "final_model" / "model.safetensors")
+    average = load_file(straight / "checkpoints" / "checkpoint-8" / "ema.safetensors")
+    last = load_file(straight / "checkpoints" / "checkpoint-8" / "model.safetensors")
+    assert all(torch.equal(final[k], average[k]) for k in average)
+    assert not torch.equal(final["transformer.h.0.mlp.c_fc.weight"], last["transformer.h.0.mlp.c_fc.weight"])
+    assert type(AutoModelForCausalLM.from_pretrained(straight / "final_model")).__name__ == "GPT2LMHeadModel"
+    evals = [r for r in metrics(straight) if "eval_loss" in r]
+    assert [r["step"] for r in evals] == [8, 8] and evals[-1]["weights"] == "ema" and "weights" not in evals[0]
     cut = tmp_path / "b" / straight.name
     shutil.copytree(straight, cut, symlinks=True)
     shutil.rmtree(cut / "final_model")
@@ -372,6 +389,7 @@ def test_exact_resume_with_the_optimizer_options_on_and_a_changed_option_is_refu
     resumed = train(tiny_cfg(tiny_dataset, tmp_path / "b", max_steps=8, save_every=4, eval_every=8,
                              resume=str(cut / "checkpoints" / "checkpoint-4"), **OPTIONS_ON))
     assert resumed == cut
+    assert [r.get("weights") for r in metrics(cut) if "eval_loss" in r] == [None, "ema"]
     a = load_file(straight / "final_model" / "model.safetensors")
     b = load_file(cut / "final_model" / "model.safetensors")
     assert a.keys() == b.keys()

@@ -280,3 +280,62 @@ def test_the_trainers_own_rotation_would_delete_the_checkpoint_just_written(tmp_
     os.utime(tmp_path / "checkpoint-10", (past + 0.5, past + 0.5))  # saves less than a second apart
     rotate_checkpoints(str(tmp_path), save_total_limit=1, use_mtime=True)  # what Trainer._save_checkpoint calls
     assert sorted(p.name for p in tmp_path.iterdir()) == ["checkpoint-12"]
+
+
+# ----------------------------------------------------------------------------- --ema-horizon
+
+
+def _ema_steps(horizon: float, total_steps: int, weights: list[float]):
+    """A WeightEMA fed one step per value of `weights` (a 1-parameter model set to each in turn)."""
+    import torch
+
+    from gpt2_dutch.train.schedule import make_schedule
+    from gpt2_dutch.train.trainer import WeightEMA
+
+    model = torch.nn.Linear(1, 1, bias=False)
+    ema = WeightEMA(horizon, make_schedule("wsd", total_steps, 0, 0.2))
+    for w in weights:
+        with torch.no_grad():
+            model.weight.fill_(w)
+        ema.on_step_end(None, None, None, model=model)
+    return ema, model
+
+
+def test_the_weight_average_starts_at_the_first_steps_weights_and_takes_one_horizonth_of_each_step():
+    ema, _ = _ema_steps(0.1, 100, [1.0, 2.0, 4.0])  # a tenth of a 100-step run: each step enters with 1/10
+    assert ema.weight_of_new_step() == pytest.approx(0.1)
+    assert float(ema.average["weight"]) == pytest.approx((0.9 * 1.0 + 0.1 * 2.0) * 0.9 + 0.1 * 4.0)
+    ema, _ = _ema_steps(4, 100, [1.0, 2.0])  # a horizon in steps
+    assert float(ema.average["weight"]) == pytest.approx(0.75 * 1.0 + 0.25 * 2.0)
+    from gpt2_dutch.train.plan import UNFITTED
+
+    ema, _ = _ema_steps(0.1, UNFITTED, [1.0, 2.0, 4.0])  # a --max-time run before its fit: the weights
+    assert float(ema.average["weight"]) == 4.0
+
+
+def test_the_weight_average_round_trips_through_a_checkpoint_exactly_and_a_missing_one_is_one_line(tmp_path):
+    import torch
+
+    from gpt2_dutch.core.errors import UsageError
+
+    ema, model = _ema_steps(0.1, 100, [1.0, 2.0, 3.0])
+    ema.save(tmp_path)
+    other, _ = _ema_steps(0.1, 100, [])
+    other.load(tmp_path, model)
+    assert torch.equal(other.average["weight"], ema.average["weight"])
+    other.copy_into(model)  # the average becomes the model's weights (what final_model saves)
+    assert torch.equal(model.weight.detach(), ema.average["weight"])
+    with pytest.raises(UsageError, match=r"cannot resume from .*: its weight average ema.safetensors cannot be read"):
+        other.load(tmp_path / "missing", model)
+    with pytest.raises(UsageError, match="does not hold this model's weights"):
+        other.load(tmp_path, torch.nn.Linear(1, 1))  # a bias the average lacks
+
+
+def test_the_weight_average_needs_whole_weights():
+    from gpt2_dutch.core.errors import UsageError
+    from gpt2_dutch.train.config import TrainConfig
+
+    with pytest.raises(UsageError, match="--ema-horizon is not available with --fsdp"):
+        TrainConfig(dataset_path="-", ema_horizon=0.05, fsdp=True)
+    with pytest.raises(UsageError, match="--ema-horizon must be at least 0"):
+        TrainConfig(dataset_path="-", ema_horizon=-1)
