@@ -23,6 +23,7 @@ from gpt2_dutch.core.errors import MachineError, Stopped, UsageError, first_line
 from gpt2_dutch.core.files import replace_dir, temp_name
 from gpt2_dutch.core.ownership import DirectoryOwner, remove_dead_staging
 from gpt2_dutch.data.chunks import load_split, read_manifest
+from gpt2_dutch.data.tokenizer import BadTokenizer, load_tokenizer_dir
 from gpt2_dutch.model.presets import flops_per_token, matmul_params
 from gpt2_dutch.push import check_ready_to_push, push_after_training
 from gpt2_dutch.runs.card import describe_hardware, write_card
@@ -65,9 +66,23 @@ def collate(rows: list[dict[str, Any]]) -> dict[str, torch.Tensor]:
     return {"input_ids": ids, "labels": ids}  # the model shifts labels itself; every token is a target
 
 
+def refuse_a_restart_on_a_stale_store() -> None:
+    """A worker group that torchrun restarted (--max-restarts) on the agent's shared TCPStore can read the failed
+    attempt's addresses from it and fail to connect or hang until the timeout, depending on which rank writes its
+    address first (PyTorch issues #135712, #167288: torch 2.13 keeps one store for every attempt). A restart that
+    works by chance is no restart: say at once, in one line, how to restart reliably (docs/clusters.md)."""
+    if os.environ.get("TORCHELASTIC_RESTART_COUNT", "0") != "0" and os.environ.get(
+            "TORCHELASTIC_USE_AGENT_STORE") == "True":
+        raise UsageError("torchrun restarted this run's processes on the store of the attempt that failed, whose "
+                         "stale addresses they may try to connect to; for --max-restarts use the c10d rendezvous "
+                         "(--standalone or --rdzv-backend c10d) with TORCH_DISABLE_SHARE_RDZV_TCP_STORE=1 in "
+                         "torchrun's environment, and --resume auto")
+
+
 def train(cfg: TrainConfig) -> Path:
     """Run training; return the run directory."""
     maybe_relaunch_on_all_gpus()
+    refuse_a_restart_on_a_stale_store()
     manifest = read_manifest(cfg.dataset_path)  # type: ignore[arg-type]
     if cfg.push_to_hub:
         check_ready_to_push(cfg.push_to_hub)  # a missing login fails now, not after hours of training
@@ -89,14 +104,12 @@ _OOM_ADVICE = ("out of memory: lower --batch-size (raise --gradient-accumulation
 
 
 def _run(cfg: TrainConfig, manifest: dict[str, Any]) -> Path:
-    from transformers import AutoTokenizer
-
     dataset_path = Path(cfg.dataset_path)  # type: ignore[arg-type]
     train_ds, test_ds = load_split(dataset_path, "train"), load_split(dataset_path, "test")
     try:
-        tokenizer = AutoTokenizer.from_pretrained(str(dataset_path))
-    except (OSError, ValueError, TypeError, KeyError) as e:  # tokenizers' and transformers' ways to say "damaged"
-        raise UsageError(f"{dataset_path}: its tokenizer cannot be loaded ({first_line(e, 160)}); preprocess the data "
+        tokenizer = load_tokenizer_dir(dataset_path)  # checked files, no library output before the one line
+    except BadTokenizer as e:
+        raise UsageError(f"{dataset_path}: its tokenizer cannot be loaded ({e.cause}); preprocess the data "
                          "again") from None
     plan = make_plan(cfg, manifest, len(train_ds), tokenizer.eos_token_id)
     run_dir = plan.resume.run_dir if plan.resume is not None else new_run_dir(plan.cfg, Path(cfg.output_dir))
