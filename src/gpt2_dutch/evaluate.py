@@ -20,7 +20,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-from gpt2_dutch.core.errors import UsageError, check, first_line
+from gpt2_dutch.core.errors import BAR_DELAY_S, UsageError, check
 from gpt2_dutch.core.options import option
 from gpt2_dutch.data.chunks import load_split, read_manifest
 from gpt2_dutch.data.sources import batched, expand_data_files, iter_local_texts
@@ -136,7 +136,7 @@ def _brief(value: Any) -> str:
 
 def check_dataset_tokenizer(dataset_path: str, manifest: dict[str, Any], tokenizer: Any, model_dir: Any) -> None:
     """Refuse a dataset made with another tokenizer than the model's: its scores would be meaningless."""
-    from transformers import AutoTokenizer
+    from gpt2_dutch.data.tokenizer import BadTokenizer, load_tokenizer_dir
 
     fix = "evaluate raw text with --data-files (tokenized with the model's own tokenizer), or use the dataset the " \
           "model was trained on"
@@ -145,10 +145,9 @@ def check_dataset_tokenizer(dataset_path: str, manifest: dict[str, Any], tokeniz
         raise UsageError(f"dataset {dataset_path} holds no tokenizer ({', '.join(files)}), so it cannot be checked "
                          f"against the model's; preprocess the data again, or {fix}")
     try:
-        theirs = AutoTokenizer.from_pretrained(str(dataset_path), trust_remote_code=False)
-    except Exception as e:  # noqa: BLE001 - missing or damaged tokenizer files: whatever the library raises
-        cause = first_line(e)
-        raise UsageError(f"dataset {dataset_path} has no readable tokenizer ({cause}), so it cannot be checked "
+        theirs = load_tokenizer_dir(dataset_path)
+    except BadTokenizer as e:
+        raise UsageError(f"dataset {dataset_path} has no readable tokenizer ({e.cause}), so it cannot be checked "
                          f"against the model's; preprocess the data again, or {fix}") from None
     difference = tokenizer_difference(tokenizer_spec(theirs), tokenizer_spec(tokenizer))
     info = manifest.get("tokenizer")
@@ -183,7 +182,7 @@ def evaluate_dataset(model: Any, cfg: EvaluateConfig, tokenizer: Any = None, mod
     check("input_ids" in ds.column_names, f"{where} has no input_ids column; preprocess the data again")
     n = min(len(ds), cfg.eval_chunks or len(ds))
     totals = Totals()
-    for start in tqdm(range(0, n, cfg.batch_size), desc="evaluate", unit="batch"):
+    for start in tqdm(range(0, n, cfg.batch_size), desc="evaluate", unit="batch", delay=BAR_DELAY_S):
         rows = _chunk_rows(ds[start:min(n, start + cfg.batch_size)]["input_ids"], model.config.vocab_size, context,
                            f"{where} (chunks {start}-{min(n, start + cfg.batch_size) - 1})")
         ids = torch.from_numpy(rows)
@@ -247,7 +246,7 @@ def evaluate_files(model: Any, tokenizer: Any, cfg: EvaluateConfig) -> dict[str,
         _score(model, ids, labels, totals)
         pending.clear()
 
-    with tqdm(desc="evaluate", unit="doc") as bar:
+    with tqdm(desc="evaluate", unit="doc", delay=BAR_DELAY_S) as bar:
         for batch in batched(iter_local_texts(files, cfg.text_column, cfg.sample_by)):
             for text in batch:
                 ids = [eos] + tokenizer(text, add_special_tokens=False)["input_ids"]

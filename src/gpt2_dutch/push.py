@@ -19,8 +19,9 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from gpt2_dutch.core.errors import UsageError, check, first_line
+from gpt2_dutch.core.errors import UsageError, check, first_line, held_output
 from gpt2_dutch.core.options import option
+from gpt2_dutch.data.tokenizer import BadTokenizer, read_tokenizer_dir
 
 # What a model repository needs, and only that: a stray file in final_model (a note, a pickle) is never sent.
 UPLOADED = ["config.json", "generation_config.json", "*.safetensors", "*.safetensors.index.json", "tokenizer.json",
@@ -64,6 +65,7 @@ class PushConfig:
 def push(cfg: PushConfig) -> str:
     """Upload the model; return the repository's URL."""
     assert cfg.model_path is not None and cfg.repo_id is not None
+    hub_token()  # before publishable_dir's notice of a card it wrote: a missing login is then the only line
     model_dir = publishable_dir(cfg.model_path)
     url = push_model(model_dir, cfg.repo_id, cfg.private, cfg.commit_message)
     print(url)
@@ -88,6 +90,11 @@ def publishable_dir(path: str | Path) -> Path:
           "save_pretrained (safetensors)")
     check((model_dir / "tokenizer.json").is_file() or (model_dir / "vocab.json").is_file(),
           f"{model_dir} has no tokenizer (tokenizer.json); save the tokenizer beside the model")
+    try:
+        read_tokenizer_dir(model_dir)  # what would be published must read back: regular files, bounded, valid JSON
+    except BadTokenizer as e:
+        raise UsageError(f"{model_dir}: its tokenizer is damaged ({e.cause}); save the tokenizer beside the model "
+                         "again") from None
     if not (model_dir / CARD).is_file():
         check(run_dir is not None, f"{model_dir} has no model card ({CARD}) and no run_config.json beside it to "
               f"write one from; add a {CARD} (see the model card in the gpt2-dutch README)")
@@ -134,10 +141,14 @@ def push_model(model_dir: Path, repo_id: str, private: bool = False,
     token = hub_token()
     files = files_to_upload(model_dir)
     size = sum((model_dir / f).stat().st_size for f in files)
-    print(f"pushing {len(files)} files ({size / 1e6:.1f} MB) from {model_dir} to {repo_id} ...", file=sys.stderr)
     api = HfApi(token=token)
+    with held_output():  # a refusal or an unreachable Hub is then the only line
+        try:
+            url = api.create_repo(repo_id, private=private, repo_type="model", exist_ok=True)
+        except Exception as e:  # noqa: BLE001 - turned into one line below, or re-raised
+            raise _hub_failure(e, repo_id) from None
+    print(f"pushing {len(files)} files ({size / 1e6:.1f} MB) from {model_dir} to {repo_id} ...", file=sys.stderr)
     try:
-        url = api.create_repo(repo_id, private=private, repo_type="model", exist_ok=True)
         full_id = str(getattr(url, "repo_id", None) or repo_id)  # a bare NAME is under the token's account
         if "README.md" in files:
             name_repo_in_card(model_dir, full_id)  # the card's snippet then loads what was published

@@ -16,6 +16,7 @@ import errno
 import gzip
 import io
 import json
+import logging
 import os
 import random
 import shutil
@@ -23,6 +24,7 @@ import signal
 import subprocess
 import sys
 import time
+import warnings
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from datetime import datetime
@@ -1123,3 +1125,204 @@ def test_a_max_time_run_stopped_before_its_fit_fits_after_resume(tmp_path, monke
     assert saved["total_steps"] == state.max_steps and saved["seconds_per_step"] >= 0
     cb.on_train_begin(args, state, control)  # resumed again after the fit: the fitted length stays
     assert cb.fitted
+
+
+# ====================================================================================================
+# the one line is the only line
+# ====================================================================================================
+# Every row is a bad input to one command, found where a library would print first (a load report, the Hub's
+# retries, a progress bar, a warning): stderr must hold exactly one non-empty line, the error. The rows run in this
+# process, so what a library prints is looked for on all three of its ways out: file descriptor 2 (capfd: native
+# code, sys.stderr, tqdm), the handlers of the libraries' loggers (a recorder added to each: theirs write to the
+# stream of their import time, which no capture here sees), and warnings. The Hub is a closed local port with no
+# pause between retries: each retry's warning is still logged, in milliseconds.
+
+
+class _Recorder(logging.Handler):
+    def __init__(self) -> None:
+        super().__init__(logging.WARNING)
+        self.lines: list[str] = []
+
+    def emit(self, record: logging.LogRecord) -> None:
+        self.lines.append(f"{record.name}: {record.getMessage()}"[:200])
+
+
+def _unreachable_hub(monkeypatch: pytest.MonkeyPatch) -> None:
+    import datasets.config
+    import huggingface_hub.utils._http as hub_http
+    from huggingface_hub import constants
+
+    port = _closed_port()
+    monkeypatch.setattr(constants, "ENDPOINT", f"http://127.0.0.1:{port}")
+    monkeypatch.setattr(datasets.config, "HF_ENDPOINT", f"http://127.0.0.1:{port}")
+    monkeypatch.setattr(constants, "HF_HUB_OFFLINE", False)
+    monkeypatch.setattr(hub_http.time, "sleep", lambda _s: None)  # the backoff between retries
+    monkeypatch.setenv("HF_TOKEN", "hf_not_a_real_token")
+
+
+def _closed_port() -> int:
+    import socket
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]  # closed when the block ends: connecting is refused at once
+
+
+def _copy(src: Path, dst: Path, damage: Callable[[Path], None]) -> Path:
+    shutil.copytree(src, dst)
+    damage(dst)
+    return dst
+
+
+def _garbage_tokenizer(d: Path) -> None:
+    (d / "tokenizer.json").write_text("geen json\n")
+
+
+def _config_only_tokenizer(d: Path) -> None:  # transformers would build an empty tokenizer from the config alone
+    for name in ("tokenizer.json", "vocab.json", "merges.txt"):
+        (d / name).unlink(missing_ok=True)
+
+
+def _fifo_tokenizer(d: Path) -> None:
+    (d / "tokenizer.json").unlink()
+    os.mkfifo(d / "tokenizer.json")
+
+
+def _deep_tokenizer_config(d: Path) -> None:
+    (d / "tokenizer_config.json").write_text('{"eos_token": ' + "[" * 100_000 + "]" * 100_000 + "}")
+
+
+def _fifo_dataset_info(d: Path) -> None:
+    (d / "train" / "dataset_info.json").unlink()
+    os.mkfifo(d / "train" / "dataset_info.json")
+
+
+def _cut_weights(d: Path) -> None:
+    (d / "model.safetensors").write_bytes((d / "model.safetensors").read_bytes()[:300])
+
+
+@dataclass
+class Only:
+    build: Callable[[Path, Path, Path, Path], list[object]]  # (tmp, tokenizer, dataset, model) -> argv
+    message: str
+    rc: int = 2
+    hub: bool = False  # the Hub is a closed port
+
+
+def _tok_dir(tmp: Path, tok: Path, damage: Callable[[Path], None]) -> Path:
+    return _copy(tok, tmp / "tok", damage)
+
+
+def _pp(tmp: Path, tokenizer: object, *extra: object) -> list[object]:
+    corpus = write_jsonl(tmp / "corpus.jsonl", DOCS * 8)
+    return ["preprocess", "--data-files", corpus, "--tokenizer", tokenizer, "--output-dir", tmp / "out", "--name",
+            "x", "--chunk-size", "16", *extra]
+
+
+def _train(tmp: Path, dataset: object, *extra: object) -> list[object]:
+    return ["train", "--dataset-path", dataset, "--model-size", "pico", "--max-steps", "1", "--output-dir",
+            tmp / "runs", *extra]
+
+
+def _bad_json_near_the_start(tmp: Path) -> Path:
+    path = tmp / "bad.jsonl"
+    path.write_text(json.dumps({"text": DOCS[0]}) + "\n" + '{"text": \n')
+    return path
+
+
+ONLY_LINE = [
+    # preprocess: --tokenizer, the Hub, a data file refused while the tokenize bar would show
+    pytest.param(Only(lambda t, k, d, m: _pp(t, _tok_dir(t, k, _garbage_tokenizer)), "tokenizer.json is not valid "
+                      "JSON"), id="preprocess-tokenizer-garbage"),
+    pytest.param(Only(lambda t, k, d, m: _pp(t, _tok_dir(t, k, _config_only_tokenizer)), "it holds no vocabulary"),
+                 id="preprocess-tokenizer-config-only"),
+    pytest.param(Only(lambda t, k, d, m: _pp(t, _tok_dir(t, k, _fifo_tokenizer)), "tokenizer.json is a FIFO"),
+                 id="preprocess-tokenizer-fifo"),
+    pytest.param(Only(lambda t, k, d, m: _pp(t, _tok_dir(t, k, _deep_tokenizer_config)), "tokenizer_config.json "
+                      "line 1: lists or mappings nested deeper than 100"), id="preprocess-tokenizer-config-deep"),
+    pytest.param(Only(lambda t, k, d, m: _pp(t, "no-such-org/no-such-tokenizer"), "from the Hugging Face Hub",
+                      hub=True), id="preprocess-tokenizer-hub-unreachable"),
+    pytest.param(Only(lambda t, k, d, m: ["preprocess", "--dataset-size", "10k", "--output-dir", t / "out"],
+                      "from the Hugging Face Hub", hub=True), id="preprocess-hub-dataset-unreachable"),
+    pytest.param(Only(lambda t, k, d, m: ["preprocess", "--data-files", _bad_json_near_the_start(t), "--tokenizer",
+                                          k, "--output-dir", t / "out", "--num-workers", "2"], "bad.jsonl:2: not "
+                      "valid JSON"), id="preprocess-bad-line-while-tokenizing"),
+    # train: the dataset's tokenizer and files, the weights of --init-from
+    pytest.param(Only(lambda t, k, d, m: _train(t, _copy(d, t / "ds", _garbage_tokenizer)), "its tokenizer cannot "
+                      "be loaded (tokenizer.json is not valid JSON"), id="train-dataset-tokenizer-garbage"),
+    pytest.param(Only(lambda t, k, d, m: _train(t, _copy(d, t / "ds", _config_only_tokenizer)), "it holds no "
+                      "vocabulary"), id="train-dataset-without-vocabulary"),
+    pytest.param(Only(lambda t, k, d, m: _train(t, _copy(d, t / "ds", _fifo_dataset_info)), "dataset_info.json is "
+                      "a FIFO"), id="train-dataset-info-fifo"),
+    pytest.param(Only(lambda t, k, d, m: _train(t, d, "--init-from", m), "does not fit this run"),
+                 id="train-init-from-another-shape"),
+    # generate: the model's tokenizer and weights, a bad input found after the model loaded
+    pytest.param(Only(lambda t, k, d, m: ["generate", "--model-path", _copy(m, t / "m", _garbage_tokenizer),
+                                          "--prompt", "De"], "its tokenizer does not load"),
+                 id="generate-model-tokenizer-garbage"),
+    pytest.param(Only(lambda t, k, d, m: ["generate", "--model-path", _copy(m, t / "m", _config_only_tokenizer),
+                                          "--prompt", "De"], "it holds no vocabulary"),
+                 id="generate-model-without-vocabulary"),
+    pytest.param(Only(lambda t, k, d, m: ["generate", "--model-path", _copy(m, t / "m", _cut_weights), "--prompt",
+                                          "De"], "cannot load the model in"), id="generate-cut-weights"),
+    pytest.param(Only(lambda t, k, d, m: ["generate", "--model-path", m, "--prompt-file", t / "nope.txt"],
+                      "nope.txt not found"), id="generate-prompt-file-missing-after-loading"),
+    # evaluate: refused after the model loaded (its load bar), a data file refused while its bar would show
+    pytest.param(Only(lambda t, k, d, m: ["evaluate", "--model-path", m, "--dataset-path",
+                                          _copy(d, t / "ds", _garbage_tokenizer)], "has no readable tokenizer"),
+                 id="evaluate-dataset-tokenizer-garbage-after-loading"),
+    pytest.param(Only(lambda t, k, d, m: ["evaluate", "--model-path", m, "--data-files",
+                                          _bad_json_near_the_start(t)], "bad.jsonl:2: not valid JSON"),
+                 id="evaluate-bad-line-while-scoring"),
+    # serve, push, bench
+    pytest.param(Only(lambda t, k, d, m: ["serve", "--model-path", _copy(m, t / "m", _config_only_tokenizer)],
+                      "it holds no vocabulary"), id="serve-model-without-vocabulary"),
+    pytest.param(Only(lambda t, k, d, m: ["push", "--model-path", _copy(m, t / "m", _garbage_tokenizer),
+                                          "--repo-id", "someone/m"], "its tokenizer is damaged", hub=True),
+                 id="push-tokenizer-garbage"),
+    pytest.param(Only(lambda t, k, d, m: ["push", "--model-path", _with_card(_copy(m, t / "m", lambda _d: None)),
+                                          "--repo-id", "someone/m"], "cannot reach the Hub", rc=1, hub=True),
+                 id="push-hub-unreachable"),
+    pytest.param(Only(lambda t, k, d, m: ["bench", "preprocess", "--quick", "--tokenizer",
+                                          _tok_dir(t, k, _garbage_tokenizer)], "tokenizer.json is not valid JSON"),
+                 id="bench-tokenizer-garbage"),
+    pytest.param(Only(lambda t, k, d, m: ["bench", "preprocess", "--quick", "--tokenizer", k, "--data-files",
+                                          _bad_json_near_the_start(t)], "bad.jsonl:2: not valid JSON"),
+                 id="bench-bad-line-in-data-file"),
+]
+
+
+def _with_card(model: Path) -> Path:
+    (model / "README.md").write_text("---\nlicense: mit\n---\n# a model\n")
+    return model
+
+
+@pytest.mark.parametrize("row", ONLY_LINE)
+def test_the_error_line_is_the_only_line(row: Only, tmp_path, capfd, monkeypatch, small_tokenizer, tiny_dataset,
+                                         tiny_model):
+    from gpt2_dutch.__main__ import main
+    from gpt2_dutch.core.errors import LIBRARY_LOGGERS
+
+    if row.hub:
+        _unreachable_hub(monkeypatch)
+    args = [str(a) for a in row.build(tmp_path, small_tokenizer, tiny_dataset, tiny_model)]
+    recorder = _Recorder()
+    loggers = [logging.getLogger(name) for name in LIBRARY_LOGGERS]
+    for lg in loggers:
+        lg.addHandler(recorder)
+    capfd.readouterr()
+    try:
+        with warnings.catch_warnings(record=True) as caught:
+            warnings.simplefilter("always")
+            rc = main(args)
+    finally:
+        for lg in loggers:
+            lg.removeHandler(recorder)
+    err = capfd.readouterr().err
+    lines = [line for line in err.replace("\r", "\n").splitlines() if line.strip()]
+    assert rc == row.rc, err
+    assert len(lines) == 1 and ": error: " in lines[0] and row.message in lines[0], err
+    assert recorder.lines == [], recorder.lines
+    shown = [f"{w.category.__name__}: {w.message}" for w in caught
+             if not issubclass(w.category, DeprecationWarning | PendingDeprecationWarning)]
+    assert shown == [], shown

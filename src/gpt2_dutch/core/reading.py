@@ -220,23 +220,42 @@ def _limit(what: str, line: int | None, problem: str, tail: str) -> BadFile:
     return BadFile(f"{what}{f' line {line}' if line else ''}: {problem}{tail}")
 
 
+class BeyondBounds(ValueError):
+    """A JSON text that `loads` refuses before or while parsing it: `problem` says how, `line` where (1-based in
+    the text, or None)."""
+
+    def __init__(self, problem: str, line: int | None):
+        super().__init__(problem)
+        self.problem, self.line = problem, line
+
+
+def loads(text: str) -> Any:
+    """`json.loads(text)`, bounded: a number literal longer than MAX_NUMBER_CHARS or nesting deeper than MAX_DEPTH
+    raises `BeyondBounds`; a syntax error is json.JSONDecodeError. For readers with their own wording (the data
+    files' `path:line:` errors); files we are handed whole go through `parse_json`."""
+    try:
+        value = json.loads(text, parse_int=_parse_int, parse_float=_parse_float)
+        too_deep = nests_deeper_than(value)
+    except _LongNumber as e:
+        raise BeyondBounds(f"a number of {len(e.literal)} characters; at most {MAX_NUMBER_CHARS} are read",
+                           _line_at(text, text.find(e.literal))) from None
+    except RecursionError:  # the decoder recurses once per level: deeper than the interpreter allows
+        too_deep = True
+    if too_deep:
+        raise BeyondBounds(f"lists or mappings nested deeper than {MAX_DEPTH} levels", _too_deep_line(text))
+    return value
+
+
 def parse_json(text: str, what: str, advice: str = "", first_line: int = 1) -> Any:
     """The value of the JSON document `text` (of the file `what`, where it starts on `first_line`), bounded in
     depth and in number length."""
     tail, shift = (f"; {advice}" if advice else ""), first_line - 1
     try:
-        value = json.loads(text, parse_int=_parse_int, parse_float=_parse_float)
-        too_deep = nests_deeper_than(value)
+        value = loads(text)
     except json.JSONDecodeError as e:
         raise BadFile(f"{what} is not valid JSON (line {e.lineno + shift}, column {e.colno}: {e.msg}){tail}") from None
-    except _LongNumber as e:
-        raise _limit(what, _line_at(text, text.find(e.literal)) + shift, f"a number of {len(e.literal)} characters; "
-                     f"at most {MAX_NUMBER_CHARS} are read", tail) from None
-    except RecursionError:  # the decoder recurses once per level: deeper than the interpreter allows
-        too_deep = True
-    if too_deep:
-        line = _too_deep_line(text)
-        raise _limit(what, line and line + shift, f"lists or mappings nested deeper than {MAX_DEPTH} levels", tail)
+    except BeyondBounds as e:
+        raise _limit(what, e.line and e.line + shift, e.problem, tail) from None
     _check_text(value, text, what, tail, shift)
     return value
 

@@ -16,7 +16,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from gpt2_dutch.core.errors import UsageError, first_line
-from gpt2_dutch.core.reading import Opt, read_json
+from gpt2_dutch.core.reading import Opt, open_regular, read_json, short
 
 if TYPE_CHECKING:  # numpy and pyarrow are imported where they are used: the CLI's --help imports this module
     import numpy as np
@@ -197,6 +197,7 @@ def load_split(path: str | Path, split: str) -> Any:
     split_dir = Path(path) / split
     if not (split_dir / "state.json").is_file():
         raise UsageError(f"{path} has no '{split}' split; preprocess the data again")
+    _check_split_files(split_dir)
     try:
         ds = load_from_disk(str(split_dir)).with_format("numpy")
     except (pa.ArrowException, OSError, ValueError) as e:  # ArrowInvalid and JSONDecodeError are ValueErrors
@@ -206,6 +207,29 @@ def load_split(path: str | Path, split: str) -> Any:
         raise UsageError(f"{split_dir} holds {len(ds)} chunks where its {MANIFEST} says {expected}: a data-*.arrow "
                          "file was cut short or replaced; preprocess the data again")
     return ds
+
+
+_STATE_SCHEMA = {"_data_files": list}
+
+
+def _check_split_files(split_dir: Path) -> None:
+    """Read what `datasets.load_from_disk` would read unbounded (state.json, dataset_info.json) through core/reading,
+    and check that every shard state.json names is a regular file in the split: a FIFO, a device, a huge or
+    deeply nested file, or a name leading out of the directory is one line, not a hang or a traceback."""
+    again = "preprocess the data again"
+    state = read_json(split_dir / "state.json", schema=_STATE_SCHEMA, advice=again)
+    for entry in state["_data_files"]:
+        name = entry.get("filename") if isinstance(entry, dict) else None
+        if not isinstance(name, str) or Path(name).name != name or name.startswith("."):
+            raise UsageError(f"{split_dir / 'state.json'} names {short(name if name is not None else entry)} as a "
+                             f"shard, not a file of {split_dir}; {again}")
+        shard = split_dir / name
+        if not shard.exists() and not shard.is_symlink():
+            raise UsageError(f"{shard} is missing; {again}")
+        open_regular(shard, str(shard), again).close()
+    info = split_dir / "dataset_info.json"
+    if (info.exists() or info.is_symlink()) and not isinstance(read_json(info, advice=again), dict):
+        raise UsageError(f"{info} must be a mapping; {again}")
 
 
 def _damaged_split(split_dir: Path, error: Exception) -> UsageError:

@@ -26,7 +26,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from gpt2_dutch.core.errors import UsageError, is_disk_full
-from gpt2_dutch.core.reading import file_kind
+from gpt2_dutch.core.reading import BeyondBounds, file_kind, loads
 
 if TYPE_CHECKING:  # numpy and pyarrow are imported where they are used: the CLI's --help imports this module
     pass
@@ -190,9 +190,11 @@ def _jsonl_texts(path: Path, f: io.TextIOBase, text_column: str, first_line: int
         if not line.strip():
             continue
         try:
-            record = json.loads(line)
+            record = loads(line)
         except json.JSONDecodeError as e:
             raise UsageError(f"{path}:{lineno}: not valid JSON ({e.msg} at column {e.colno})") from None
+        except BeyondBounds as e:
+            raise UsageError(f"{path}:{lineno}: {e.problem}; is it a JSON Lines file of documents?") from None
         text = _text_of(record, path, f":{lineno}", text_column)
         if text and ("\\ud" in line or "\\uD" in line):  # a cheap test on the raw line first: it is rare
             text = _LONE_SURROGATE.sub("\ufffd", text)
@@ -202,9 +204,11 @@ def _jsonl_texts(path: Path, f: io.TextIOBase, text_column: str, first_line: int
 
 def _json_array_texts(path: Path, f: io.TextIOBase, text_column: str) -> Iterator[str]:
     try:
-        records = json.load(f)
+        records = loads(f.read())
     except json.JSONDecodeError as e:
         raise UsageError(f"{path}:{e.lineno}: not valid JSON ({e.msg} at column {e.colno})") from None
+    except BeyondBounds as e:
+        raise UsageError(f"{path}:{e.line}: {e.problem}; is it a JSON array of documents?") from None
     for i, record in enumerate(records):
         text = _text_of(record, path, f" (record {i})", text_column)
         if text:

@@ -9,6 +9,7 @@ exactly as in GPT-2, so every saved tokenizer opens with `AutoTokenizer.from_pre
 from __future__ import annotations
 
 import json
+import os
 import re
 import sys
 import tempfile
@@ -16,7 +17,8 @@ from collections.abc import Iterable
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-from gpt2_dutch.core.errors import UsageError
+from gpt2_dutch.core.errors import UsageError, first_line, held_output
+from gpt2_dutch.core.reading import CONFIG_BYTES, BadFile, open_regular, parse_json, read_text
 
 if TYPE_CHECKING:  # tokenizers and transformers are imported where they are used: --help imports this module
     from tokenizers import Tokenizer
@@ -57,15 +59,92 @@ def train_bpe(texts: Iterable[str], vocab_size: int, *, total_docs: int | None =
         return _gpt2_from_files(Path(tmp))
 
 
-def _gpt2_from_files(directory: Path) -> GPT2TokenizerFast:
+def _gpt2_from_files(directory: Path, texts: dict[str, str] | None = None) -> GPT2TokenizerFast:
+    """GPT2TokenizerFast of vocab.json + merges.txt (their text from `texts` where read_tokenizer_dir read it)."""
     from transformers import GPT2TokenizerFast
 
-    vocab = json.loads((directory / "vocab.json").read_text(encoding="utf-8"))
-    merges_lines = (directory / "merges.txt").read_text(encoding="utf-8").splitlines()
+    texts = texts or {}
+    vocab = json.loads(texts.get("vocab.json") or (directory / "vocab.json").read_text(encoding="utf-8"))
+    merges_lines = (texts.get("merges.txt") or (directory / "merges.txt").read_text(encoding="utf-8")).splitlines()
     merges = [tuple(line.split(" ")) for line in merges_lines if line and not line.startswith("#version")]
     if EOS_TOKEN not in vocab:
         vocab[EOS_TOKEN] = len(vocab)
     return GPT2TokenizerFast(vocab=vocab, merges=merges, add_prefix_space=False)
+
+
+# ------------------------------------------------------------------------------------ tokenizer directories
+
+# Every file of a tokenizer directory that transformers' or tokenizers' loaders may read, with the most bytes it
+# may have: each present is checked before a loader opens it (regular file, size; JSON parsed through
+# core/reading: depth, number length, text). The largest vocabularies (262k tokens) have a ~35 MB tokenizer.json.
+VOCAB_BYTES = 256 * 2**20
+TOKENIZER_FILES = {"tokenizer.json": VOCAB_BYTES, "vocab.json": VOCAB_BYTES, "merges.txt": VOCAB_BYTES,
+                   "tokenizer_config.json": CONFIG_BYTES, "special_tokens_map.json": CONFIG_BYTES,
+                   "added_tokens.json": CONFIG_BYTES, "config.json": CONFIG_BYTES, "chat_template.jinja": CONFIG_BYTES,
+                   "tokenizer.model": VOCAB_BYTES, "spiece.model": VOCAB_BYTES, "sentencepiece.bpe.model": VOCAB_BYTES,
+                   "vocab.txt": VOCAB_BYTES}
+# A directory without one of these holds no vocabulary: transformers would build an empty tokenizer from
+# tokenizer_config.json alone (or from nothing but a model's config.json) that encodes every text to no tokens.
+VOCAB_FILES = (("tokenizer.json",), ("vocab.json", "merges.txt"), ("tokenizer.model",), ("spiece.model",),
+               ("sentencepiece.bpe.model",), ("vocab.txt",))
+NO_VOCAB = "expected tokenizer.json (a saved tokenizer or processed dataset) or GPT-2-style vocab.json + merges.txt"
+PROBE_TEXT = "Een zin om te tellen."
+
+
+class BadTokenizer(UsageError):
+    """A tokenizer directory that cannot be loaded as a tokenizer: `cause` says why, in words a caller can quote."""
+
+    def __init__(self, directory: Path, cause: str):
+        super().__init__(f"cannot load the tokenizer in {directory}: {cause}")
+        self.directory, self.cause = directory, cause
+
+
+def read_tokenizer_dir(directory: Path) -> dict[str, str]:
+    """Check the tokenizer files of `directory` as TOKENIZER_FILES says, before any loader opens one; the text of
+    each JSON file and of merges.txt, by name. A directory with no vocabulary (VOCAB_FILES) is refused."""
+    texts: dict[str, str] = {}
+    for name, limit in TOKENIZER_FILES.items():
+        path = directory / name
+        if not (path.exists() or path.is_symlink()):
+            continue
+        try:
+            if name.endswith(".json") or name == "merges.txt":
+                text = read_text(path, name, limit)
+                if name.endswith(".json"):
+                    parse_json(text, name)
+                texts[name] = text
+            else:  # binary or not parsed by us: that it is a regular file within the bound is what matters
+                with open_regular(path, name) as f:
+                    if os.fstat(f.fileno()).st_size > limit:
+                        raise BadFile(f"{name} is larger than {limit // 2**20} MiB, too large for this kind of file")
+        except BadFile as e:
+            raise BadTokenizer(directory, str(e)) from None
+    if not any(all((directory / n).exists() for n in files) for files in VOCAB_FILES):
+        what = "vocabulary" if texts else "tokenizer"  # settings without the tokens, or nothing at all
+        raise BadTokenizer(directory, f"it holds no {what}; {NO_VOCAB}")
+    return texts
+
+
+def load_tokenizer_dir(directory: str | Path) -> PreTrainedTokenizerBase:
+    """The transformers tokenizer saved in `directory`, checked (read_tokenizer_dir) before it is loaded and
+    refused in one line (`BadTokenizer`) where it does not load or encodes text to nothing; what the library
+    prints while loading is held (core/errors.held_output), so nothing comes before that line. The one way every
+    command loads a tokenizer directory (a dataset's, a model's, --tokenizer)."""
+    from transformers import AutoTokenizer
+
+    directory = Path(directory)
+    texts = read_tokenizer_dir(directory)
+    with held_output():
+        try:
+            if "tokenizer.json" in texts or "tokenizer_config.json" in texts:
+                tok = AutoTokenizer.from_pretrained(str(directory), trust_remote_code=False)
+            else:
+                tok = _gpt2_from_files(directory, texts)
+        except Exception as e:  # noqa: BLE001 - any failure here is a broken directory
+            raise BadTokenizer(directory, _cause(e)) from None
+    if not tok(PROBE_TEXT, add_special_tokens=False)["input_ids"]:
+        raise BadTokenizer(directory, f"its vocabulary ({len(tok):,} tokens) encodes text to no tokens; {NO_VOCAB}")
+    return tok
 
 
 def load_tokenizer(name_or_dir: str) -> PreTrainedTokenizerBase:
@@ -74,28 +153,18 @@ def load_tokenizer(name_or_dir: str) -> PreTrainedTokenizerBase:
 
     path = Path(name_or_dir).expanduser()
     if path.is_dir():
-        if (path / "tokenizer.json").is_file() or (path / "tokenizer_config.json").is_file():
-            try:
-                tok = AutoTokenizer.from_pretrained(str(path))
-            except Exception as e:  # noqa: BLE001 - any failure here is a broken directory
-                raise UsageError(f"cannot load the tokenizer in {path}: {_one_line(e)}") from None
-        elif (path / "vocab.json").is_file() and (path / "merges.txt").is_file():
-            tok = _gpt2_from_files(path)
-        else:
-            raise UsageError(
-                f"{path} holds no tokenizer: expected tokenizer.json (a saved tokenizer or processed "
-                "dataset) or GPT-2-style vocab.json + merges.txt"
-            )
+        tok = load_tokenizer_dir(path)
     elif path.exists() or name_or_dir.startswith((".", "/", "~")):
         raise UsageError(f"tokenizer path {name_or_dir} is not a directory")
     else:
-        try:
-            tok = AutoTokenizer.from_pretrained(name_or_dir)
-        except Exception as e:  # noqa: BLE001 - network, auth and missing-repo errors all end here
-            raise UsageError(
-                f"cannot load tokenizer '{name_or_dir}' from the Hugging Face Hub ({_one_line(e)}); "
-                "offline, pass a directory with vocab.json + merges.txt or a processed dataset to --tokenizer"
-            ) from None
+        with held_output():  # the Hub's retries, one warning each, would come before the one line
+            try:
+                tok = AutoTokenizer.from_pretrained(name_or_dir)
+            except Exception as e:  # noqa: BLE001 - network, auth and missing-repo errors all end here
+                raise UsageError(
+                    f"cannot load tokenizer '{name_or_dir}' from the Hugging Face Hub ({first_line(e, 300)}); "
+                    "offline, pass a directory with vocab.json + merges.txt or a processed dataset to --tokenizer"
+                ) from None
     if not getattr(tok, "is_fast", False):
         raise UsageError(f"tokenizer '{name_or_dir}' has no fast (Rust) version; use a fast tokenizer")
     if tok.eos_token_id is None:
@@ -161,20 +230,35 @@ def load_tokenizer_files(name_or_dir: str) -> TokenizerFiles:
     from tokenizers import Tokenizer
 
     path = Path(name_or_dir).expanduser()
-    if path.is_dir() and (path / "tokenizer.json").is_file() and (path / "tokenizer_config.json").is_file():
+    if not path.is_dir():
+        return TokenizerFiles.of(load_tokenizer(name_or_dir))
+    texts = read_tokenizer_dir(path)  # what is read below and by load_tokenizer is checked first
+    if "tokenizer.json" in texts and "tokenizer_config.json" in texts:
         try:
-            config = json.loads((path / "tokenizer_config.json").read_text(encoding="utf-8"))
+            config = json.loads(texts["tokenizer_config.json"])
             eos = config.get("eos_token") if isinstance(config, dict) else None
             eos = eos.get("content") if isinstance(eos, dict) else eos
-            backend = Tokenizer.from_file(str(path / "tokenizer.json"))
+            backend = Tokenizer.from_str(texts["tokenizer.json"])
         except Exception:  # noqa: BLE001 - anything unusual: transformers' loader gives the precise error
             eos = None
-        if isinstance(eos, str) and backend.token_to_id(eos) is not None:
+        if isinstance(eos, str) and backend.token_to_id(eos) is not None and _encodes_text(backend):
             return TokenizerFiles(backend, eos, config)
-    elif (path.is_dir() and not (path / "tokenizer_config.json").is_file() and (path / "vocab.json").is_file()
-          and (path / "merges.txt").is_file()):
-        return TokenizerFiles(_gpt2_backend(path), EOS_TOKEN)
+    elif "tokenizer_config.json" not in texts and "vocab.json" in texts and "merges.txt" in texts:
+        backend = _gpt2_backend(path)
+        if not _encodes_text(backend):
+            raise BadTokenizer(path, f"its vocabulary encodes text to no tokens; {NO_VOCAB}")
+        return TokenizerFiles(backend, EOS_TOKEN)
     return TokenizerFiles.of(load_tokenizer(name_or_dir))
+
+
+def _cause(error: Exception) -> str:
+    """A loader's failure in words (transformers' KeyError for a missing field of tokenizer.json says only the
+    key)."""
+    return f"missing field {first_line(error, 100)}" if isinstance(error, KeyError) else first_line(error, 300)
+
+
+def _encodes_text(backend: Tokenizer) -> bool:
+    return bool(backend.encode(PROBE_TEXT, add_special_tokens=False).ids)
 
 
 def _gpt2_backend(directory: Path) -> Tokenizer:
@@ -185,7 +269,7 @@ def _gpt2_backend(directory: Path) -> Tokenizer:
         model = models.BPE.from_file(str(directory / "vocab.json"), str(directory / "merges.txt"),
                                      continuing_subword_prefix="", end_of_word_suffix="")
     except Exception as e:  # noqa: BLE001 - a damaged vocab.json or merges.txt
-        raise UsageError(f"cannot load the tokenizer in {directory}: {_one_line(e)}") from None
+        raise BadTokenizer(directory, _cause(e)) from None
     tok = Tokenizer(model)
     tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False, trim_offsets=True, use_regex=True)
     tok.decoder = decoders.ByteLevel()
@@ -365,8 +449,3 @@ def _tiktoken_for(backend: Tokenizer) -> Any | None:
         return None
     return tiktoken.Encoding("gpt2-dutch", pat_str=GPT2_PATTERN, mergeable_ranks=ranks,
                              special_tokens={t.content: i for i, t in added.items()})
-
-
-def _one_line(error: BaseException) -> str:
-    text = str(error).strip().splitlines()
-    return (text[0] if text else type(error).__name__)[:300]

@@ -21,7 +21,7 @@ from typing import Any
 import torch
 
 from gpt2_dutch.core.devices import resolve_device, resolve_dtype
-from gpt2_dutch.core.errors import UsageError, first_line
+from gpt2_dutch.core.errors import UsageError, first_line, held_output
 from gpt2_dutch.core.reading import open_regular, read_json, short
 from gpt2_dutch.model.cpu_kernels import _use_cpu_decode_attention, pack_cpu_linears
 from gpt2_dutch.model.presets import FAST_GELU, available_memory_bytes, check_fits
@@ -329,7 +329,9 @@ def read_generation_config(model_dir: Path, config: dict[str, Any]) -> tuple[Any
 def load_model(path: str | Path, device: str = "auto", dtype: str = "auto") -> tuple[Any, Any, Path]:
     """(model, tokenizer, directory) for a saved GPT-2: checked by `inspect_model`, refused in one line where its
     weights do not fit in the free memory, then loaded from safetensors, never with remote code."""
-    from transformers import AutoTokenizer, GPT2Config, GPT2LMHeadModel
+    from transformers import GPT2Config, GPT2LMHeadModel
+
+    from gpt2_dutch.data.tokenizer import BadTokenizer, load_tokenizer_dir
 
     saved = inspect_model(path)
     model_dir = saved.directory
@@ -347,10 +349,9 @@ def load_model(path: str | Path, device: str = "auto", dtype: str = "auto") -> t
     if note:
         print(f"gpt2-dutch: note: {note}", file=sys.stderr, flush=True)
     try:
-        tokenizer = AutoTokenizer.from_pretrained(str(model_dir), trust_remote_code=False)
-    except Exception as e:  # noqa: BLE001 - missing or damaged tokenizer files: whatever the library raises
-        cause = first_line(e)
-        raise UsageError(f"cannot load the model in {model_dir}: its tokenizer does not load ({cause}); is the "
+        tokenizer = load_tokenizer_dir(model_dir)  # checked files, no library output before the one line
+    except BadTokenizer as e:
+        raise UsageError(f"cannot load the model in {model_dir}: its tokenizer does not load ({e.cause}); is the "
                          "directory complete?") from None
     vocab = saved.config["vocab_size"]
     if len(tokenizer) > vocab:  # ids past the embedding table would fail in the middle of generating
@@ -360,12 +361,14 @@ def load_model(path: str | Path, device: str = "auto", dtype: str = "auto") -> t
     if config.activation_function == "gelu_new":
         # Models saved with GPT-2's gelu_new run the same function through one fused op (see presets.FAST_GELU).
         config.activation_function = FAST_GELU
-    try:
-        model = GPT2LMHeadModel.from_pretrained(str(model_dir), config=config, generation_config=generation_config,
-                                                dtype=torch_dtype, use_safetensors=True, trust_remote_code=False)
-    except Exception as e:  # noqa: BLE001 - weights damaged between the header and the data
-        cause = first_line(e)
-        raise UsageError(f"cannot load the model in {model_dir} ({cause}); is the directory complete?") from None
+    with held_output():  # its load report and bar would come before any later error line
+        try:
+            model = GPT2LMHeadModel.from_pretrained(str(model_dir), config=config, dtype=torch_dtype,
+                                                    generation_config=generation_config, use_safetensors=True,
+                                                    trust_remote_code=False)
+        except Exception as e:  # noqa: BLE001 - weights damaged between the header and the data
+            cause = first_line(e)
+            raise UsageError(f"cannot load the model in {model_dir} ({cause}); is the directory complete?") from None
     model.to(dev).eval()
     if dev.type == "cpu":
         _use_cpu_decode_attention(model)

@@ -36,10 +36,11 @@ from pathlib import Path
 from typing import Any
 
 from gpt2_dutch import __version__
-from gpt2_dutch.core.errors import MachineError, UsageError, check, check_number, check_seed, disk_faults
+from gpt2_dutch.core.errors import BAR_DELAY_S, MachineError, UsageError, check, check_number, check_seed, disk_faults
 from gpt2_dutch.core.files import pid_alive, replace_dir, temp_name
 from gpt2_dutch.core.options import option, renamed_notice
 from gpt2_dutch.core.ownership import DirectoryOwner, remove_dead_staging
+from gpt2_dutch.core.reading import read_json_or_none
 from gpt2_dutch.data.chunks import MANIFEST, token_dtype
 from gpt2_dutch.data.sources import (
     HUB_CONFIGS,
@@ -529,7 +530,8 @@ def _encode_parts(cfg: PreprocessConfig, source: Source, work: WorkDir, tokenize
             for part in todo():
                 pending.append((part, pool.submit(encode_part, part)))
                 if bar is None:  # after the first submit forked the workers: tqdm's monitor thread is not copied
-                    bar = tqdm(desc="tokenize", unit="B", unit_scale=True, dynamic_ncols=True, mininterval=0.5)
+                    bar = tqdm(desc="tokenize", unit="B", unit_scale=True, dynamic_ncols=True, mininterval=0.5,
+                               delay=BAR_DELAY_S)
                 while len(pending) > workers:  # every worker busy and one part queued: memory stays bounded
                     collect()
             while pending:
@@ -547,10 +549,7 @@ def is_our_dataset(path: Path) -> bool:
     """Whether `path` is a directory (not a link) holding the manifest that preprocess writes."""
     if path.is_symlink() or not path.is_dir():
         return False
-    try:
-        manifest = json.loads((path / MANIFEST).read_text(encoding="utf-8"))
-    except (OSError, ValueError):
-        return False
+    manifest = read_json_or_none(path / MANIFEST)  # a FIFO or a huge file there is not ours either
     return isinstance(manifest, dict) and manifest.get("format") == DATASET_FORMAT
 
 

@@ -29,10 +29,12 @@ from typing import Any
 from gpt2_dutch.core.errors import UsageError, check
 from gpt2_dutch.core.files import write_json_atomic
 from gpt2_dutch.core.ownership import DirectoryOwner
+from gpt2_dutch.core.reading import read_json_or_none
 from gpt2_dutch.data.chunks import ChunkWriter
 
 WORK_FORMAT = "gpt2-dutch/preprocess-work"
 SPLITS = ("train", "test")
+DONE_SCHEMA = {"shard": int, "num_shards": int, "has_test": bool, "parts": {split: list for split in SPLITS}}
 
 
 @dataclass
@@ -105,10 +107,8 @@ class WorkDir:
             self._lock = None
 
     def plan(self) -> dict[str, Any] | None:
-        try:
-            return json.loads((self.path / "plan.json").read_text())
-        except (OSError, ValueError):
-            return None
+        plan = read_json_or_none(self.path / "plan.json")  # damaged or not ours: the work is started over
+        return plan if isinstance(plan, dict) else None
 
     def done_keys(self, split: str) -> set[str]:
         return {p.name[:-4] for p in (self.parts / split).glob("f*.npz")}
@@ -143,9 +143,9 @@ class WorkDir:
         done markers of all N shards; a one-line error naming the shards that are not done."""
         markers: dict[int, dict[int, dict[str, Any]]] = {}
         for p in self.path.glob("done-*-of-*.json"):
-            with contextlib.suppress(OSError, ValueError, KeyError, TypeError):
-                m = json.loads(p.read_text())
-                markers.setdefault(int(m["num_shards"]), {})[int(m["shard"])] = m
+            m = read_json_or_none(p, schema=DONE_SCHEMA)  # a damaged marker is a shard not done: it runs again
+            if m is not None and all(isinstance(k, str) for v in m["parts"].values() for k in v):
+                markers.setdefault(m["num_shards"], {})[m["shard"]] = m
         if num_shards is None:
             check(len(markers) <= 1, f"{self.path} holds shards of runs split {' and '.join(map(str, markers))} "
                   "ways; pass --num-shards to say which to merge")

@@ -23,6 +23,7 @@ from gpt2_dutch.core.errors import MachineError, Stopped, UsageError, first_line
 from gpt2_dutch.core.files import replace_dir, temp_name
 from gpt2_dutch.core.ownership import DirectoryOwner, remove_dead_staging
 from gpt2_dutch.data.chunks import load_split, read_manifest
+from gpt2_dutch.data.tokenizer import BadTokenizer, load_tokenizer_dir
 from gpt2_dutch.model.presets import flops_per_token, matmul_params
 from gpt2_dutch.push import check_ready_to_push, push_after_training
 from gpt2_dutch.runs.card import describe_hardware, write_card
@@ -103,14 +104,12 @@ _OOM_ADVICE = ("out of memory: lower --batch-size (raise --gradient-accumulation
 
 
 def _run(cfg: TrainConfig, manifest: dict[str, Any]) -> Path:
-    from transformers import AutoTokenizer
-
     dataset_path = Path(cfg.dataset_path)  # type: ignore[arg-type]
     train_ds, test_ds = load_split(dataset_path, "train"), load_split(dataset_path, "test")
     try:
-        tokenizer = AutoTokenizer.from_pretrained(str(dataset_path))
-    except (OSError, ValueError, TypeError, KeyError) as e:  # tokenizers' and transformers' ways to say "damaged"
-        raise UsageError(f"{dataset_path}: its tokenizer cannot be loaded ({first_line(e, 160)}); preprocess the data "
+        tokenizer = load_tokenizer_dir(dataset_path)  # checked files, no library output before the one line
+    except BadTokenizer as e:
+        raise UsageError(f"{dataset_path}: its tokenizer cannot be loaded ({e.cause}); preprocess the data "
                          "again") from None
     plan = make_plan(cfg, manifest, len(train_ds), tokenizer.eos_token_id)
     run_dir = plan.resume.run_dir if plan.resume is not None else new_run_dir(plan.cfg, Path(cfg.output_dir))

@@ -201,11 +201,16 @@ def test_json_lines_skip_a_cut_line_refuse_a_wrong_one_and_bound_each_line(tmp_p
 
 # ------------------------------------------------------------------------------------------ the wired readers
 
-def test_train_config_fifo_exits_2_with_one_line(cli, tmp_path, monkeypatch):
+@pytest.mark.parametrize(("command", "make", "message"), [
+    ("train", lambda: os.mkfifo("job.yaml"), "--config job.yaml is a FIFO, not a regular file"),
+    ("preprocess", lambda: os.symlink("/dev/zero", "job.yaml"), "--config job.yaml is a device, not a regular file"),
+], ids=["fifo", "dev-zero-link"])
+def test_a_config_that_is_a_fifo_or_a_device_exits_2_with_one_line_unread(cli, tmp_path, monkeypatch, command, make,
+                                                                         message):
     monkeypatch.chdir(tmp_path)
-    os.mkfifo("job.yaml")
-    rc, _, err = cli("train", "--config", "job.yaml")
-    assert_one_line_error(rc, err, "--config job.yaml is a FIFO, not a regular file")
+    make()
+    rc, _, err = cli(command, "--config", "job.yaml")
+    assert_one_line_error(rc, err, message)
 
 
 CONFIG_CASES = [

@@ -29,3 +29,19 @@ def test_a_json_block_reads_like_the_file(tmp_path):
         iter_file_texts(tmp_path / "a.jsonl"))
     with pytest.raises(UsageError, match=r"a.jsonl:12: not UTF-8 text"):
         list(iter_block_texts(tmp_path / "a.jsonl", "jsonl", b'{"text": "x"}\n\xff\n', 11, "text", "line"))
+
+
+@pytest.mark.parametrize(("name", "content", "message"), [
+    ("deep.jsonl", '{"text": "een"}\n{"text": ' + "[" * 100_000 + "]" * 100_000 + "}\n",
+     "deep.jsonl:2: lists or mappings nested deeper than 100 levels"),
+    ("number.jsonl", '{"text": "een", "id": ' + "9" * 5000 + "}\n", "number.jsonl:1: a number of 5000 characters"),
+    ("deep.json", '[{"text": "een"},\n' + "[" * 100_000 + "]" * 100_000 + "]",
+     "deep.json:2: lists or mappings nested deeper than 100 levels"),
+    ("number.json", '[{"text": "een", "n": 1.' + "5" * 5000 + "}]", "number.json:1: a number of 5002 characters"),
+])
+def test_a_record_beyond_the_json_bounds_is_one_line_naming_the_line(tmp_path, name, content, message):
+    """What core/reading bounds in our own files (nesting, number length) is bounded in data files too."""
+    (tmp_path / name).write_text(content)
+    with pytest.raises(UsageError) as refused:
+        list(iter_file_texts(tmp_path / name))
+    assert message in str(refused.value) and "\n" not in str(refused.value)

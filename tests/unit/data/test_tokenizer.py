@@ -5,15 +5,17 @@ from __future__ import annotations
 
 import gzip
 import json
+import os
 import random
 import re
+import shutil
 from types import SimpleNamespace
 
 import pytest
 from helpers import DOCS, DUTCH_CORPUS
 from tokenizers import Tokenizer, decoders, models, normalizers, pre_tokenizers
 
-from gpt2_dutch.data.tokenizer import EOS_TOKEN, BatchEncoder, load_tokenizer, train_bpe
+from gpt2_dutch.data.tokenizer import EOS_TOKEN, VOCAB_BYTES, BatchEncoder, load_tokenizer, train_bpe
 
 
 @pytest.mark.slow
@@ -235,3 +237,99 @@ def test_a_bpe_trained_on_the_pieces_is_the_bpe_trained_on_the_whole():
     assert len(split_long_text(text, max_chars=50)) > 100
     assert whole.get_vocab() == pieces.get_vocab()
     assert whole.backend_tokenizer.to_str() == pieces.backend_tokenizer.to_str()
+
+
+# ---- tokenizer directories: checked before any loader reads them
+
+
+def _damage(name: str, content) -> callable:
+    def damage(d):
+        path = d / name
+        path.unlink(missing_ok=True)
+        if content == "<fifo>":
+            os.mkfifo(path)
+        elif content == "<dev/zero>":
+            path.symlink_to("/dev/zero")
+        elif content == "<huge>":
+            with open(path, "wb") as f:  # sparse: no disk used
+                f.truncate(VOCAB_BYTES + 1)
+        elif content is not None:
+            path.write_text(content)
+    return damage
+
+
+def _empty_vocabulary(path):
+    spec = json.loads(path.read_text())
+    spec["model"].update(vocab={}, merges=[])
+    spec["added_tokens"] = []
+    path.write_text(json.dumps(spec))
+
+
+def _drop_field(path, field):
+    spec = json.loads(path.read_text())
+    del spec[field]
+    path.write_text(json.dumps(spec))
+
+
+BAD_TOKENIZER_DIRS = [
+    pytest.param(_damage("tokenizer.json", "<fifo>"), "tokenizer.json is a FIFO, not a regular file", id="fifo"),
+    pytest.param(_damage("tokenizer_config.json", "<dev/zero>"), "tokenizer_config.json is a device", id="dev-zero"),
+    pytest.param(_damage("tokenizer.json", "<huge>"), "tokenizer.json is larger than 256 MiB", id="huge"),
+    pytest.param(_damage("tokenizer.json", "geen json"), "tokenizer.json is not valid JSON (line 1", id="garbage"),
+    pytest.param(_damage("tokenizer_config.json", '{"eos_token":\n' + "[" * 100_000 + "]" * 100_000 + "}"),
+                 "tokenizer_config.json line 2: lists or mappings nested deeper than 100 levels", id="deep"),
+    pytest.param(_damage("tokenizer_config.json", '{"model_max_length": ' + "9" * 5000 + "}"),
+                 "tokenizer_config.json line 1: a number of 5000 characters", id="long-number"),
+    pytest.param(_damage("special_tokens_map.json", "<fifo>"), "special_tokens_map.json is a FIFO", id="side-fifo"),
+    pytest.param(_damage("tokenizer.json", None), "it holds no vocabulary", id="config-only"),
+    pytest.param(lambda d: [p.unlink() for p in d.iterdir()], "it holds no tokenizer; expected tokenizer.json",
+                 id="empty"),
+    pytest.param(lambda d: _empty_vocabulary(d / "tokenizer.json"), "encodes text to no tokens",
+                 id="empty-vocabulary"),
+    pytest.param(lambda d: _drop_field(d / "tokenizer.json", "model"), "Model missing", id="missing-model"),
+]
+
+
+@pytest.fixture
+def no_hang():
+    import signal
+
+    def expired(signum, frame):
+        raise TimeoutError("a read did not return within 20 s")
+
+    old = signal.signal(signal.SIGALRM, expired)
+    signal.alarm(20)
+    yield
+    signal.alarm(0)
+    signal.signal(signal.SIGALRM, old)
+
+
+@pytest.mark.parametrize(("damage", "message"), BAD_TOKENIZER_DIRS)
+def test_a_bad_tokenizer_directory_is_one_line_for_every_loader(damage, message, small_tokenizer, tmp_path, no_hang):
+    """load_tokenizer_dir (train, generate, evaluate, serve), load_tokenizer and load_tokenizer_files
+    (preprocess --tokenizer): a FIFO or a device is never opened, nothing huge or deep is parsed, and a directory
+    without a vocabulary is refused rather than loaded as an empty tokenizer."""
+    from gpt2_dutch.data.tokenizer import BadTokenizer, load_tokenizer_dir, load_tokenizer_files
+
+    directory = tmp_path / "tok"
+    shutil.copytree(small_tokenizer, directory)
+    damage(directory)
+    for load in (load_tokenizer_dir, load_tokenizer, load_tokenizer_files):
+        with pytest.raises(BadTokenizer) as refused:
+            load(str(directory))
+        text = str(refused.value)
+        assert text.startswith(f"cannot load the tokenizer in {directory}: ") and message in text, text
+        assert "\n" not in text and len(text.replace(str(directory), "")) < 300, text
+
+
+def test_a_gpt2_style_vocab_and_merges_directory_still_loads(small_tokenizer, tmp_path):
+    from gpt2_dutch.data.tokenizer import load_tokenizer_dir, load_tokenizer_files
+
+    full = load_tokenizer(str(small_tokenizer))
+    directory = tmp_path / "bpe"
+    directory.mkdir()
+    full.backend_tokenizer.model.save(str(directory))  # vocab.json + merges.txt only
+    text = "De trein naar Utrecht vertrekt om kwart over negen."
+    assert load_tokenizer_dir(directory)(text)["input_ids"] == full(text)["input_ids"]
+    light = load_tokenizer_files(str(directory))
+    assert light.hf is None and light.backend.encode(text).ids == full(text)["input_ids"]

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import os
 
 import pytest
 from helpers import TINY_PART_MB, assert_same_dataset, run
@@ -31,3 +32,58 @@ def test_a_shard_with_other_settings_is_refused(tmp_path, mixed_files, small_tok
     run(tmp_path, mixed_files, small_tokenizer, shard_index=0, num_shards=2)
     with pytest.raises(UsageError, match="holds the work of a preprocess with other settings"):
         run(tmp_path, mixed_files, small_tokenizer, shard_index=1, num_shards=2, part_mb=1.0)
+
+
+@pytest.fixture
+def no_hang():
+    import signal
+
+    def expired(signum, frame):
+        raise TimeoutError("a read did not return within 10 s")
+
+    old = signal.signal(signal.SIGALRM, expired)
+    signal.alarm(10)
+    yield
+    signal.alarm(0)
+    signal.signal(signal.SIGALRM, old)
+
+
+@pytest.mark.parametrize("content", ["<fifo>", "<dev/zero>", "[" * 100_000, '{"format": ' + "9" * 5000 + "}"],
+                         ids=["fifo", "dev-zero", "deep", "long-number"])
+def test_work_files_and_a_manifest_are_read_bounded_and_a_bad_one_is_not_ours(tmp_path, content, no_hang):
+    """plan.json, a shard's done marker and the manifest --overwrite looks at go through core/reading: a FIFO or a
+    device is never opened, nothing deep or huge is parsed; a damaged one is no plan (the work starts over), a shard
+    not done (it runs again), not a dataset of ours (--overwrite refuses it)."""
+    from gpt2_dutch.preprocess import is_our_dataset
+    from gpt2_dutch.preprocess.merge import WorkDir
+
+    work = WorkDir(tmp_path / ".d.work")
+    work.parts.mkdir(parents=True)
+    dataset = tmp_path / "d"
+    dataset.mkdir()
+    for path in (work.path / "plan.json", work.path / "done-00000-of-00001.json", dataset / "manifest.json"):
+        if content == "<fifo>":
+            os.mkfifo(path)
+        elif content == "<dev/zero>":
+            path.symlink_to("/dev/zero")
+        else:
+            path.write_text(content)
+    assert work.plan() is None and not is_our_dataset(dataset)
+    with pytest.raises(UsageError, match="1 of 1 shards are not done"):
+        work.shard_results(1)
+
+
+def test_a_done_marker_with_fields_of_the_wrong_type_is_a_shard_not_done(tmp_path):
+    from gpt2_dutch.preprocess.merge import WorkDir
+
+    work = WorkDir(tmp_path / ".d.work")
+    work.parts.mkdir(parents=True)
+    good = {"shard": 0, "num_shards": 2, "has_test": False, "parts": {"train": [], "test": []}}
+    (work.path / "done-00000-of-00002.json").write_text(json.dumps(good))
+    for bad in [{**good, "shard": "1"}, {**good, "shard": 1, "parts": {"train": [5], "test": []}},
+                {**good, "shard": 1, "parts": []}]:
+        (work.path / "done-00001-of-00002.json").write_text(json.dumps(bad))
+        with pytest.raises(UsageError, match=r"1 of 2 shards are not done \(--shard-index 1\)"):
+            work.shard_results(2)
+    (work.path / "done-00001-of-00002.json").write_text(json.dumps({**good, "shard": 1}))
+    assert work.shard_results(2) == (2, {"train": [], "test": []}, False)
