@@ -37,7 +37,6 @@ The benchmark runs on one device: it sets CUDA_VISIBLE_DEVICES to the first visi
 from __future__ import annotations
 
 import gzip
-import json
 import os
 import sys
 import tempfile
@@ -107,7 +106,10 @@ class BenchConfig:
 
 def bench(cfg: BenchConfig) -> dict[str, Any]:
     from gpt2_dutch.data.sample import builtin_sample_path
+    from gpt2_dutch.data.tokenizer import load_tokenizer
 
+    if cfg.tokenizer:  # a bad --tokenizer is one line before any part runs, not a child process's traceback
+        load_tokenizer(cfg.tokenizer)
     saved = os.environ.get("CUDA_VISIBLE_DEVICES")
     _use_one_device()
     try:
@@ -205,6 +207,6 @@ def join_json_lines(files: list[Path], out: Path) -> Path:
 
 
 def text_megabytes(path: Path) -> float:
-    opener = gzip.open if path.suffix == ".gz" else open
-    with opener(path, "rt", encoding="utf-8") as f:
-        return sum(len(json.loads(line)["text"].encode("utf-8")) for line in f if line.strip()) / 1e6
+    from gpt2_dutch.data.sources import iter_file_texts  # a bad line is one line naming it, not a traceback
+
+    return sum(len(text.encode("utf-8")) for text in iter_file_texts(path)) / 1e6
