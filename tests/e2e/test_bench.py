@@ -107,6 +107,49 @@ def test_bench_quality_quick_writes_both_figures_and_their_ratio(cli, tmp_path, 
 
 
 @pytest.mark.slow
+def test_bench_quality_shape_quick_writes_both_curves_the_ratio_and_the_plot(cli, tmp_path, monkeypatch):
+    """--shape nano --tokens N --quick: ours and the swept AdamW peer at one shape and token count, both scored at
+    the same steps on the same held-out documents; the ratio is the curves' own arithmetic (test_curves.py). One
+    seed: a second adds ~7 s (the mean over seeds is test_curves.py's)."""
+    from gpt2_dutch.bench.curves import tokens_to_reach
+
+    monkeypatch.chdir(tmp_path)
+    rc, out, err = cli("bench", "quality", "--quick", "--shape", "nano", "--tokens", "2048", "--seeds", "1",
+                       "--output-dir", "res")
+    assert rc == 0, err
+    se = json.loads((tmp_path / "res" / "bench.json").read_text())["sample_efficiency"]
+    assert se["shape"] == "nano" and se["seeds"] == [42] and se["tokens"] >= 2048
+    tokens_per_step = se["ours"]["settings"]["tokens_per_step"]
+    assert se["tokens"] == se["steps"] * tokens_per_step and se["points"][-1] == se["steps"] and len(se["points"]) == 4
+    assert se["ours"]["settings"]["model_size"] == "nano" and se["ours"]["settings"]["optimizer"] == "muon"
+    sweep = se["peer"]["lr_sweep"]
+    assert sweep["seed"] == 42 and sweep["learning_rates"] == [1e-3, 2e-3, 4e-3]
+    assert sweep["chosen"] == se["peer"]["learning_rate"] == sweep["learning_rates"][
+        sweep["final_bits_per_byte"].index(min(sweep["final_bits_per_byte"]))]
+    assert se["peer"]["settings"]["tokens_per_step"] == tokens_per_step and se["peer"]["settings"]["dropout"] == 0.0
+    for run in se["runs"]:
+        o, p = run["ours"], run["peer"]
+        assert o["tokens"] == p["tokens"] == se["tokens"] and p["learning_rate"] == sweep["chosen"]
+        # the same steps, the same held-out tokens scored: one curve against the other, point by point
+        assert [c["step"] for c in o["curve"]] == [c["step"] for c in p["curve"]] == se["points"]
+        assert [c["tokens"] for c in o["curve"]] == [s * tokens_per_step for s in se["points"]]
+        assert len({c["tokens_scored"] for c in o["curve"] + p["curve"]}) == 1
+        assert all(_positive(c["bits_per_byte"]) for c in o["curve"] + p["curve"])
+        assert o["final_bits_per_byte"] == o["curve"][-1]["bits_per_byte"]
+        assert p["parameters"] < o["parameters"]  # the peer's head is tied, GPT-2's own
+        r = run["reach"]
+        assert r["target_bits_per_byte"] == p["final_bits_per_byte"]
+        expected, _ = tokens_to_reach([(c["tokens"], c["bits_per_byte"]) for c in o["curve"]], p["final_bits_per_byte"])
+        assert r["tokens"] == expected and r["ratio"] == (None if expected is None else expected / se["tokens"])
+    assert sweep["final_bits_per_byte"][sweep["learning_rates"].index(sweep["chosen"])] == \
+        se["runs"][0]["peer"]["final_bits_per_byte"]
+    md = (tmp_path / "res" / "bench.md").read_text()
+    assert "Sample efficiency at `nano`" in md and "nano, seed 42: tokens until ours reaches the peer's final" in md
+    assert se["plot"].endswith("bench_curves.png") and "Plot: bench_curves.png" in md and "Sample efficiency" in out
+    assert (tmp_path / "res" / "bench_curves.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+
+
+@pytest.mark.slow
 def test_bench_serve_quick_measures_every_server(cli, tmp_path: Path, monkeypatch):
     monkeypatch.chdir(tmp_path)
     rc, _, err = cli("bench", "serve", "--quick", "--json-out", "b.json", "--markdown-out", "b.md",

@@ -9,7 +9,10 @@ Each is what a user would write without this project, kept as close to its sourc
 - quality: a textbook from-scratch GPT-2 run with the Trainer (TEXTBOOK below): run_clm's data path with an
   <|endoftext|> after each document, `GPT2Config` defaults but for the shape, AdamW, warmup then cosine to 0
   (`lr_scheduler_type="cosine"`, i.e. transformers' get_cosine_schedule_with_warmup), fp32, `max_steps` set from
-  a short timing run so that the steps fill the time budget.
+  a short timing run so that the steps fill the time budget;
+- sample efficiency: a tuned AdamW peer (ADAMW_PEER below) at our shape, on our chunks, with our tokens per step:
+  plain `GPT2LMHeadModel`, AdamW (0.9, 0.95), weight decay 0.1, warmup then cosine, no dropout, bf16 autocast;
+  its learning rate is swept by the bench.
 """
 
 from __future__ import annotations
@@ -208,6 +211,69 @@ def quality_recipe(data: Any, tokenizer_dir: str, output_dir: str, budget_s: flo
             "seconds_per_step_measured": timing.seconds_per_step, "tokens": chunks * TEXTBOOK["context"],
             "parameters": sum(p.numel() for p in trainer.model.parameters()), "train_loss": result.training_loss,
             "model": str(final)}
+
+
+# The tuned AdamW peer of `bench quality --shape`: what a careful user writes with the Trainer, and nothing of ours
+# (no Muon, no warmup-stable-decay, no untied head, no chunked loss). The learning rate is the bench's sweep's.
+ADAMW_PEER = {"optimizer": "AdamW (the Trainer's default, adamw_torch_fused)", "adam_beta1": 0.9,
+              "adam_beta2": 0.95, "weight_decay": 0.1, "warmup": 0.05,
+              "schedule": "linear warmup, then cosine to 0 (get_cosine_schedule_with_warmup)",
+              "precision": "bf16 autocast (TrainingArguments bf16=True)", "dropout": 0.0, "max_grad_norm": 1.0,
+              "tie_embeddings": True}  # GPT-2's own tied head, GPT2Config's default
+
+
+class SaveAtSteps(TrainerCallback):
+    """Save the model (and tokenizer) at the end of the given optimizer steps, as out/step-N: the points of the
+    evaluation curve, scored afterwards with `gpt2-dutch evaluate` like our checkpoints."""
+
+    def __init__(self, steps: list[int], out: Path, tokenizer: Any) -> None:
+        self.steps, self.out, self.tokenizer = set(steps), out, tokenizer
+        self.saved: dict[int, str] = {}
+
+    def on_step_end(self, args: Any, state: Any, control: Any, model: Any = None, **kwargs: Any) -> None:
+        if state.global_step in self.steps and state.global_step not in self.saved:
+            path = self.out / f"step-{state.global_step}"
+            model.save_pretrained(str(path))
+            self.tokenizer.save_pretrained(str(path))
+            self.saved[state.global_step] = str(path)
+
+
+def peer_recipe(dataset_dir: str, shape: dict[str, int], batch_size: int, accumulation: int, steps: int,
+                learning_rate: float, seed: int, output_dir: str, snapshot_steps: list[int]) -> dict[str, Any]:
+    """Train the ADAMW_PEER recipe on the train split of our processed dataset (the same chunks ours trains on) for
+    `steps` optimizer steps of batch_size x accumulation chunks; {step: model directory} of its snapshots."""
+    from datasets import load_from_disk
+    from transformers import AutoTokenizer, GPT2Config, GPT2LMHeadModel, Trainer, TrainingArguments, set_seed
+
+    from gpt2_dutch.data.chunks import read_manifest
+
+    p = ADAMW_PEER
+    data = load_from_disk(dataset_dir)["train"]
+    context, manifest = len(data[0]["input_ids"]), read_manifest(dataset_dir)
+    tokenizer = AutoTokenizer.from_pretrained(dataset_dir)
+    eos = manifest["tokenizer"]["eos_token_id"]
+    set_seed(seed)  # the weights: GPT2Config's init, drawn before the Trainer seeds the data order
+    config = GPT2Config(vocab_size=manifest["vocab_size"], n_positions=context, n_layer=shape["n_layer"],
+                        n_embd=shape["n_embd"], n_head=shape["n_head"], resid_pdrop=p["dropout"],
+                        embd_pdrop=p["dropout"], attn_pdrop=p["dropout"], bos_token_id=eos, eos_token_id=eos,
+                        tie_word_embeddings=p["tie_embeddings"])
+    model = GPT2LMHeadModel(config)
+    data = data.with_transform(lambda batch: {"input_ids": torch.tensor(batch["input_ids"], dtype=torch.long),
+                                              "labels": torch.tensor(batch["input_ids"], dtype=torch.long)})
+    # whole batches only (as ours): every step is batch_size x accumulation chunks, so both see the same tokens
+    args = TrainingArguments(output_dir=output_dir, per_device_train_batch_size=batch_size,
+                             gradient_accumulation_steps=accumulation, max_steps=steps, learning_rate=learning_rate,
+                             adam_beta1=p["adam_beta1"], adam_beta2=p["adam_beta2"], weight_decay=p["weight_decay"],
+                             max_grad_norm=p["max_grad_norm"], lr_scheduler_type="cosine", warmup_steps=p["warmup"],
+                             bf16=True, seed=seed, dataloader_drop_last=True, eval_strategy="no",
+                             save_strategy="no", logging_strategy="no", report_to=[], disable_tqdm=True,
+                             remove_unused_columns=False, use_cpu=not torch.cuda.is_available())
+    saver = SaveAtSteps(snapshot_steps, Path(output_dir), tokenizer)
+    trainer = Trainer(model=model, args=args, train_dataset=data, callbacks=[saver])
+    result = trainer.train()
+    return {"steps": trainer.state.global_step, "tokens": trainer.state.global_step * batch_size * accumulation *
+            context, "parameters": sum(t.numel() for t in model.parameters()), "train_loss": result.training_loss,
+            "snapshots": dict(sorted(saver.saved.items()))}
 
 
 @torch.inference_mode()

@@ -6,6 +6,7 @@ the same time budget on the same text and tokenizer.
     gpt2-dutch bench quality --max-time 90s --ours-config ablation.yaml   # ours with other TrainConfig settings
     gpt2-dutch bench quality --quick                         # a 3-second budget on the built-in sample (CI)
     gpt2-dutch bench quality --seeds 2 --ablation defaults --ablation wsd.yaml   # more variants of ours beside it
+    gpt2-dutch bench quality --budgets 2m,4m,12m             # the same at each budget (seeds 42, 43), one plot
 
 What happens, in order:
 1. Whole documents are held out before anything else (5% of them, at least 3; seeded, the same for every seed
@@ -24,7 +25,8 @@ The budget is for training steps on both sides: our --max-time fits its step cou
 steps and refits it while its rate is at the peak, and its evaluations along the way come on top; the baseline
 evaluates and saves nothing while training.
 Each side's seconds of training, steps, tokens and parameters are recorded, so the report shows the budgets
-matched.
+matched. Steps 1-3's data (prepare) also serve --budgets (once for every budget) and --shape
+(sample_efficiency.py, without the textbook's data).
 """
 
 from __future__ import annotations
@@ -102,10 +104,10 @@ def ablation_variants(paths: list[str]) -> list[tuple[str, str | None, dict[str,
             for p in paths]
 
 
-def bench_quality(text: Path, tokenizer: str | None, tmp: Path, quick: bool, budget_s: float, seeds: int,
-                  ours_config: str | None, overrides: dict[str, Any],
-                  ablation: list[tuple[str, str | None, dict[str, Any]]] | None = None) -> dict[str, Any]:
-    from gpt2_dutch.bench.baselines import TEXTBOOK, textbook_dataset
+def prepare(text: Path, tokenizer: str | None, tmp: Path, quick: bool, chunk_size: int | None = None,
+            textbook: bool = True) -> dict[str, Any]:
+    """Steps 1-4's data: the held-out documents, the tokenizer, our dataset, the textbook's (if `textbook`), and
+    what the report says about them."""
     from gpt2_dutch.bench.preprocess_speed import train_bench_tokenizer
     from gpt2_dutch.data.sources import iter_local_texts
     from gpt2_dutch.preprocess import DEFAULT_CARVE_FRACTION, PreprocessConfig, carve, preprocess
@@ -116,12 +118,14 @@ def bench_quality(text: Path, tokenizer: str | None, tmp: Path, quick: bool, bud
     root.mkdir()
     train_file, heldout_file = _write_jsonl(root / "train.jsonl", train_docs), _write_jsonl(root / "heldout.jsonl",
                                                                                              heldout)
-    say(f"quality: {len(heldout)} of {len(docs)} documents held out; each side trains for {budget_s:g} s")
+    say(f"quality: {len(heldout)} of {len(docs)} documents held out")
+    trained = tokenizer is None
     if tokenizer is None:
         tokenizer = train_bench_tokenizer(train_file, root / "tokenizer", 4096 if quick else 32768)
     with contextlib.redirect_stdout(sys.stderr):  # stdout carries only the report's table
         dataset = preprocess(PreprocessConfig(data_files=[str(train_file)], tokenizer=tokenizer,
-                                              output_dir=str(root), name="ours-data"))
+                                              output_dir=str(root), name="ours-data",
+                                              **({"chunk_size": chunk_size} if chunk_size else {})))
     # The baseline trains on exactly the documents ours trains on: preprocess's own carve of its test split
     # (seeded, per document) decides which those are; the manifest's counts confirm it.
     defaults = PreprocessConfig(data_files=[str(train_file)])
@@ -130,10 +134,52 @@ def bench_quality(text: Path, tokenizer: str | None, tmp: Path, quick: bool, bud
     if (split["documents"], split["bytes"]) != (len(ours_train), _nbytes(ours_train)):
         raise RuntimeError(f"bench quality: the training split of {dataset} ({split['documents']} documents) is not "
                            f"the {len(ours_train)} documents the baseline would get; preprocess's carve changed")
-    baseline_file = _write_jsonl(root / "baseline-train.jsonl", ours_train)
-    with contextlib.redirect_stdout(sys.stderr):
-        baseline_data = textbook_dataset(str(baseline_file), tokenizer, str(root / "hf-cache"))
+    baseline_data = None
+    if textbook:
+        from gpt2_dutch.bench.baselines import textbook_dataset
 
+        baseline_file = _write_jsonl(root / "baseline-train.jsonl", ours_train)
+        with contextlib.redirect_stdout(sys.stderr):
+            baseline_data = textbook_dataset(str(baseline_file), tokenizer, str(root / "hf-cache"))
+    return {"root": root, "dataset": dataset, "heldout_file": heldout_file, "tokenizer": tokenizer,
+            "baseline_data": baseline_data, "report": {
+                "heldout": {"documents": len(heldout), "bytes": _nbytes(heldout), "indices": indices,
+                            "fraction": HELDOUT_FRACTION, "carve_seed": CARVE_SEED},
+                "train_text": {"documents": len(ours_train), "bytes": _nbytes(ours_train),
+                               "dropped_as_copies_of_heldout": dropped,
+                               "ours_test_split_documents": len(train_docs) - len(ours_train)},
+                "tokenizer": "Dutch BPE trained on the training documents" if trained else tokenizer}}
+
+
+def bench_quality(text: Path, tokenizer: str | None, tmp: Path, quick: bool, budget_s: float, seeds: int,
+                  ours_config: str | None, overrides: dict[str, Any],
+                  ablation: list[tuple[str, str | None, dict[str, Any]]] | None = None) -> dict[str, Any]:
+    data = prepare(text, tokenizer, tmp, quick)
+    return budget_runs(data, budget_s, seeds, ours_config, overrides, ablation)
+
+
+def bench_quality_budgets(text: Path, tokenizer: str | None, tmp: Path, quick: bool, budgets: list[str],
+                          seeds: int, ours_config: str | None, overrides: dict[str, Any]) -> dict[str, Any]:
+    """`bench quality --budgets 2m,4m,12m`: the one-budget comparison at each budget, on the same data."""
+    from gpt2_dutch.core.options import parse_duration
+
+    data = prepare(text, tokenizer, tmp, quick)
+    runs = []
+    for name in budgets:
+        say(f"quality: the {name} budget")
+        runs.append(budget_runs(data, parse_duration(name, "--budgets"), seeds, ours_config, overrides,
+                                None, tag=name))
+    return {"budget_names": budgets, "budgets": runs, "ratios": [q["ratio"] for q in runs]}
+
+
+def budget_runs(data: dict[str, Any], budget_s: float, seeds: int, ours_config: str | None,
+                overrides: dict[str, Any], ablation: list[tuple[str, str | None, dict[str, Any]]] | None = None,
+                tag: str = "") -> dict[str, Any]:
+    """Ours and the textbook for `budget_s` seconds each, per seed, scored on the held-out documents."""
+    from gpt2_dutch.bench.baselines import TEXTBOOK
+
+    root, dataset, heldout_file = data["root"], data["dataset"], data["heldout_file"]
+    say(f"quality: each side trains for {budget_s:g} s")
     runs = []
     for i in range(seeds):
         seed = FIRST_SEED + i
@@ -142,10 +188,11 @@ def bench_quality(text: Path, tokenizer: str | None, tmp: Path, quick: bool, bud
         for side in sides:
             if side == "ours":
                 say(f"quality, seed {seed}: gpt2-dutch train{' (' + ours_config + ')' if ours_config else ''}")
-                run["ours"] = _ours(dataset, budget_s, seed, overrides, root / f"ours-{seed}")
+                run["ours"] = _ours(dataset, budget_s, seed, overrides, root / f"ours{tag}-{seed}")
             else:
                 say(f"quality, seed {seed}: the textbook Trainer recipe (baseline)")
-                run["baseline"] = _baseline(baseline_data, tokenizer, budget_s, seed, root / f"baseline-{seed}")
+                run["baseline"] = _baseline(data["baseline_data"], data["tokenizer"], budget_s, seed,
+                                            root / f"baseline{tag}-{seed}")
             run[side].update(_score(run[side].pop("model"), heldout_file))  # the model goes with tmp
             _free_memory()
         run["ratio"] = run["ours"]["bits_per_byte"] / run["baseline"]["bits_per_byte"]
@@ -159,14 +206,27 @@ def bench_quality(text: Path, tokenizer: str | None, tmp: Path, quick: bool, bud
             run["ablation"].append(v)
             _free_memory()
         runs.append(run)
-
     ours_bpb = statistics.fmean(r["ours"]["bits_per_byte"] for r in runs)
     base_bpb = statistics.fmean(r["baseline"]["bits_per_byte"] for r in runs)
     info = runs[0]["ours"].pop("settings")
     for r in runs[1:]:
         r["ours"].pop("settings")
+    variants = _ablation_summary(runs, ablation or [], base_bpb)
+    return {
+        "budget_s": budget_s, "seeds": [r["seed"] for r in runs], **data["report"],
+        "ours": {"name": Path(ours_config).stem if ours_config else "gpt2-dutch defaults", "config_file": ours_config,
+                 "overrides": overrides, "settings": info},
+        "baseline": {"name": "textbook Trainer", "settings": TEXTBOOK},
+        "runs": runs,
+        "ours_bits_per_byte": ours_bpb, "baseline_bits_per_byte": base_bpb, "ratio": ours_bpb / base_bpb,
+        **({"ablation": variants} if variants else {}),
+    }
+
+
+def _ablation_summary(runs: list[dict[str, Any]], ablation: list[tuple[str, str | None, dict[str, Any]]],
+                      base_bpb: float) -> list[dict[str, Any]]:
     variants = []
-    for i, (name, file, changes) in enumerate(ablation or []):
+    for i, (name, file, changes) in enumerate(ablation):
         per_seed = [r["ablation"][i] for r in runs]
         settings = per_seed[0]["settings"]
         for v in per_seed:
@@ -177,22 +237,7 @@ def bench_quality(text: Path, tokenizer: str | None, tmp: Path, quick: bool, bud
                          "ratio": bpb / base_bpb})
     for r in runs:
         r.pop("ablation")
-    return {
-        "budget_s": budget_s, "seeds": [r["seed"] for r in runs],
-        "heldout": {"documents": len(heldout), "bytes": _nbytes(heldout), "indices": indices,
-                    "fraction": HELDOUT_FRACTION, "carve_seed": CARVE_SEED},
-        "train_text": {"documents": len(ours_train), "bytes": _nbytes(ours_train),
-                       "dropped_as_copies_of_heldout": dropped,
-                       "ours_test_split_documents": len(train_docs) - len(ours_train)},
-        "tokenizer": tokenizer if tokenizer != str(root / "tokenizer") else "Dutch BPE trained on the training "
-                                                                             "documents",
-        "ours": {"name": Path(ours_config).stem if ours_config else "gpt2-dutch defaults", "config_file": ours_config,
-                 "overrides": overrides, "settings": info},
-        "baseline": {"name": "textbook Trainer", "settings": TEXTBOOK},
-        "runs": runs,
-        "ours_bits_per_byte": ours_bpb, "baseline_bits_per_byte": base_bpb, "ratio": ours_bpb / base_bpb,
-        **({"ablation": variants} if variants else {}),
-    }
+    return variants
 
 
 def _ours(dataset: Path, budget_s: float, seed: int, overrides: dict[str, Any], out: Path) -> dict[str, Any]:

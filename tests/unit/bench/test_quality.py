@@ -33,15 +33,40 @@ def test_heldout_documents_are_whole_seeded_and_never_trained_on():
     (["--ablation", "missing.yaml"], "--ablation missing.yaml not found"),
     (["--ablation", "{unknown}"], "unknown setting 'learning_rat' (did you mean learning_rate?)"),
     (["--ablation", "defaults", "--ablation", "defaults"], "--ablation: two variants share a name"),
+    (["--shape", "nano"], "--shape needs --tokens"),
+    (["--tokens", "1e6"], "--tokens is for --shape"),
+    (["--shape", "nano", "--tokens", "0"], "--tokens must be a positive number of tokens like 2e7 (got 0)"),
+    (["--shape", "nano", "--tokens", "nan"], "--tokens must be a positive number of tokens"),
+    (["--shape", "nano", "--tokens", "1e6", "--budgets", "2m"], "give --shape (a fixed shape and token count) or "
+     "--budgets"),
+    (["--shape", "nano", "--tokens", "1e6", "--max-time", "2m"], "--max-time and --shape do not go together"),
+    (["--budgets", "2m", "--max-time", "2m"], "--max-time and --budgets do not go together"),
+    (["--shape", "nano", "--tokens", "1e6", "--peer-lrs", "1e-3,2e-3"], "tuned over at least 3 learning rates"),
+    (["--shape", "nano", "--tokens", "1e6", "--peer-lrs", "1e-3,fast,4e-3"], "'fast' is not a number"),
+    (["--shape", "nano", "--tokens", "1e6", "--peer-lrs", "1e-3,-2e-3,4e-3"], "each value must be positive"),
+    (["--peer-lrs", "1e-3,2e-3,3e-3"], "--peer-lrs is for --shape"),
+    (["--budgets", "2m,soon"], "--budgets 'soon' is not a positive duration"),
+    (["--budgets", "2m,2m"], "a budget is listed twice"),
+    (["--budgets", "2m", "--ablation", "defaults"], "--ablation is for the one-budget `bench quality`, not --budgets"),
+    (["--shape", "nano", "--tokens", "1e6", "--ours-config", "{sized}"], "model_size is set by --shape"),
 ], ids=["budget-word", "budget-zero", "seeds-zero", "config-missing", "config-unknown-key", "config-budget",
-        "config-bad-value", "ablation-missing", "ablation-unknown-key", "ablation-same-name"])
+        "config-bad-value", "ablation-missing", "ablation-unknown-key", "ablation-same-name", "shape-no-tokens",
+        "tokens-no-shape", "tokens-zero", "tokens-nan", "shape-and-budgets", "shape-and-max-time",
+        "budgets-and-max-time", "peer-lrs-two", "peer-lrs-word", "peer-lrs-negative", "peer-lrs-no-shape",
+        "budgets-word", "budgets-twice", "budgets-ablation", "shape-config-model-size"])
 def test_bench_quality_bad_input(cli, tmp_path, args, message):
-    files = {"{unknown}": "learning_rat: 3e-3\n", "{fixed}": "max_time: 10m\n", "{bad_value}": "learning_rate: -1\n"}
+    files = {"{unknown}": "learning_rat: 3e-3\n", "{fixed}": "max_time: 10m\n", "{bad_value}": "learning_rate: -1\n",
+             "{sized}": "model_size: tiny\n"}
     for name, text in files.items():
         (tmp_path / f"{name[1:-1]}.yaml").write_text(text)
     args = [str(tmp_path / f"{a[1:-1]}.yaml") if a in files else a for a in args]
     rc, _, err = cli("bench", "quality", *args)
     assert_one_line_error(rc, err, message)
+
+
+def test_the_curve_modes_are_for_the_quality_part(cli):
+    rc, _, err = cli("bench", "train", "--shape", "nano", "--tokens", "1e6")
+    assert_one_line_error(rc, err, "--shape is for `gpt2-dutch bench quality`")
 
 
 def test_the_example_ablation_files_are_valid_settings():
@@ -74,3 +99,13 @@ def test_the_textbooks_timing_run_times_a_tenth_of_the_budget(seconds_per_step, 
         timing.on_step_end(None, state, control)
     assert state.global_step - 1 == expected_steps  # timed steps: 24 s of 0.5 s steps; 3 of 30 s
     assert timing.seconds_per_step == pytest.approx(seconds_per_step)
+
+
+def test_the_curve_modes_default_to_two_seeds_and_sort_the_peers_rates():
+    from gpt2_dutch.bench import BenchConfig
+
+    cfg = BenchConfig(part="quality", shape="nano", tokens=1e6, peer_lrs="4e-3,1e-3,2e-3,1e-3")
+    assert cfg.seeds == 2 and cfg.peer_lr_values == [1e-3, 2e-3, 4e-3]
+    assert BenchConfig(part="quality", budgets="2m, 4m,12m").budget_names == ["2m", "4m", "12m"]
+    assert BenchConfig(part="quality", budgets="2m").seeds == 2 and BenchConfig(part="quality").seeds == 1
+    assert BenchConfig(part="quality", shape="nano", tokens=1e6, seeds=3).seeds == 3
