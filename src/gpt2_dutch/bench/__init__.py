@@ -51,6 +51,7 @@ from pathlib import Path
 from typing import Any
 
 from gpt2_dutch import __version__
+from gpt2_dutch.bench.serve_speed import SERVERS  # standard library only: cheap for the CLI's help
 from gpt2_dutch.core.errors import UsageError, check
 from gpt2_dutch.core.options import option
 
@@ -89,6 +90,8 @@ class BenchConfig:
                            "3); the one with the best final held-out figure on the first seed is used for all")
     budgets: str | None = option(None, "quality: several --max-time budgets, comma-separated (e.g. 2m,4m,12m): "
                                  "ours (--model-size auto) vs the textbook at each, one plot against seconds")
+    servers: str = option(",".join(SERVERS), "serve: the servers to measure, comma-separated (ours is always one): "
+                          + ", ".join(SERVERS))
     ours_config: str | None = option(None, "quality: a JSON or YAML file of train settings for our side (keys as in "
                                      "`train --config`, e.g. learning_rate: 3e-3), on top of --model-size auto: "
                                      "for ablations")
@@ -102,6 +105,7 @@ class BenchConfig:
     ours_overrides: dict = field(init=False, default_factory=dict)
     peer_lr_values: list = field(init=False, default_factory=list)
     budget_names: list = field(init=False, default_factory=list)
+    server_names: tuple = field(init=False, default=SERVERS)
     ablation_variants: list = field(init=False, default_factory=list)
 
     def __post_init__(self) -> None:
@@ -116,6 +120,11 @@ class BenchConfig:
 
         self.budget_s = parse_duration(self.max_time or ("3s" if self.quick else "4m"))
         self._check_curve_modes()
+        self.server_names = tuple(n.strip() for n in self.servers.split(",") if n.strip())
+        unknown = [n for n in self.server_names if n not in SERVERS]
+        check(not unknown, f"--servers: {', '.join(unknown)[:200]} is not a server the bench knows; choose from "
+              f"{', '.join(SERVERS)}")
+        check("ours" in self.server_names, "--servers must include ours: the ratios are ours over each of the others")
         if self.seeds is None:
             self.seeds = 2 if self.shape or self.budgets else 1
         check(1 <= self.seeds <= 100, f"--seeds must be between 1 and 100 (got {self.seeds})")
@@ -259,7 +268,7 @@ def _bench_text(cfg: BenchConfig, text: Path, shown: str) -> dict[str, Any]:
             results["generate"] = bench_generate(tokenizer, tmp, cfg.quick, results["limits"])
         if "serve" in parts:
             say("serve: gpt2-dutch serve, streaming clients at once vs one request at a time")
-            results["serve"] = bench_serve(tokenizer, tmp, cfg.quick)
+            results["serve"] = bench_serve(tokenizer, tmp, cfg.quick, cfg.server_names)
         if "quality" in parts:
             _run_quality(cfg, text, tmp, results)
     results["ratios"] = {**ratios(results), **extra_ratios(results)}

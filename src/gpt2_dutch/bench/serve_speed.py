@@ -31,15 +31,17 @@ PROMPTS = ["Amsterdam is een stad waar veel mensen op de fiets naar hun werk gaa
            "Er was eens een kleine molenaar die aan de rand van een dorp woonde, vlak bij de rivier, en",
            "De trein naar Utrecht vertrekt om kwart over negen van spoor vijf, maar vandaag is hij"]
 CLIENTS = (1, 4, 16)
+# Every server measured, ours first (the ratios are ours over each); --servers picks some of them.
+SERVERS = ("ours", "one_at_a_time", "transformers_serve", "transformers_serve_cb")
 
 
-def bench_serve(tokenizer_dir: str, tmp: Path, quick: bool) -> dict[str, Any]:
-    """Each server at 1, 4 and 16 clients; ratios at 16 clients."""
+def bench_serve(tokenizer_dir: str, tmp: Path, quick: bool, names: tuple[str, ...] = SERVERS) -> dict[str, Any]:
+    """Each server of `names` at 1, 4 and 16 clients; ratios at 16 clients."""
     model_dir = _model(tokenizer_dir, tmp, "tiny" if quick else "small")
     max_tokens, per_client = (16, 1) if quick else (64, 2)
     out: dict[str, Any] = {"model_size": "tiny" if quick else "small", "max_tokens": max_tokens,
                            "requests_per_client": per_client, "clients": list(CLIENTS), "servers": {}}
-    for name, command, body in servers(model_dir):
+    for name, command, body in (server for server in servers(model_dir) if server[0] in names):
         say(f"serve: {name} ({' '.join(command[command.index('--port') + 2:]) or 'defaults'})")
         try:
             with _server(command, body, max_tokens) as server:

@@ -66,6 +66,8 @@ def test_bench_takes_several_data_files_and_globs_as_one_text(tmp_path):
     (["nonsense"], "invalid choice: 'nonsense'"),
     (["--data-files", "missing.jsonl"], "--data-files missing.jsonl not found"),
     (["--data-files", "{txt}"], "the run_clm baseline reads JSON lines"),
+    (["serve", "--servers", "ours,vllm"], "--servers: vllm is not a server the bench knows; choose from ours, "),
+    (["serve", "--servers", "one_at_a_time"], "--servers must include ours"),
 ])
 def test_bench_bad_input(cli, tmp_path, args, message):
     txt = tmp_path / "corpus.txt"
