@@ -34,7 +34,7 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
 import torch
-from helpers import DOCS, assert_one_line_error, poison_training_step, write_jsonl
+from helpers import DOCS, NANO, assert_one_line_error, poison_training_step, write_jsonl
 from safetensors.torch import load_file
 
 from gpt2_dutch.runs.records import create_run_dir, run_status
@@ -703,7 +703,7 @@ def test_a_full_disk_while_checkpointing_is_one_line_and_leaves_nothing_half_wri
 
 
 def _train_cmd(dataset: Path, out: Path, *extra: str) -> list[str]:
-    return [sys.executable, "-m", "gpt2_dutch", "train", "--dataset-path", str(dataset), *TINY,
+    return [sys.executable, "-m", "gpt2_dutch", "train", "--dataset-path", str(dataset), *NANO,
             "--output-dir", str(out), "--max-steps", "24", "--save-every", "100", "--eval-every", "12",
             "--log-every", "1", *extra]
 
@@ -726,7 +726,7 @@ def uninterrupted(tiny_dataset: Path, tmp_path_factory: pytest.TempPathFactory) 
     """The final weights of _train_cmd's run, never stopped: what every stopped and resumed run must end with."""
     out = tmp_path_factory.mktemp("uninterrupted")
     subprocess.run(_train_cmd(tiny_dataset, out), check=True, capture_output=True)
-    return next(out.glob("gpt2-dutch-tiny-2*")) / "final_model" / "model.safetensors"
+    return next(out.glob("gpt2-dutch-nano-2*")) / "final_model" / "model.safetensors"
 
 
 @pytest.mark.slow
