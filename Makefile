@@ -18,7 +18,7 @@ demo: $(VENV)/.installed
 	$(VENV)/bin/gpt2-dutch demo
 
 test: $(VENV)/.installed
-	$(VENV)/bin/python -m pytest -q -n 2  # both cores (pytest-xdist)
+	$(VENV)/bin/python -m pytest -q  # on both cores: pyproject's addopts has -n 2 (pytest-xdist)
 
 # The development corpus beside a checkout, when there is one (the product itself never looks for it).
 BENCH_TEXT ?= $(wildcard ../shared/data/dutch/train.jsonl.gz)
