@@ -165,7 +165,8 @@ def served_loaded(served_run: Path):  # noqa: ANN201 - (model, tokenizer, model_
 
 @pytest.fixture(scope="session")
 def long_model(served_run: Path, tmp_path_factory: pytest.TempPathFactory) -> Path:
-    """An untrained tiny GPT-2 with a 2048-token context that never ends a text by itself: long requests."""
+    """An untrained tiny GPT-2 with a 2048-token context: long requests (with ignore_eos: untrained, it samples
+    <|endoftext|> about once in 300 tokens)."""
     import torch
     from transformers import AutoModelForCausalLM, AutoTokenizer, GenerationConfig
 
