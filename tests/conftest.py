@@ -78,6 +78,21 @@ def tiny_dataset(tmp_path_factory: pytest.TempPathFactory, small_tokenizer: Path
 
 
 @pytest.fixture
+def no_hang():
+    """A read that blocks (a FIFO without a writer, an endless device) fails the test instead of hanging it."""
+    import signal
+
+    def expired(signum, frame):
+        raise TimeoutError("the read did not return within 20 s")
+
+    old = signal.signal(signal.SIGALRM, expired)
+    signal.alarm(20)
+    yield
+    signal.alarm(0)
+    signal.signal(signal.SIGALRM, old)
+
+
+@pytest.fixture
 def cli(capsys: pytest.CaptureFixture[str]) -> CLI:
     return CLI(capsys)
 

@@ -7,7 +7,6 @@ from __future__ import annotations
 
 import json
 import os
-import signal
 from pathlib import Path
 
 import pytest
@@ -37,19 +36,7 @@ from gpt2_dutch.runs.records import (
 
 # Each line of an error is at most this long however large the value it echoes (the path of tmp_path aside).
 SHORT_LINE = 300
-
-
-@pytest.fixture(autouse=True)
-def no_hang():
-    """A read that blocks (a FIFO without a writer, an endless device) fails the test instead of hanging it."""
-    def expired(signum, frame):
-        raise TimeoutError("the read did not return within 10 s")
-
-    old = signal.signal(signal.SIGALRM, expired)
-    signal.alarm(10)
-    yield
-    signal.alarm(0)
-    signal.signal(signal.SIGALRM, old)
+pytestmark = pytest.mark.usefixtures("no_hang")  # conftest's: a read that blocks fails the test, never hangs it
 
 
 def _one_line(error: pytest.ExceptionInfo, root: Path) -> str:

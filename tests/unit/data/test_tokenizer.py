@@ -290,20 +290,6 @@ BAD_TOKENIZER_DIRS = [
 ]
 
 
-@pytest.fixture
-def no_hang():
-    import signal
-
-    def expired(signum, frame):
-        raise TimeoutError("a read did not return within 20 s")
-
-    old = signal.signal(signal.SIGALRM, expired)
-    signal.alarm(20)
-    yield
-    signal.alarm(0)
-    signal.signal(signal.SIGALRM, old)
-
-
 @pytest.mark.parametrize(("damage", "message"), BAD_TOKENIZER_DIRS)
 def test_a_bad_tokenizer_directory_is_one_line_for_every_loader(damage, message, small_tokenizer, tmp_path, no_hang):
     """load_tokenizer_dir (train, generate, evaluate, serve), load_tokenizer and load_tokenizer_files

@@ -34,20 +34,6 @@ def test_a_shard_with_other_settings_is_refused(tmp_path, mixed_files, small_tok
         run(tmp_path, mixed_files, small_tokenizer, shard_index=1, num_shards=2, part_mb=1.0)
 
 
-@pytest.fixture
-def no_hang():
-    import signal
-
-    def expired(signum, frame):
-        raise TimeoutError("a read did not return within 10 s")
-
-    old = signal.signal(signal.SIGALRM, expired)
-    signal.alarm(10)
-    yield
-    signal.alarm(0)
-    signal.signal(signal.SIGALRM, old)
-
-
 @pytest.mark.parametrize("content", ["<fifo>", "<dev/zero>", "[" * 100_000, '{"format": ' + "9" * 5000 + "}"],
                          ids=["fifo", "dev-zero", "deep", "long-number"])
 def test_work_files_and_a_manifest_are_read_bounded_and_a_bad_one_is_not_ours(tmp_path, content, no_hang):
