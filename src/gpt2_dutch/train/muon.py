@@ -208,14 +208,27 @@ def param_groups(model: torch.nn.Module, lr: float, weight_decay: float, muon_lr
     return [g for g in groups if g["params"]]
 
 
+def _rank_and_world() -> tuple[int, int]:
+    """This process's rank and the world size of the default process group ((0, 1) outside torch.distributed)."""
+    dist = torch.distributed
+    if not (dist.is_available() and dist.is_initialized()):
+        return 0, 1
+    return dist.get_rank(), dist.get_world_size()
+
+
 class MuonAdamW(torch.optim.Optimizer):
     """One optimizer, two kinds of param groups (see `param_groups`): `use_muon` groups get Muon (Nesterov
     momentum, orthogonalized per block in nn.Linear orientation, decoupled weight decay), the others AdamW.
     One state_dict, so the Trainer's checkpoints and exact resume work unchanged; the schedule's LambdaLR scales
     every group's lr."""
 
-    def __init__(self, groups: list[dict[str, Any]], ns_dtype: torch.dtype | None = None):
-        """`ns_dtype`: the Newton-Schulz iteration's dtype (None: newton_schulz's default)."""
+    def __init__(self, groups: list[dict[str, Any]], ns_dtype: torch.dtype | None = None,
+                 split_across_ranks: bool = False):
+        """`ns_dtype`: the Newton-Schulz iteration's dtype (None: newton_schulz's default).
+        `split_across_ranks`: under DDP (every rank holds the same gradients and state), each rank orthogonalizes
+        every world-th matrix and broadcasts its update to the others, so the iteration's work is divided
+        instead of repeated (modded-nanogpt splits it so too). The update is the one a single rank computes:
+        the same inputs and the same code on the rank that owns it."""
         for g in groups:
             if g.get("use_muon"):
                 bad = [tuple(p.shape) for p in g["params"] if p.ndim != 2]
@@ -223,6 +236,7 @@ class MuonAdamW(torch.optim.Optimizer):
                     raise ValueError(f"Muon takes 2-D weights only, got {bad}")
         super().__init__(groups, {"use_muon": False, "weight_decay": 0.0})
         self.ns_dtype = ns_dtype
+        self.split_across_ranks = split_across_ranks
 
     @torch.no_grad()
     def step(self, closure: Any = None) -> Any:
@@ -239,21 +253,33 @@ class MuonAdamW(torch.optim.Optimizer):
 
     def _muon(self, group: dict[str, Any]) -> None:
         lr, momentum, conv1d = group["lr"], group["momentum"], group["layout"] == "conv1d"
-        for p in group["params"]:
-            if p.grad is None:
-                continue
+        beta2 = group.get("normuon_beta2", 0.0)  # param groups saved before the option have none
+        rank, world = _rank_and_world() if self.split_across_ranks else (0, 1)
+        params = [p for p in group["params"] if p.grad is not None]
+        updates, sent = [], []
+        for i, p in enumerate(params):
             state = self.state[p]
             if "momentum_buffer" not in state:
                 state["momentum_buffer"] = torch.zeros_like(p, memory_format=torch.preserve_format)
             buf = state["momentum_buffer"]
-            buf.lerp_(p.grad, 1 - momentum)
-            update = p.grad.lerp(buf, momentum) if group["nesterov"] else buf
-            beta2 = group.get("normuon_beta2", 0.0)  # param groups saved before the option have none
+            buf.lerp_(p.grad, 1 - momentum)  # on every rank: the state stays the same everywhere
             if beta2 and "second_moment" not in state:
                 state["second_moment"] = torch.zeros(normuon_shape(p, conv1d, group["blocks"]), device=p.device)
-            orthogonal = orthogonal_update(update, conv1d, group["blocks"], self.ns_dtype,
-                                           group.get("iteration", "newton-schulz"),
-                                           state["second_moment"] if beta2 else None, beta2)
+            owner = i % world
+            if owner == rank:
+                update = p.grad.lerp(buf, momentum) if group["nesterov"] else buf
+                orthogonal = orthogonal_update(update, conv1d, group["blocks"], self.ns_dtype,
+                                               group.get("iteration", "newton-schulz"),
+                                               state["second_moment"] if beta2 else None, beta2)
+            else:
+                orthogonal = torch.empty_like(p)
+            if world > 1:
+                shared = [orthogonal, state["second_moment"]] if beta2 else [orthogonal]
+                sent += [torch.distributed.broadcast(t, src=owner, async_op=True) for t in shared]
+            updates.append(orthogonal)
+        for work in sent:
+            work.wait()
+        for p, orthogonal in zip(params, updates, strict=True):
             if group.get("cautious_weight_decay"):
                 # decay only where the step itself shrinks the weight (update and weight of one sign): decay
                 # elsewhere pulls against what the gradient asks for (cautious weight decay: modded-nanogpt's

@@ -380,7 +380,8 @@ class GPT2Trainer(Trainer):
                 iteration=self.cfg.muon_iteration, normuon_beta2=NORMUON_BETA2 if self.cfg.normuon else 0.0,
                 cautious_weight_decay=self.cfg.cautious_weight_decay),
                 # a bf16 run's Newton-Schulz in bf16 on a CPU too (docs/experiments/optimizer.md); else its default
-                ns_dtype=torch.bfloat16 if self.args.bf16 else None)
+                ns_dtype=torch.bfloat16 if self.args.bf16 else None,
+                split_across_ranks=self.args.world_size > 1)  # DDP: ranks share the iteration's work
         optimizer = super().create_optimizer(model)
         if not getattr(optimizer, "_gpt2_dutch_embedding_lr", False):  # once, before any step
             if (not scale_embedding_lr(optimizer, self.model if model is None else model, self.embedding_lr_scale)

@@ -6,6 +6,7 @@ from __future__ import annotations
 import io
 import json
 import shutil
+import textwrap
 from pathlib import Path
 
 import pytest
@@ -395,3 +396,53 @@ def test_exact_resume_with_the_optimizer_options_on_and_a_changed_option_is_refu
     assert a.keys() == b.keys()
     for k in a:
         assert torch.equal(a[k], b[k]), k
+
+
+# Two gloo ranks with the same gradients, as DDP leaves them: Muon split across the ranks (each orthogonalizes
+# every second matrix and broadcasts it) against the same optimizer unsplit on each rank; prints SAME or the
+# first tensor that differs.
+SPLIT_SCRIPT = textwrap.dedent("""
+    import copy, sys
+    import torch, torch.distributed as dist
+    from gpt2_dutch.model.presets import gpt2_config
+    from gpt2_dutch.train.muon import MuonAdamW, NORMUON_BETA2, param_groups
+    from transformers import GPT2LMHeadModel
+
+    dist.init_process_group("gloo")
+    torch.set_num_threads(1)
+    torch.manual_seed(0)  # the same model and gradients on both ranks
+    model = GPT2LMHeadModel(gpt2_config("pico", 64, 16, 0))
+    models = {split: copy.deepcopy(model) for split in (False, True)}
+    opts = {split: MuonAdamW(param_groups(m, 1e-3, 0.1, normuon_beta2=NORMUON_BETA2, cautious_weight_decay=True),
+                             split_across_ranks=split) for split, m in models.items()}
+    for step in range(3):
+        grads = [torch.randn_like(p) for p in model.parameters()]
+        for split, m in models.items():
+            for p, g in zip(m.parameters(), grads):
+                p.grad = g.clone()
+            opts[split].step()
+    a, b = (dict(m.named_parameters()) for m in (models[False], models[True]))
+    bad = [k for k in a if not torch.equal(a[k], b[k])]
+    moments = [(opts[False].state[p]["second_moment"], opts[True].state[q]["second_moment"])
+               for p, q in zip(models[False].parameters(), models[True].parameters())
+               if "second_moment" in opts[False].state[p]]
+    bad += [f"second moment {i}" for i, (x, y) in enumerate(moments) if not torch.equal(x, y)]
+    print(f"rank {dist.get_rank()}: " + ("SAME" if not bad and moments else f"DIFFERENT {bad[:3]}"))
+    dist.destroy_process_group()
+""")
+
+
+@pytest.mark.slow
+def test_muon_split_across_two_ranks_gives_the_update_of_one(tmp_path):
+    import os
+    import subprocess
+    import sys
+
+    script = tmp_path / "split.py"
+    script.write_text(SPLIT_SCRIPT)
+    r = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2",
+                        str(script)], capture_output=True, text=True, env={**os.environ, "OMP_NUM_THREADS": "1"},
+                       timeout=120)
+    assert r.returncode == 0, r.stderr[-3000:]
+    assert sorted(line for line in r.stdout.splitlines() if line.startswith("rank")) == ["rank 0: SAME",
+                                                                                        "rank 1: SAME"]
