@@ -52,7 +52,8 @@ FIRST_SEED = 42  # train's default seed: seed 1 is what a user's run gets
 SET_BY_BENCH = ("dataset_path", "output_dir", "seed", "max_time", "max_steps", "max_tokens", "resume", "init_from")
 # Our settings as the report shows them (read from the run's run_config.json, so they are the resolved values).
 SHOWN_SETTINGS = ("model_size", "optimizer", "schedule", "batch_size", "gradient_accumulation_steps", "context",
-                  "learning_rate", "warmup", "weight_decay", "precision", "compile", "tokens_per_step")
+                  "learning_rate", "warmup", "cooldown", "weight_decay", "precision", "tie_embeddings", "compile",
+                  "tokens_per_step")
 
 
 def ours_overrides(path: str, flag: str = "--ours-config") -> dict[str, Any]:

@@ -35,7 +35,7 @@ from pathlib import Path
 from typing import Any
 
 from gpt2_dutch.bench.curves import CURVE_POINTS, QUICK_CURVE_POINTS, mean_ratio, reach, snapshot_steps
-from gpt2_dutch.bench.quality import FIRST_SEED, _free_memory, _score, prepare
+from gpt2_dutch.bench.quality import FIRST_SEED, SHOWN_SETTINGS, _free_memory, _score, prepare
 from gpt2_dutch.bench.report import say
 from gpt2_dutch.runs.records import metric_kind, read_metrics, read_run_config
 
@@ -97,8 +97,7 @@ def _ours_curve(data: dict[str, Any], shape: str, tokens: float, seed: int, over
                 points: int) -> dict[str, Any]:
     """`train --model-size SHAPE --max-tokens N --seed S --save-every K --keep-checkpoints M`; each checkpoint
     (and final_model, for the last point) scored on the held-out documents."""
-    from transformers import AutoTokenizer
-
+    from gpt2_dutch.data.tokenizer import load_tokenizer_dir
     from gpt2_dutch.train import TrainConfig, train
 
     cfg = TrainConfig(**{**overrides, "model_size": shape, "dataset_path": str(data["dataset"]),
@@ -115,7 +114,7 @@ def _ours_curve(data: dict[str, Any], shape: str, tokens: float, seed: int, over
     summary = next(r for r in records if metric_kind(r) == "summary")
     if summary["step"] != total:
         raise RuntimeError(f"bench quality: ours trained {summary['step']} steps, its plan said {total}")
-    tokenizer = AutoTokenizer.from_pretrained(str(data["dataset"]))
+    tokenizer = load_tokenizer_dir(data["dataset"])
     models = {}
     for step in steps[:-1]:
         model = run / "checkpoints" / f"checkpoint-{step}"
@@ -127,11 +126,7 @@ def _ours_curve(data: dict[str, Any], shape: str, tokens: float, seed: int, over
     return {"steps": total, "tokens": total * info["tokens_per_step"], "parameters": info["parameters"],
             "train_seconds": summary["train_runtime"], "curve": curve,
             "final_bits_per_byte": curve[-1]["bits_per_byte"],
-            "settings": {k: info[k] for k in _SHOWN if k in info}}
-
-
-_SHOWN = ("model_size", "optimizer", "schedule", "batch_size", "gradient_accumulation_steps", "context",
-          "learning_rate", "warmup", "cooldown", "weight_decay", "precision", "tie_embeddings", "tokens_per_step")
+            "settings": {k: info[k] for k in SHOWN_SETTINGS if k in info}}
 
 
 def _score_curve(models: dict[int, str], tokens_per_step: int, heldout: Path) -> list[dict[str, Any]]:
